@@ -1,0 +1,51 @@
+"""ember: compile PyTorch and ONNX models into small, fast artifacts that run on the TVM runtime alone.
+
+    import ember
+    compiled = ember.compile(torch_module, (example_input,))   # or ember.compile("model.onnx")
+    out = compiled(x)                                          # numpy in -> numpy out, torch in -> torch out
+    compiled.export("model.ember")
+    deployed = ember.load("model.ember")                       # needs only TVM's runtime: no torch, no compiler
+
+Importing ember loads nothing heavy: the compiler (and torch) are imported on the first call to ``compile``,
+so an application that only loads artifacts never pays for them.
+"""
+
+from .errors import (
+    ArtifactError,
+    ConfigError,
+    EmberError,
+    InputError,
+    ModelLoadError,
+    TargetError,
+    UnsupportedOpError,
+)
+from .version import __version__
+
+
+def compile(model, example_inputs=None, *, target="host", dynamic_batch=False, input_names=None,
+            quantization=None, sparsity=None, tuning=None):  # noqa: A001 - the public name users expect
+    """Compile a model for ``target`` and return a callable :class:`ember.runtime.CompiledModel`.
+
+    model: a ``torch.nn.Module`` (with ``example_inputs``), a ``torch.export.ExportedProgram`` or a path to one
+        saved with ``torch.export.save`` (``.pt2``), an ONNX ``ModelProto`` or a path to a ``.onnx`` file.
+    example_inputs: a tuple of tensors/arrays for torch models (ignored for ONNX, whose graph declares shapes).
+    target: a named target (``ember targets`` lists them; ``"host"`` is this machine's CPU) or a TVM target dict.
+    dynamic_batch: make dimension 0 of every input symbolic, so one artifact serves every batch size.
+    """
+    from .compiler.build import compile_model
+
+    return compile_model(model, example_inputs, target=target, dynamic_batch=dynamic_batch,
+                         input_names=input_names, quantization=quantization, sparsity=sparsity, tuning=tuning)
+
+
+def load(path, device="cpu"):
+    """Load an exported artifact (directory or .tar) with TVM's runtime only; returns a CompiledModel."""
+    from .runtime.load import load as _load
+
+    return _load(path, device=device)
+
+
+__all__ = [
+    "compile", "load", "__version__", "EmberError", "ModelLoadError", "UnsupportedOpError", "InputError",
+    "ArtifactError", "TargetError", "ConfigError",
+]

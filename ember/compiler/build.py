@@ -1,0 +1,118 @@
+"""``ember.compile``: frontend → prepare → weight transforms (run once, here) → lower for the target."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from ..errors import ConfigError, EmberError, ModelLoadError
+from ..frontends.spec import ImportedModel
+from .targets import device_kind, required_cpu_flags, resolve, target_arch
+
+
+def import_model(model, example_inputs=None, *, dynamic_batch=False, input_names=None) -> ImportedModel:
+    """Pick the frontend from what ``model`` is: ONNX (path or ModelProto) or PyTorch (module, program, .pt2)."""
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if path.lower().endswith(".onnx"):
+            from ..frontends.onnx import import_onnx
+
+            return import_onnx(path, dynamic_batch=dynamic_batch, input_names=input_names)
+        if path.lower().endswith((".pt2", ".pt")):
+            from ..frontends.torch import import_torch
+
+            return import_torch(path, dynamic_batch=dynamic_batch, input_names=input_names)
+        if not os.path.exists(path):
+            raise ModelLoadError(f"{path}: no such file")
+        raise ModelLoadError(f"{path}: unknown model format; ember reads .onnx files and .pt2 files written by "
+                             "torch.export.save")
+    if type(model).__module__.startswith("onnx"):
+        from ..frontends.onnx import import_onnx
+
+        return import_onnx(model, dynamic_batch=dynamic_batch, input_names=input_names)
+    from ..frontends.torch import import_torch
+
+    return import_torch(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names)
+
+
+def _not_yet(quantization, sparsity, tuning):
+    for name, value in (("quantization", quantization), ("sparsity", sparsity), ("tuning", tuning)):
+        if value is not None:
+            raise ConfigError(f"{name}={value!r}: this version of ember compiles models without {name}; "
+                              f"pass {name}=None")
+
+
+def _transform_params(mod, params):
+    """Run main_transform_params once on the host; returns main alone plus the weights it now takes."""
+    import tvm
+    from tvm import relax
+
+    from .pipeline import TRANSFORM_PARAMS, lower_unscheduled
+
+    if TRANSFORM_PARAMS not in [gv.name_hint for gv in mod.functions]:
+        return mod, params
+    host = tvm.target.Target({"kind": "llvm"})
+    tmod = tvm.IRModule({TRANSFORM_PARAMS: mod[TRANSFORM_PARAMS]})
+    with host:
+        ex = tvm.compile(tmod, host, relax_pipeline=lower_unscheduled())
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    dev_params = [tvm.runtime.tensor(np.ascontiguousarray(p), tvm.cpu()) for p in params]
+    out = vm[TRANSFORM_PARAMS](dev_params)
+    new_params = [out[i] for i in range(len(out))] if not hasattr(out, "numpy") else [out]
+    main_only = tvm.IRModule({"main": mod["main"]})
+    return main_only, new_params
+
+
+def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=False, input_names=None,
+                  quantization=None, sparsity=None, tuning=None, verbose=False):
+    import tvm
+
+    from ..runtime.module import CompiledModel
+    from ..version import __version__
+    from .pipeline import lower, prepare
+
+    _not_yet(quantization, sparsity, tuning)
+    name, tgt = resolve(target)
+    t0 = time.perf_counter()
+    imported = import_model(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names)
+    t1 = time.perf_counter()
+    mod = prepare(imported.mod)
+    mod, weights = _transform_params(mod, imported.params)
+    t2 = time.perf_counter()
+    try:
+        with tgt:
+            ex = tvm.compile(mod, tgt, relax_pipeline=lower(tgt))
+    except EmberError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()
+        raise EmberError(f"compiling {imported.source or 'the model'} for {name} failed in TVM: "
+                         f"{type(e).__name__}: {first[-1] if first else ''}. Please report this with the model.") from e
+    t3 = time.perf_counter()
+    manifest = {
+        "format": "ember-artifact",
+        "format_version": 1,
+        "ember_version": __version__,
+        "tvm_version": tvm.__version__,
+        "source": str(imported.source),
+        "target": {
+            "name": name,
+            "tvm": str(tgt),
+            "device": device_kind(tgt),
+            "arch": target_arch(tgt),
+            "cpu_flags": required_cpu_flags(tgt),
+        },
+        "inputs": [s.to_json() for s in imported.inputs],
+        "outputs": [s.to_json() for s in imported.outputs],
+        "compression": {"quantization": None, "sparsity": None},
+        "compile_seconds": {"import": round(t1 - t0, 3), "weights": round(t2 - t1, 3),
+                            "codegen": round(t3 - t2, 3)},
+    }
+    if verbose:
+        print(f"ember: imported in {t1 - t0:.1f} s, weights prepared in {t2 - t1:.1f} s, "
+              f"compiled for {name} in {t3 - t2:.1f} s")
+    cm = CompiledModel(ex, weights, manifest, device=manifest["target"]["device"])
+    cm._executable = ex
+    return cm

@@ -1,0 +1,67 @@
+"""The compilation pipeline: what runs between an imported Relax module and an executable.
+
+Two stages:
+
+1. ``prepare`` (target-independent, Relax level): decompose training-only ops for inference, then
+   ``LiftTransformParams`` moves every computation that depends on weights alone (transposes of linear weights,
+   constant folding of BN scales, later packing of quantized/sparse weights) into ``main_transform_params``.
+   ember runs that function once at compile time, so the artifact stores weights already in the layout the
+   kernels read and nothing weight-only is recomputed per inference.
+2. ``lower(target)``: legalize Relax ops to TIR, fuse, schedule every kernel with ember's rules for the target,
+   then lower to the VM.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+TRANSFORM_PARAMS = "main_transform_params"
+
+
+def prepare(mod: tvm.IRModule) -> tvm.IRModule:
+    seq = tvm.transform.Sequential([
+        relax.transform.DecomposeOpsForInference(),
+        relax.transform.CanonicalizeBindings(),
+        relax.transform.LiftTransformParams(),
+    ])
+    return seq(mod)
+
+
+def _legalize_and_fuse():
+    return [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        relax.transform.DeadCodeElimination(),
+    ]
+
+
+def _lower_to_vm():
+    return [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+
+
+def lower(target: tvm.target.Target) -> tvm.transform.Pass:
+    from ..schedules import schedule_pass
+
+    return tvm.transform.Sequential(_legalize_and_fuse() + [schedule_pass(target)] + _lower_to_vm(),
+                                    name="ember.lower")
+
+
+def lower_unscheduled() -> tvm.transform.Pass:
+    """For host-side work run once at compile time (weight transforms): correctness matters, speed not."""
+    return tvm.transform.Sequential(_legalize_and_fuse() + _lower_to_vm(), name="ember.lower_unscheduled")
