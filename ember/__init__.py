@@ -23,7 +23,7 @@ from .version import __version__
 
 
 def compile(model, example_inputs=None, *, target="host", dynamic_batch=False, input_names=None,
-            quantization=None, sparsity=None, tuning=None):  # noqa: A001 - the public name users expect
+            output_names=None, quantization=None, sparsity=None, tuning=None):  # noqa: A001 - the public name users expect
     """Compile a model for ``target`` and return a callable :class:`ember.runtime.CompiledModel`.
 
     model: a ``torch.nn.Module`` (with ``example_inputs``), a ``torch.export.ExportedProgram`` or a path to one
@@ -31,11 +31,13 @@ def compile(model, example_inputs=None, *, target="host", dynamic_batch=False, i
     example_inputs: a tuple of tensors/arrays for torch models (ignored for ONNX, whose graph declares shapes).
     target: a named target (``ember targets`` lists them; ``"host"`` is this machine's CPU) or a TVM target dict.
     dynamic_batch: make dimension 0 of every input symbolic, so one artifact serves every batch size.
+    input_names / output_names: names for a torch model's inputs and outputs (default: forward()'s argument
+        names, and output0, output1, ...); ONNX models keep the names in their graph.
     """
     from .compiler.build import compile_model
 
     return compile_model(model, example_inputs, target=target, dynamic_batch=dynamic_batch,
-                         input_names=input_names, quantization=quantization, sparsity=sparsity, tuning=tuning)
+                         input_names=input_names, output_names=output_names, quantization=quantization, sparsity=sparsity, tuning=tuning)
 
 
 def load(path, device="cpu"):

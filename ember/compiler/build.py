@@ -12,18 +12,21 @@ from ..frontends.spec import ImportedModel
 from .targets import device_kind, required_cpu_flags, resolve, target_arch
 
 
-def import_model(model, example_inputs=None, *, dynamic_batch=False, input_names=None) -> ImportedModel:
+def import_model(model, example_inputs=None, *, dynamic_batch=False, input_names=None,
+                 output_names=None) -> ImportedModel:
     """Pick the frontend from what ``model`` is: ONNX (path or ModelProto) or PyTorch (module, program, .pt2)."""
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
         if path.lower().endswith(".onnx"):
             from ..frontends.onnx import import_onnx
 
-            return import_onnx(path, dynamic_batch=dynamic_batch, input_names=input_names)
+            return import_onnx(path, dynamic_batch=dynamic_batch, input_names=input_names,
+                               output_names=output_names)
         if path.lower().endswith((".pt2", ".pt")):
             from ..frontends.torch import import_torch
 
-            return import_torch(path, dynamic_batch=dynamic_batch, input_names=input_names)
+            return import_torch(path, dynamic_batch=dynamic_batch, input_names=input_names,
+                                output_names=output_names)
         if not os.path.exists(path):
             raise ModelLoadError(f"{path}: no such file")
         raise ModelLoadError(f"{path}: unknown model format; ember reads .onnx files and .pt2 files written by "
@@ -31,10 +34,12 @@ def import_model(model, example_inputs=None, *, dynamic_batch=False, input_names
     if type(model).__module__.startswith("onnx"):
         from ..frontends.onnx import import_onnx
 
-        return import_onnx(model, dynamic_batch=dynamic_batch, input_names=input_names)
+        return import_onnx(model, dynamic_batch=dynamic_batch, input_names=input_names,
+                           output_names=output_names)
     from ..frontends.torch import import_torch
 
-    return import_torch(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names)
+    return import_torch(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names,
+                        output_names=output_names)
 
 
 def _not_yet(quantization, sparsity, tuning):
@@ -66,7 +71,7 @@ def _transform_params(mod, params):
 
 
 def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=False, input_names=None,
-                  quantization=None, sparsity=None, tuning=None, verbose=False):
+                  output_names=None, quantization=None, sparsity=None, tuning=None, verbose=False):
     import tvm
 
     from ..runtime.module import CompiledModel
@@ -76,7 +81,8 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     _not_yet(quantization, sparsity, tuning)
     name, tgt = resolve(target)
     t0 = time.perf_counter()
-    imported = import_model(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names)
+    imported = import_model(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names,
+                            output_names=output_names)
     t1 = time.perf_counter()
     mod = prepare(imported.mod)
     mod, weights = _transform_params(mod, imported.params)

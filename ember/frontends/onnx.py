@@ -99,7 +99,7 @@ def _input_specs(model, dynamic_batch: bool):
     return specs
 
 
-def import_onnx(model, *, dynamic_batch=False, input_names=None) -> ImportedModel:
+def import_onnx(model, *, dynamic_batch=False, input_names=None, output_names=None) -> ImportedModel:
     import onnx
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
@@ -115,9 +115,9 @@ def import_onnx(model, *, dynamic_batch=False, input_names=None) -> ImportedMode
         raise ModelLoadError(f"cannot read an ONNX model from {type(model).__name__}")
     _check_ops(proto, source)
     specs = _input_specs(proto, dynamic_batch)
-    if input_names:
-        raise ModelLoadError("input_names is for torch models; an ONNX model names its own inputs "
-                             f"({', '.join(s.name for s in specs)})")
+    if input_names or output_names:
+        raise ModelLoadError("input_names/output_names are for torch models; an ONNX model names its own inputs "
+                             f"({', '.join(s.name for s in specs)}) and outputs")
     from tvm import tirx as tir
 
     sym: dict = {}  # one tir.Var per symbolic dim name, so inputs that share "batch" share the variable

@@ -71,7 +71,8 @@ def _unsupported(ep, message: str) -> UnsupportedOpError:
         ops=ops, nodes=nodes)
 
 
-def import_torch(model, example_inputs=None, *, dynamic_batch=False, input_names=None) -> ImportedModel:
+def import_torch(model, example_inputs=None, *, dynamic_batch=False, input_names=None,
+                 output_names=None) -> ImportedModel:
     import torch
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -109,7 +110,10 @@ def import_torch(model, example_inputs=None, *, dynamic_batch=False, input_names
         raise ModelLoadError(f"input_names has {len(names)} names but the model takes {n_in} inputs")
     inputs = [TensorSpec(names[i], shape_of(v.ty), str(v.ty.dtype))
               for i, v in enumerate(func.params[:n_in])]
-    outputs = output_specs(mod)
+    outputs = output_specs(mod, list(output_names) if output_names else None)
+    if output_names and len(output_names) != len(outputs):
+        raise ModelLoadError(f"output_names has {len(output_names)} names but the model returns {len(outputs)} "
+                             "outputs")
     if dynamic_batch:
         # torch names the symbol after its solver (s97); users and the manifest call it "batch".
         sym = {s.shape[0]: BATCH for s in inputs if isinstance(s.shape[0], str)}

