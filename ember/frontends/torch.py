@@ -58,13 +58,29 @@ def _export(model, example_inputs, dynamic_batch: bool):
 
 def _unsupported(ep, message: str) -> UnsupportedOpError:
     ops = re.findall(r"'([^']+)'", message)
-    nodes = []
-    for node in ep.graph.nodes:
-        name = getattr(node.target, "__name__", str(node.target))
-        if node.op == "call_function" and name in ops:
-            where = (node.meta.get("stack_trace") or "").strip().splitlines()
-            nodes.append(f"{node.name} ({name})" + (f" at {where[-2].strip()}" if len(where) >= 2 else ""))
-    listed = "; ".join(nodes[:5]) or "the nodes calling them"
+
+    def norm(n: str) -> str:
+        return n.split(".")[0].lstrip("_")
+
+    wanted = {norm(o) for o in ops}
+
+    def find(graph):
+        found = []
+        for node in graph.nodes:
+            name = getattr(node.target, "__name__", str(node.target))
+            if node.op == "call_function" and norm(name) in wanted:
+                where = [ln.strip() for ln in (node.meta.get("stack_trace") or "").strip().splitlines()]
+                code = next((ln for ln in reversed(where) if ln.startswith("File ")), "")
+                found.append(f"node '{node.name}' ({name}){' ' + code if code else ''}")
+        return found
+
+    nodes = find(ep.graph)
+    if not nodes:  # the op appeared only after decomposition: look where the importer looked
+        try:
+            nodes = find(ep.run_decompositions().graph)
+        except Exception:  # the message is still useful without node names
+            nodes = []
+    listed = "; ".join(nodes[:5]) or "the model"
     return UnsupportedOpError(
         f"the torch model uses operator(s) ember cannot import yet: {', '.join(ops)} — in {listed}. "
         "Rewrite that part of the model with supported operations, or export it to ONNX and compile that.",

@@ -145,7 +145,7 @@ class CompiledModel:
     def _prepare(self, args, kwargs):
         values = self._order(args, kwargs)
         for spec, v in zip(self.inputs, values):
-            if not (_is_torch(v) or isinstance(v, np.ndarray) or np.isscalar(v)):
+            if not (_is_torch(v) or isinstance(v, (np.ndarray, np.generic, int, float, bool))):
                 raise InputError(f"input '{spec.name}' is a {type(v).__name__}; pass a numpy array or torch tensor")
         values = [np.asarray(v) if not _is_torch(v) and not isinstance(v, np.ndarray) else v for v in values]
         self._check(values)
