@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import ConfigError, EmberError, ModelLoadError
 from ..frontends.spec import ImportedModel
+from .cuda_aot import cuda_build_environment
 from .targets import device_kind, required_cpu_flags, resolve, target_arch
 
 
@@ -88,7 +89,8 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     mod, weights = _transform_params(mod, imported.params)
     t2 = time.perf_counter()
     try:
-        with tgt:
+        # For CUDA targets: real device code (an nvcc fatbin for the target's arch), even without a GPU or driver.
+        with cuda_build_environment(tgt, name) as cuda, tgt:
             ex = tvm.compile(mod, tgt, relax_pipeline=lower(tgt))
     except EmberError:
         raise
@@ -109,6 +111,8 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
             "device": device_kind(tgt),
             "arch": target_arch(tgt),
             "cpu_flags": required_cpu_flags(tgt),
+            # CUDA: export fills in "device_code" after checking the library ({"device_code": "fatbin", ...}).
+            **({"gpu": {"device_code": None, "arch": cuda.arch}} if cuda.active else {}),
         },
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],

@@ -29,8 +29,15 @@ def _write_dir(model, out_dir: str):
 
     src = getattr(model, "_artifact_source", None)
     ex = getattr(model, "_executable", None)
+    manifest = dict(model.manifest)
     if ex is not None:
         ex.export_library(os.path.join(out_dir, LIB))
+        gpu = manifest.get("target", {}).get("gpu")
+        if gpu is not None:  # a CUDA artifact: refuse to write one whose kernels are not compiled for the GPU
+            from ..compiler.cuda_aot import check_device_code
+
+            manifest["target"] = dict(manifest["target"], gpu=check_device_code(
+                os.path.join(out_dir, LIB), gpu["arch"], manifest["target"].get("name")))
     elif src is not None:
         shutil.copy2(os.path.join(src, LIB), os.path.join(out_dir, LIB))
     else:
@@ -39,7 +46,6 @@ def _write_dir(model, out_dir: str):
     names = [f"p{i}" for i in range(len(params))]
     tensors = {n: tvm.runtime.tensor(p) if isinstance(p, np.ndarray) else p for n, p in zip(names, params)}
     tvm.runtime.save_param_dict_to_file(tensors, os.path.join(out_dir, PARAMS))
-    manifest = dict(model.manifest)
     manifest["params"] = {"file": PARAMS, "names": names, "count": len(names),
                           "bytes": int(sum(_nbytes(p) for p in params))}
     manifest["files"] = {f: {"sha256": sha256_file(os.path.join(out_dir, f)),

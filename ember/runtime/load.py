@@ -78,6 +78,12 @@ def verify(art_dir: str, manifest: dict, where: str, device: str, cpu_flags=None
     if tgt.get("arch") and tgt["arch"] != machine:
         raise ArtifactError(f"{where}: compiled for {tgt['arch']} CPUs (target '{tgt['name']}'), this machine is "
                             f"{machine}; recompile with a target for this machine (e.g. --target host)")
+    if tgt.get("device") == "cuda":
+        code = (tgt.get("gpu") or {}).get("device_code")
+        if code not in ("fatbin", "cubin"):
+            raise ArtifactError(f"{where}: its CUDA kernels were not compiled to GPU code (device_code: {code}), so "
+                                "TVM's runtime alone cannot run them; recompile it with this version of ember on a "
+                                "machine with the CUDA toolkit (nvcc)")
     flags = host_cpu_flags() if cpu_flags is None else cpu_flags
     missing = sorted(set(tgt.get("cpu_flags", [])) - flags) if flags is not None else []
     if missing:
@@ -110,6 +116,7 @@ def load(path, device: str = "cpu", *, cpu_flags=None) -> CompiledModel:
     manifest = read_manifest(art_dir, path)
     verify(art_dir, manifest, path, device, cpu_flags)
     _load_device_runtime(device)
+    _check_gpu_arch(manifest, path, device)
     try:
         lib = tvm.runtime.load_module(os.path.join(art_dir, LIB))
     except Exception as e:
@@ -122,6 +129,28 @@ def load(path, device: str = "cpu", *, cpu_flags=None) -> CompiledModel:
     model = CompiledModel(lib, params, manifest, device=device, artifact_dir=keep)
     model._artifact_source = art_dir
     return model
+
+
+def _check_gpu_arch(manifest: dict, where: str, device: str):
+    """SASS runs on GPUs of its major version with an equal or newer minor; "a" variants (sm_90a) only on theirs."""
+    arch = (manifest["target"].get("gpu") or {}).get("arch") or ""
+    if device != "cuda" or not arch.startswith("sm_"):
+        return
+    import tvm
+
+    dev = tvm.device("cuda", 0)
+    if not dev.exist:
+        raise ArtifactError(f"{where}: no CUDA GPU is visible (or the NVIDIA driver is missing); this artifact needs "
+                            f"a GPU that runs {arch} code")
+    have = dev.compute_version  # "9.0"
+    major, minor = (int(x) for x in have.split("."))
+    digits = arch[3:].rstrip("abcdefghijklmnopqrstuvwxyz")
+    want_major, want_minor = int(digits[:-1]), int(digits[-1])
+    exact = arch[3:] != digits
+    if major != want_major or minor < want_minor or (exact and minor != want_minor):
+        raise ArtifactError(f"{where}: compiled for {arch} (target '{manifest['target']['name']}'), this GPU is "
+                            f"sm_{major}{minor}; recompile with the target for this GPU (e.g. --target "
+                            f"cuda-sm{major}{minor})")
 
 
 def _load_device_runtime(device: str):

@@ -1,0 +1,397 @@
+"""CPU rule for contractions: dense/matmul (2-D and batched), attention batch-matmul, and direct conv2d.
+
+What it claims
+--------------
+A PrimFunc whose only non-injective block is a sum of products
+
+    C[s0, ..., sn] += X[...] * Y[...]          (X, Y buffer loads, possibly wrapped in casts)
+
+where the store indices are plain spatial block variables and the innermost one (``sn``, the contiguous
+output axis) is read by exactly one operand. That operand is called B, the other A. Spatial variables that
+only A reads are "M" axes; ``sn`` is the "N" axis; everything else spatial is an outer (batch-like) axis.
+This covers ``A[m, k] * B[k, n]`` (dense after ember's compile-time weight transpose), batched matmul
+``[b, m, k] x [b, k, n]`` (attention's QK^T and PV), and NCHW conv2d ``In[n, c, y + ry, x + rx] * W[f, c, ry, rx]``
+(N = output width x, M = output channels f). Injective prologue blocks (reshape/transpose) are inlined into the
+operand reads, except ones that select between values (conv padding), which stay as separate parallel
+blocks; injective epilogue blocks (bias add, GELU, residual add, BatchNorm scale/shift, ReLU) are fused into the
+tile write-back. It returns None on anything else (e.g. a reduction whose innermost output axis is the
+reduction-side operand's contiguous axis, like ``W[m, k] * x[k]``; the reduction rule handles those).
+
+Why the schedule looks the way it does
+--------------------------------------
+The inner kernel is the classic outer-product register tile: for each k, broadcast ``MR`` scalars of A, load
+``NR / lanes`` vectors of B, and do ``MR * NR / lanes`` fused multiply-adds into accumulators that stay in
+vector registers for the whole K loop. ``NR`` is two vectors wide (read from the target's ISA: 16 fp32 on
+AVX2, 32 on AVX-512) and ``MR`` is sized so the accumulators use ~3/4 of the register file (6 rows on AVX2's
+16 registers), leaving room for the B vectors and the broadcast; ``MR`` prefers a divisor of M so no tile
+needs a bounds check. The accumulator is a ``local`` buffer of ``MR x NR`` indexed only by the unrolled row
+and the vector lane, so LLVM promotes it to registers. The reduction axes sit between the tile loops and the
+register loops; for large K x N panels the N axis is first blocked so one panel of B (``K x NB``) stays in
+L2 while every row tile of A streams past it. The outer tiles are fused with the batch axes into a
+single parallel loop over the target's cores. The epilogue is computed per register tile right after the
+K loop, while the tile is still hot, so the fused ``matmul + bias + gelu`` writes each output once.
+
+Sizes that are not multiples of the tile are split with a predicate (TVM's ``split`` adds the bounds check),
+so odd and prime sizes and symbolic (dynamic batch) extents stay correct; the predicated tiles run scalar.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from .common import (
+    const_extent,
+    has_if_then_else,
+    is_cpu,
+    num_vector_registers,
+    vars_in,
+    vector_lanes,
+)
+
+# Budget for one B panel (K x NB floats) that should stay in the per-core L2 while the row tiles of A stream
+# past it. 256 KiB is half of a Zen 3 / Skylake-SP L2 (the other half holds A rows and C tiles).
+_L2_PANEL_BYTES = 256 * 1024
+
+
+@dataclass
+class _Contraction:
+    outer: list  # spatial iter vars that are neither M nor N, in block order
+    m: object  # the M iter var, or None (A reads no spatial var of its own: GEMV-like x[k] * W[k, n])
+    n: object  # the N iter var: the innermost output index
+    reductions: list  # reduction iter vars, in block order
+    dtype: str
+
+
+# TVM 0.27 models a buffer read as ``tvm.ir.expr.TensorLoad`` (``.source`` is the buffer); ``tirx.BufferLoad``
+# is only a constructor function there.
+_LOAD_TYPE = getattr(tvm.ir.expr, "TensorLoad", None) or tirx.BufferLoad
+
+
+def _is_load(expr) -> bool:
+    return isinstance(expr, _LOAD_TYPE)
+
+
+def _load_buffer(expr):
+    src = getattr(expr, "source", None)
+    return src if src is not None else expr.buffer
+
+
+def _unwrap_load(expr):
+    while isinstance(expr, tirx.Cast):
+        expr = expr.value
+    return expr if _is_load(expr) else None
+
+
+def _same_index(a, b) -> bool:
+    # same var object, or equal constants (two IntImm(0) are distinct objects)
+    if isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm):
+        return a.value == b.value
+    return a.same_as(b)
+
+
+def _analyze(block: tirx.Stmt) -> _Contraction | None:
+    """Match ``C[vars] = C[vars] + X * Y`` and classify the block's iter vars (see module docstring)."""
+    store = block.body
+    if not isinstance(store, tirx.BufferStore) or block.init is None:
+        return None
+    if "float" not in str(store.buffer.dtype):
+        return None  # integer / bool contractions are rare; leave them to the generic rules
+    value = store.value
+    if not isinstance(value, tirx.Add):
+        return None
+    self_load, prod = value.a, value.b
+    if not (_is_load(self_load) and _load_buffer(self_load).same_as(store.buffer)):
+        self_load, prod = value.b, value.a
+    if not (_is_load(self_load) and _load_buffer(self_load).same_as(store.buffer)):
+        return None
+    if len(self_load.indices) != len(store.indices) or not all(
+        _same_index(a, b) for a, b in zip(self_load.indices, store.indices)
+    ):
+        return None
+    if not isinstance(prod, tirx.Mul):
+        return None
+    x, y = _unwrap_load(prod.a), _unwrap_load(prod.b)
+    if x is None or y is None:
+        return None
+
+    spatial = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    reductions = [iv.var for iv in block.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+    if not reductions or len(spatial) + len(reductions) != len(block.iter_vars):
+        return None
+    # The output is indexed by distinct spatial vars, or constants where normalize_prim_func dropped a unit
+    # axis (a batch of 1); no offsets, no broadcasting store. Its innermost index must be a var: that is N.
+    if not all(isinstance(i, (tirx.Var, tirx.IntImm)) for i in store.indices):
+        return None
+    out_vars = [i for i in store.indices if isinstance(i, tirx.Var)]
+    if not out_vars or not isinstance(store.indices[-1], tirx.Var):
+        return None
+    if len({v.name for v in out_vars}) != len(out_vars):
+        return None
+    if not all(any(v.same_as(s) for s in spatial) for v in out_vars):
+        return None
+    vx, vy = vars_in(list(x.indices)), vars_in(list(y.indices))
+    n = out_vars[-1]
+    if n in vy and n not in vx:
+        a_vars, b_vars = vx, vy
+    elif n in vx and n not in vy:
+        a_vars, b_vars = vy, vx
+    else:
+        return None  # innermost output axis read by both or neither operand: not an outer-product tile
+    # Every reduction var must feed both operands' product, otherwise it is a sum of a broadcast, not a GEMM.
+    red_set = set(reductions)
+    if not red_set & a_vars and not red_set & b_vars:
+        return None
+    a_only = [v for v in spatial if v in a_vars and v not in b_vars]
+    m = None
+    if a_only:
+        extents = {iv.var: iv.dom.extent for iv in block.iter_vars}
+
+        def _size(v):
+            e = extents[v]
+            return int(e.value) if isinstance(e, tirx.IntImm) else 1 << 30  # symbolic: assume large
+
+        # The largest A-only axis (the sequence/row axis of a dense layer, the channel axis of a conv) is M;
+        # others (a dynamic batch flattened into A) stay outer. The last one wins ties: it is the one adjacent
+        # to the reduction in A's layout, the usual row axis.
+        m = max(reversed(a_only), key=_size)
+    # (tirx Vars compare by identity of the underlying object: use same_as, never Python ``is``.)
+    outer = [v for v in spatial if not v.same_as(n) and (m is None or not v.same_as(m))]
+    n = [v for v in spatial if v.same_as(n)][0]
+    return _Contraction(outer=outer, m=m, n=n, reductions=reductions, dtype=str(store.buffer.dtype))
+
+
+def _pick_tile(extent: int | None, preferred: int, lo: int) -> int:
+    """A tile size <= preferred for an axis of ``extent``: the largest divisor in [lo, preferred] when one exists
+    (no bounds check), the whole axis when it is smaller than ``preferred``, else ``preferred`` (predicated tail)."""
+    if extent is None:
+        return preferred
+    if extent <= preferred:
+        return extent
+    for t in range(preferred, max(lo, 1) - 1, -1):
+        if extent % t == 0:
+            return t
+    return preferred
+
+
+def _register_tile(m_ext, n_ext, lanes: int, regs: int, has_m: bool) -> tuple[int, int]:
+    """Choose the register tile (MR rows x NR columns, NR = a whole number of vectors).
+
+    Accumulators (MR x NR/lanes vector registers) may use 3/4 of the register file: 12 of AVX2's 16, 24 of
+    AVX-512's 32; the rest hold the B vectors and the broadcast A scalar. Among the shapes that fill that budget
+    we prefer ones whose MR divides M and NR divides N (no bounds-checked tail tile), then the most accumulators
+    (more independent FMA chains hide the FMA latency), then the wider NR (fewer broadcasts per FMA).
+    A constant N narrower than the tile is taken whole; a symbolic extent gets a predicated tail.
+    """
+    budget = max(regs * 3 // 4, 1)
+    best = None
+    for n_vecs in (4, 3, 2, 1):
+        nr = n_vecs * lanes
+        if n_ext is not None and n_ext < nr:
+            continue
+        # a single-row tile wastes the broadcast; only use it when there is no M axis (or M is 1)
+        lowest = 1 if (not has_m or (m_ext is not None and m_ext < 2)) else 2
+        for mr in range(min(budget // n_vecs, 8), lowest - 1, -1):
+            if not has_m and mr > 1:
+                continue
+            if has_m and m_ext is not None and m_ext < mr:
+                continue
+            exact = (0 if (n_ext is not None and n_ext % nr == 0) else 1) + (
+                0 if (not has_m or (m_ext is not None and m_ext % mr == 0)) else 1)
+            key = (exact, -(mr * n_vecs), -n_vecs)
+            if best is None or key < best[0]:
+                best = (key, mr, nr)
+    if best is None:  # N (or M) smaller than one vector: take the axes whole
+        nr = n_ext if n_ext is not None else lanes
+        mr = 1 if not has_m else (min(m_ext, budget) if m_ext is not None else 4)
+        return mr, nr
+    _, mr, nr = best
+    if has_m and m_ext is not None and m_ext <= mr:
+        mr = m_ext
+    return mr, nr
+
+
+class Matmul(ScheduleRule):
+    """Register-tiled, cache-blocked, vectorized and parallel schedule for GEMM-like contractions and conv2d.
+
+    See the module docstring for what the rule claims and why the schedule looks the way it does.
+    """
+
+    def apply(self, func, target: Target, tunable: bool):  # pylint: disable=unused-argument
+        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target):
+            return None
+        # First with cheap prologues inlined into the operand reads; if that breaks the pattern, without.
+        for inline_prologue in (True, False):
+            try:
+                sch = self._schedule(func, target, inline_prologue)
+            except Exception:  # pylint: disable=broad-except
+                # A schedule primitive refused (the pattern matched but the IR shape is not one we can tile).
+                sch = None
+            if sch is not None:
+                return sch
+        return None
+
+    # ------------------------------------------------------------------------------------------------------
+    def _schedule(self, func, target, inline_prologue: bool):  # pylint: disable=too-many-locals,too-many-branches,too-many-statements
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        non_injective = [b for b in infos if not b.is_injective()]
+        if len(non_injective) != 1:
+            return None
+        main = non_injective[0].block_rv
+        if _analyze(sch.get(main)) is None:
+            return None
+        main_pos = [i for i, b in enumerate(infos) if b.block_rv.same_as(main)][0]
+        prologue = [b.block_rv for b in infos[:main_pos]]
+        epilogue = [b.block_rv for b in infos[main_pos + 1 :]]
+
+        leftover = []  # injective blocks we keep at the root; scheduled as plain parallel loops
+        for blk in reversed(prologue):
+            if inline_prologue and not has_if_then_else(sch, blk):
+                try:
+                    sch.compute_inline(blk)
+                    continue
+                except Exception:  # pylint: disable=broad-except
+                    pass
+            leftover.append(blk)
+
+        info = _analyze(sch.get(main))
+        if info is None:
+            return None
+        block_stmt = sch.get(main)
+        loops = sch.get_loops(main)
+        if len(loops) != len(block_stmt.iter_vars):
+            return None
+        # After normalize_prim_func every block var is bound to exactly one loop, in the same order.
+        loop_of = {iv.var: lp for iv, lp in zip(block_stmt.iter_vars, loops)}
+        extent_of = {iv.var: (int(iv.dom.extent.value) if isinstance(iv.dom.extent, tirx.IntImm) else None)
+                     for iv in block_stmt.iter_vars}
+
+        lanes = vector_lanes(target, info.dtype)
+        regs = num_vector_registers(target)
+        n_ext = extent_of[info.n]
+        m_ext = extent_of[info.m] if info.m is not None else 1
+        mr, nr = _register_tile(m_ext if info.m is not None else None, n_ext, lanes, regs, info.m is not None)
+
+        k_total = 1
+        for r in info.reductions:
+            k_total *= extent_of[r] if extent_of[r] is not None else 1024
+        elem_bytes = max(tvm.DataType(info.dtype).bits // 8, 1)
+
+        # ---- split the tile axes ------------------------------------------------------------------------
+        n_loop = loop_of[info.n]
+        n_blocked = None
+        if nr == n_ext:
+            n_o, n_i = None, n_loop
+        else:
+            n_o, n_i = sch.split(n_loop, factors=[None, nr])
+            # L2 panel blocking of N: only worth it when several row tiles reuse the panel.
+            if n_ext is not None and (m_ext is None or m_ext > mr):
+                nb_tiles = max(_L2_PANEL_BYTES // max(k_total * elem_bytes * nr, 1), 1)
+                n_tiles = (n_ext + nr - 1) // nr
+                if nb_tiles < n_tiles:
+                    # a divisor of the tile count, so the blocking adds no bounds check
+                    while n_tiles % nb_tiles:
+                        nb_tiles -= 1
+                    if 1 < nb_tiles < n_tiles or nb_tiles == 1:
+                        n_blocked, n_o = sch.split(n_o, factors=[None, nb_tiles])
+        if info.m is not None and mr != m_ext:
+            m_o, m_i = sch.split(loop_of[info.m], factors=[None, mr])
+        elif info.m is not None:
+            m_o, m_i = None, loop_of[info.m]
+        else:
+            m_o, m_i = None, None
+
+        outer_loops = [loop_of[v] for v in info.outer]
+        red_loops = [loop_of[v] for v in info.reductions]
+        order = list(outer_loops)
+        if n_blocked is not None:
+            order.append(n_blocked)
+        if m_o is not None:
+            order.append(m_o)
+        if n_o is not None:
+            order.append(n_o)
+        order += red_loops
+        if m_i is not None:
+            order.append(m_i)
+        order.append(n_i)
+        sch.reorder(*order)
+
+        # ---- parallel over the outer tiles ----------------------------------------------------------------
+        par = [lp for lp in order[: len(order) - len(red_loops) - (2 if m_i is not None else 1)]]
+        # ``par`` = outer..., [n_blocked], [m_o], [n_o]; keep n_o serial when there is something else to spread,
+        # so that each thread walks along N reusing its A rows.
+        tile_anchor = par[-1] if par else None
+        par_fuse = par[:-1] if (len(par) > 1 and n_o is not None) else par
+        if par_fuse:
+            fused = sch.fuse(*par_fuse) if len(par_fuse) > 1 else par_fuse[0]
+            sch.parallel(fused)
+            if tile_anchor is not None and tile_anchor in par_fuse:
+                tile_anchor = fused
+
+        # ---- accumulator in registers, epilogue per tile -------------------------------------------------------
+        if epilogue:
+            # Intermediate epilogue blocks fold into the last one; the remaining consumer reads the matmul result.
+            for blk in epilogue[:-1]:
+                try:
+                    sch.compute_inline(blk)
+                except Exception:  # pylint: disable=broad-except
+                    return None
+            sch.set_scope(main, 0, "local")
+            consumer = epilogue[-1]
+        else:
+            consumer = sch.cache_write(main, 0, "local")
+        if tile_anchor is not None:
+            sch.reverse_compute_at(consumer, tile_anchor, preserve_unit_loops=True)
+        elif red_loops:
+            pass  # single tile: the consumer stays after the reduction at the root, still correct
+        # ---- register tile: unroll rows, vectorize columns -----------------------------------------------------
+        # (annotate before decompose_reduction: afterwards the update block is no longer a complete reduction
+        # block and TVM refuses loop annotations over it.)
+        # NR is a whole number of native vectors: split it so every vector op is exactly one register wide
+        # (a single <24 x float> op would leave the register allocation to LLVM's legalizer, which spills).
+        if nr > lanes and nr % lanes == 0:
+            n_v, n_l = sch.split(n_i, factors=[None, lanes])
+            sch.unroll(n_v)
+            sch.vectorize(n_l)
+        else:
+            sch.vectorize(n_i)
+        if m_i is not None and const_extent(sch, m_i) is not None:
+            sch.unroll(m_i)
+        init = sch.decompose_reduction(main, red_loops[0])
+        init_loops = sch.get_loops(init)
+        if sch.get(init_loops[-1]).kind != tirx.ForKind.VECTORIZED:
+            sch.vectorize(init_loops[-1])
+        # Small reduction windows (a 3x3 conv's ry/rx) unroll into straight-line FMAs.
+        for lp in red_loops[1:]:
+            ext = const_extent(sch, lp)
+            if ext is not None and ext <= 7:
+                sch.unroll(lp)
+
+        cons_loops = sch.get_loops(consumer)
+        if cons_loops:
+            inner = cons_loops[-1]
+            ext = const_extent(sch, inner)
+            if ext is not None and ext > lanes and ext % lanes == 0:
+                _, v = sch.split(inner, factors=[None, lanes])
+                sch.vectorize(v)
+            elif ext is not None and ext > 1:
+                sch.vectorize(inner)
+
+        for blk in leftover:
+            _parallel_injective(sch, blk, lanes)
+        return sch
+
+
+def _parallel_injective(sch: s_tir.Schedule, blk, lanes: int) -> None:
+    """A root-level injective block (e.g. conv padding): parallel outer loops, vectorized inner loop."""
+    from .elementwise import schedule_injective_block  # pylint: disable=import-outside-toplevel
+
+    schedule_injective_block(sch, blk, lanes)

@@ -1,0 +1,218 @@
+"""CPU rule for row-wise reductions: softmax, layernorm / RMSnorm, mean/sum/max over trailing axes, and the
+masks/epilogues FuseOps fuses around them.
+
+What it claims
+--------------
+A PrimFunc with at least one reduction block (block iter kinds only spatial "S" or reduction "R") that the
+matmul rule did not take. That includes reductions of any shape: the rule first checks whether the kernel is
+*row-wise* and picks the fused schedule only then; any other reduction gets the safe per-block schedule.
+
+Row-wise means: there is a number ``d`` >= 1 such that every remaining block's first ``d`` iter vars are
+spatial, index the first ``d`` dimensions of everything it writes, and every read of an intermediate buffer by
+another block uses the reader's own first ``d`` vars as its first ``d`` indices, and the output block's first
+``d`` loops have the same extents. Then one "row" (the first ``d`` axes) can be computed start to finish
+independently of every other row.
+
+Why the schedule looks the way it does
+--------------------------------------
+Row-wise kernels: injective single-consumer blocks are inlined first (``exp`` feeding both the sum and the
+normalization stays a block, so it is computed once). The output block's first ``d`` loops are fused into one
+parallel loop over rows, and every other block is moved under it with ``compute_at``, so a row's max, exp, sum
+and normalize run back to back while the row sits in L1, and the intermediates shrink to one row. Spatial
+blocks vectorize their innermost axis by the target's lanes. Reduction loops stay serial in their original
+order: the kernel is memory-bound, and keeping the order keeps the floating-point result identical to the
+unscheduled kernel.
+
+Other reductions (a reduction over a middle axis, broadcasting reads between blocks, symbolic rows): each block
+stays at the root in its own loop nest; its leading spatial loops are fused and parallelized and its innermost
+spatial loop is vectorized. No block is moved, so nothing can be computed for the wrong region.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+
+from .common import const_extent, is_cpu, vector_lanes
+from .matmul import _analyze as _analyze_contraction
+from .elementwise import PARALLEL_MIN_ELEMENTS, _region_buffer, schedule_injective_block
+
+
+def _leading_spatial(block) -> int:
+    n = 0
+    for iv in block.iter_vars:
+        if iv.iter_type != tirx.IterVar.DataPar:
+            break
+        n += 1
+    return n
+
+
+def _row_depth(sch: s_tir.Schedule, blocks) -> int:
+    """The largest ``d`` for which the kernel is row-wise (see module doc), 0 when it is not."""
+    stmts = [sch.get(b) for b in blocks]
+    d = min(_leading_spatial(s) for s in stmts)
+    if d == 0:
+        return 0
+    produced = {}
+    for s in stmts:
+        for w in s.writes:
+            produced[_region_buffer(w)] = s
+    out_loops = sch.get_loops(blocks[-1])
+
+    def ok(depth: int) -> bool:
+        if len(out_loops) < depth:
+            return False
+        row_extents = None
+        for s in stmts:
+            row_vars = [iv.var for iv in s.iter_vars[:depth]]
+            exts = [iv.dom.extent for iv in s.iter_vars[:depth]]
+            if row_extents is None:
+                row_extents = exts
+            elif not all(
+                isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm) and a.value == b.value
+                or a.same_as(b)
+                for a, b in zip(exts, row_extents)
+            ):
+                return False
+            # writes: the first `depth` indices are the row vars
+            for w in s.writes:
+                if len(w.region) < depth or not all(
+                    r.min.same_as(v) and _is_one(r.extent) for r, v in zip(w.region[:depth], row_vars)
+                ):
+                    return False
+            # reads of buffers produced inside the kernel: same row
+            for r in s.reads:
+                buf = _region_buffer(r)
+                if buf not in produced or produced[buf].same_as(s):
+                    continue
+                if len(r.region) < depth or not all(
+                    rg.min.same_as(v) and _is_one(rg.extent) for rg, v in zip(r.region[:depth], row_vars)
+                ):
+                    return False
+        # the output block's loops must be exactly its row loops, trivially bound (normalize_prim_func did that)
+        for lp, iv in zip(out_loops[:depth], stmts[-1].iter_vars[:depth]):
+            ext = sch.get(lp).extent
+            if not (ext.same_as(iv.dom.extent) or (isinstance(ext, tirx.IntImm) and isinstance(
+                    iv.dom.extent, tirx.IntImm) and ext.value == iv.dom.extent.value)):
+                return False
+        return True
+
+    while d > 0 and not ok(d):
+        d -= 1
+    return d
+
+
+def _is_one(e) -> bool:
+    return isinstance(e, tirx.IntImm) and e.value == 1
+
+
+class RowReduction(ScheduleRule):
+    """Fused per-row schedule for softmax/layernorm-like kernels, safe per-block schedule for other reductions."""
+
+    def apply(self, func, target: Target, tunable: bool):  # pylint: disable=unused-argument
+        if not isinstance(func, tirx.PrimFunc) or not is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        if any(k not in ("S", "R") for b in infos for k in b.dom_kind()):
+            return None
+        if all(b.is_injective() for b in infos):
+            return None  # elementwise rule's job
+        if any(_analyze_contraction(sch.get(b.block_rv)) is not None for b in infos if not b.is_injective()):
+            return None  # a matmul/conv: the matmul rule's job (or the fallback's, if it could not tile it)
+        blocks = [b.block_rv for b in infos]
+        out_stmt = sch.get(blocks[-1])
+        dtype = str(_region_buffer(out_stmt.writes[0]).dtype) if out_stmt.writes else "float32"
+        lanes = vector_lanes(target, dtype)
+
+        # Inline injective blocks that feed a single consumer (casts/masks into the max, exp-shift chains).
+        remaining = []
+        for blk in blocks:
+            stmt = sch.get(blk)
+            if all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars) and len(sch.get_consumers(blk)) == 1:
+                try:
+                    sch.compute_inline(blk)
+                    continue
+                except Exception:  # pylint: disable=broad-except
+                    pass
+            remaining.append(blk)
+        # Trailing injective blocks (where/broadcast after the normalization) fold into their producer.
+        while len(remaining) >= 2:
+            last = remaining[-1]
+            stmt = sch.get(last)
+            prev = sch.get(remaining[-2])
+            if not all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
+                break
+            if not all(iv.iter_type == tirx.IterVar.DataPar for iv in prev.iter_vars):
+                break
+            try:
+                sch.reverse_compute_inline(last)
+            except Exception:  # pylint: disable=broad-except
+                break
+            remaining.pop()
+
+        d = _row_depth(sch, remaining)
+        if d > 0 and len(remaining) >= 1:
+            self._row_wise(sch, remaining, d, lanes)
+        else:
+            self._per_block(sch, remaining, lanes)
+        return sch
+
+    @staticmethod
+    def _row_wise(sch: s_tir.Schedule, blocks, d: int, lanes: int) -> None:
+        out = blocks[-1]
+        loops = sch.get_loops(out)
+        rows = loops[:d]
+        row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+        total = 1
+        for lp in sch.get_loops(out):
+            ext = const_extent(sch, lp)
+            total = total * ext if (ext is not None and total is not None) else None
+        if total is None or total >= PARALLEL_MIN_ELEMENTS:
+            sch.parallel(row)
+        for blk in reversed(blocks[:-1]):
+            sch.compute_at(blk, row, preserve_unit_loops=True)
+        for blk in blocks:
+            stmt = sch.get(blk)
+            if all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
+                _vectorize_inner(sch, blk, lanes)
+
+    @staticmethod
+    def _per_block(sch: s_tir.Schedule, blocks, lanes: int) -> None:
+        for blk in blocks:
+            stmt = sch.get(blk)
+            if all(iv.iter_type == tirx.IterVar.DataPar for iv in stmt.iter_vars):
+                schedule_injective_block(sch, blk, lanes)
+                continue
+            # A reduction block: parallelize its leading loops that are bound to spatial vars only.
+            loops = sch.get_loops(blk)
+            lead = []
+            for lp, iv in zip(loops, stmt.iter_vars):
+                if iv.iter_type != tirx.IterVar.DataPar:
+                    break
+                lead.append(lp)
+            # normalize_prim_func bound one loop per iter var in order, so ``lead`` are the spatial loops
+            if lead and len(loops) == len(stmt.iter_vars):
+                fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+                ext = const_extent(sch, fused)
+                if ext is None or ext >= 2:
+                    sch.parallel(fused)
+
+
+def _vectorize_inner(sch: s_tir.Schedule, blk, lanes: int) -> None:
+    loops = sch.get_loops(blk)
+    if len(loops) < 2:
+        return
+    inner = loops[-1]
+    ext = const_extent(sch, inner)
+    if ext is None or ext < 2:
+        return
+    if ext % lanes == 0 and ext > lanes:
+        _, v = sch.split(inner, factors=[None, lanes])
+        sch.vectorize(v)
+    elif ext == lanes:
+        sch.vectorize(inner)

@@ -1,0 +1,255 @@
+"""Each CPU rule: its schedule computes exactly what the unscheduled kernel does (random inputs, outputs pre-filled
+with NaN so a skipped element fails), it really tiles/vectorizes/parallelizes, and it declines kernels of
+other kinds."""
+
+from __future__ import annotations
+
+import pytest
+import tvm
+from tvm import relax, tirx
+from tvm.script import from_source
+
+from ember.schedules.cpu import Elementwise, Fallback, Matmul, RowReduction
+from helpers import (
+    assert_same_result,
+    host_target,
+    loop_kinds,
+    relax_graph,
+    the_kernel,
+)
+
+op = relax.op
+TARGET = host_target()
+
+
+def _apply(rule, func):
+    with TARGET:
+        sch = rule.apply(func, TARGET, False)
+    return None if sch is None else sch.mod["main"]
+
+
+def _check(rule, func, shape_vars=None, expect_parallel=True, n_outputs=1):
+    sched = _apply(rule, func)
+    assert sched is not None, f"{type(rule).__name__} declined a kernel of its kind"
+    kinds = loop_kinds(sched)
+    if expect_parallel:
+        assert tirx.ForKind.PARALLEL in kinds, "expected the outer loops to run in parallel"
+    assert_same_result(func, sched, shape_vars=shape_vars, n_outputs=n_outputs)
+    return sched
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+def matmul_kernel(m, k, n, epilogue=None):
+    def body(x, w, b):
+        y = op.matmul(x, w)
+        if epilogue in ("bias", "bias_gelu"):
+            y = op.add(y, b)
+        if epilogue == "bias_gelu":
+            y = op.nn.gelu(y)
+        return y
+
+    mod = relax_graph([("x", (m, k)), ("w", (k, n)), ("b", (n,))], body)
+    return the_kernel(mod, "matmul")
+
+
+def matmul_residual_kernel(m, k, n):
+    mod = relax_graph([("x", (m, k)), ("w", (k, n)), ("b", (n,)), ("r", (m, n))],
+                      lambda x, w, b, r: op.add(op.add(op.matmul(x, w), b), r))
+    return the_kernel(mod, "matmul")
+
+
+def bmm_kernel(b, m, k, n):
+    mod = relax_graph([("q", (b, m, k)), ("kt", (b, k, n))], lambda q, kt: op.matmul(q, kt))
+    return the_kernel(mod, "matmul")
+
+
+def dyn_dense_kernel(seq, k, n):
+    """A dense layer over a symbolic batch: x[n_batch, seq, k] @ w[k, n] + b, then GELU."""
+    mod = relax_graph([("x", ("batch", seq, k)), ("w", (k, n)), ("b", (n,))],
+                      lambda x, w, b: op.nn.gelu(op.add(op.matmul(x, w), b)))
+    return the_kernel(mod, "matmul")
+
+
+def conv_kernel(n, c, hw, f, ksize, stride, pad, epilogue=True):
+    def body(x, w, bias, res):
+        y = op.nn.conv2d(x, w, strides=stride, padding=pad)
+        if epilogue:
+            # conv + BatchNorm (folded to a per-channel scale/shift) + residual + ReLU, as a ResNet block fuses
+            y = op.add(op.multiply(y, bias), bias)
+            y = op.nn.relu(op.add(y, res))
+        return y
+
+    out_hw = (hw + 2 * pad - ksize) // stride + 1
+    mod = relax_graph([("x", (n, c, hw, hw)), ("w", (f, c, ksize, ksize)), ("bias", (1, f, 1, 1)),
+                       ("res", (n, f, out_hw, out_hw))], body)
+    return the_kernel(mod, "conv2d")
+
+
+def softmax_kernel(shape, masked=False):
+    if masked:
+        mod = relax_graph([("s", shape), ("mask", shape[-2:])],
+                          lambda s, mk: op.nn.softmax(op.add(s, mk), axis=-1))
+    else:
+        mod = relax_graph([("s", shape)], lambda s: op.nn.softmax(s, axis=-1))
+    return the_kernel(mod, "softmax")
+
+
+def layernorm_kernel(shape, residual=False):
+    d = shape[-1]
+    if residual:
+        mod = relax_graph([("x", shape), ("r", shape), ("g", (d,)), ("b", (d,))],
+                          lambda x, r, g, b: op.nn.layer_norm(op.add(x, r), g, b, axes=[-1]))
+    else:
+        mod = relax_graph([("x", shape), ("g", (d,)), ("b", (d,))],
+                          lambda x, g, b: op.nn.layer_norm(x, g, b, axes=[-1]))
+    return the_kernel(mod, "layer_norm")
+
+
+def sum_middle_kernel(shape):
+    mod = relax_graph([("x", shape)], lambda x: op.sum(x, axis=[1]))
+    return the_kernel(mod, "sum")
+
+
+def elementwise_kernel(shape):
+    mod = relax_graph([("x", shape), ("y", shape[-1:])], lambda x, y: op.nn.gelu(op.add(x, y)))
+    return the_kernel(mod, "gelu")
+
+
+def transpose_kernel(s, h, d):
+    """Attention's head split: [s, h*d] -> [h, s, d] (reshape + transpose), as MiniLM's Q/K/V."""
+    mod = relax_graph([("x", (s, h * d))],
+                      lambda x: op.permute_dims(op.reshape(x, (s, h, d)), [1, 0, 2]))
+    funcs = [f for f in __import__("helpers").fused_prim_funcs(mod).values()]
+    assert len(funcs) == 1
+    return funcs[0]
+
+
+# ---------------------------------------------------------------------------------------------------- matmul
+@pytest.mark.parametrize("m,k,n", [(1, 7, 13), (17, 31, 97), (128, 384, 1536), (128, 384, 384), (5, 64, 8)])
+def test_matmul_sizes(m, k, n):
+    _check(Matmul(), matmul_kernel(m, k, n), expect_parallel=m * n >= 64)
+
+
+@pytest.mark.parametrize("epilogue", ["bias", "bias_gelu"])
+def test_matmul_fused_epilogue(epilogue):
+    func = matmul_kernel(37, 53, 71, epilogue)
+    _check(Matmul(), func)
+
+
+def test_matmul_residual_epilogue():
+    _check(Matmul(), matmul_residual_kernel(64, 96, 48))
+
+
+@pytest.mark.parametrize("b,m,k,n", [(12, 128, 64, 128), (3, 7, 5, 11)])
+def test_batch_matmul(b, m, k, n):
+    _check(Matmul(), bmm_kernel(b, m, k, n))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_matmul_symbolic_batch(batch):
+    func = dyn_dense_kernel(9, 40, 24)
+    sched = _check(Matmul(), func, shape_vars={"batch": batch})
+    # the symbolic extent must still be a loop of the scheduled kernel, not specialised away
+    assert any(not isinstance(p.shape[0], tirx.IntImm) for p in sched.params)
+
+
+# ---------------------------------------------------------------------------------------------------- conv2d
+@pytest.mark.parametrize("n,c,hw,f,ks,stride,pad", [
+    (2, 3, 17, 8, 3, 1, 1),
+    (1, 16, 14, 32, 3, 2, 1),
+    (1, 24, 7, 40, 1, 1, 0),
+])
+def test_conv2d(n, c, hw, f, ks, stride, pad):
+    _check(Matmul(), conv_kernel(n, c, hw, f, ks, stride, pad))
+
+
+def test_conv2d_plain():
+    _check(Matmul(), conv_kernel(1, 8, 15, 16, 3, 1, 1, epilogue=False))
+
+
+# ---------------------------------------------------------------------------------------------------- reductions
+@pytest.mark.parametrize("shape,masked", [((12, 128, 128), True), ((3, 7, 13), False), ((1, 12, 16, 16), True)])
+def test_softmax(shape, masked):
+    _check(RowReduction(), softmax_kernel(shape, masked), expect_parallel=False)
+
+
+@pytest.mark.parametrize("shape,residual", [((1, 128, 384), True), ((5, 33), False)])
+def test_layernorm(shape, residual):
+    _check(RowReduction(), layernorm_kernel(shape, residual), expect_parallel=False)
+
+
+def test_sum_over_middle_axis():
+    _check(RowReduction(), sum_middle_kernel((4, 17, 9)), expect_parallel=False)
+
+
+def test_big_softmax_is_parallel():
+    sched = _apply(RowReduction(), softmax_kernel((12, 128, 128), masked=True))
+    assert tirx.ForKind.PARALLEL in loop_kinds(sched)
+    assert tirx.ForKind.VECTORIZED in loop_kinds(sched)
+
+
+# ---------------------------------------------------------------------------------------------------- elementwise
+@pytest.mark.parametrize("shape", [(128, 1536), (7, 13, 3)])
+def test_elementwise(shape):
+    big = shape[0] * shape[-1] >= (1 << 16)
+    sched = _check(Elementwise(), elementwise_kernel(shape), expect_parallel=big)
+    if big:
+        assert tirx.ForKind.VECTORIZED in loop_kinds(sched)
+
+
+def test_transpose_reshape():
+    _check(Elementwise(), transpose_kernel(256, 12, 32))
+
+
+# ---------------------------------------------------------------------------------------------------- declines
+def test_rules_decline_other_kinds():
+    mm = matmul_kernel(16, 32, 24, "bias")
+    conv = conv_kernel(1, 3, 9, 4, 3, 1, 1)
+    sm = softmax_kernel((4, 8, 8), masked=True)
+    ln = layernorm_kernel((4, 32))
+    ew = elementwise_kernel((4, 32))
+    assert _apply(Matmul(), sm) is None
+    assert _apply(Matmul(), ln) is None
+    assert _apply(Matmul(), ew) is None
+    assert _apply(Elementwise(), mm) is None
+    assert _apply(Elementwise(), sm) is None
+    assert _apply(Elementwise(), conv) is None
+    assert _apply(RowReduction(), ew) is None
+    assert _apply(RowReduction(), mm) is None
+    assert _apply(RowReduction(), conv) is None
+
+
+def test_cpu_rules_decline_gpu_targets():
+    cuda = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    for rule in (Matmul(), Elementwise(), RowReduction(), Fallback()):
+        for func in (matmul_kernel(8, 8, 8), elementwise_kernel((4, 8)), softmax_kernel((2, 4, 4))):
+            with cuda:
+                assert rule.apply(func, cuda, False) is None
+
+
+def test_fallback_keeps_results():
+    # The catch-all must be correct on anything, e.g. a matmul it does not tile.
+    _check(Fallback(), matmul_kernel(9, 10, 11, "bias"), expect_parallel=False)
+
+
+# ---------------------------------------------------------------------------------------------------- the checker
+def test_checker_catches_wrong_tail():
+    """A schedule that forgets the last column of a prime-sized N must fail the comparison (NaN pre-fill)."""
+    func = matmul_kernel(17, 31, 97)
+    sched = _apply(Matmul(), func)
+    text = sched.script()
+    assert "T.int64(97)" in text
+    # Shrink every bounds check of the N tail by one: the last output column is then never written.
+    broken_text = text.replace("< T.int64(97)", "< T.int64(96)")
+    assert broken_text != text, "expected the schedule to bounds-check the N tail"
+    broken = from_source(broken_text)
+    with pytest.raises(AssertionError):
+        assert_same_result(func, broken)
+
+
+def test_checker_catches_wrong_values():
+    func = matmul_kernel(8, 16, 24)
+    sched = _apply(Matmul(), func)
+    broken = from_source(sched.script().replace("T.float32(0.0)", "T.float32(0.5)"))
+    with pytest.raises(AssertionError):
+        assert_same_result(func, broken)
