@@ -300,8 +300,7 @@ class Matmul(ScheduleRule):
                     # a divisor of the tile count, so the blocking adds no bounds check
                     while n_tiles % nb_tiles:
                         nb_tiles -= 1
-                    if 1 < nb_tiles < n_tiles or nb_tiles == 1:
-                        n_blocked, n_o = sch.split(n_o, factors=[None, nb_tiles])
+                    n_blocked, n_o = sch.split(n_o, factors=[None, nb_tiles])
         if info.m is not None and mr != m_ext:
             m_o, m_i = sch.split(loop_of[info.m], factors=[None, mr])
         elif info.m is not None:
@@ -350,8 +349,7 @@ class Matmul(ScheduleRule):
             consumer = sch.cache_write(main, 0, "local")
         if tile_anchor is not None:
             sch.reverse_compute_at(consumer, tile_anchor, preserve_unit_loops=True)
-        elif red_loops:
-            pass  # single tile: the consumer stays after the reduction at the root, still correct
+        # (no tile loop at all: the whole output is one register tile; the consumer stays after it at the root)
         # ---- register tile: unroll rows, vectorize columns -----------------------------------------------------
         # (annotate before decompose_reduction: afterwards the update block is no longer a complete reduction
         # block and TVM refuses loop annotations over it.)
