@@ -60,14 +60,16 @@ def _transform_params(mod, params):
     if TRANSFORM_PARAMS not in [gv.name_hint for gv in mod.functions]:
         return mod, params
     host = tvm.target.Target({"kind": "llvm"})
-    tmod = tvm.IRModule({TRANSFORM_PARAMS: mod[TRANSFORM_PARAMS]})
+    # Each side keeps the helper functions (TIR kernels some importers emit) it may call.
+    funcs = {gv: f for gv, f in mod.functions.items()}
+    tmod = tvm.IRModule({gv: f for gv, f in funcs.items() if gv.name_hint != "main"})
     with host:
         ex = tvm.compile(tmod, host, relax_pipeline=lower_unscheduled())
     vm = relax.VirtualMachine(ex, tvm.cpu())
     dev_params = [tvm.runtime.tensor(np.ascontiguousarray(p), tvm.cpu()) for p in params]
     out = vm[TRANSFORM_PARAMS](dev_params)
     new_params = [out[i] for i in range(len(out))] if not hasattr(out, "numpy") else [out]
-    main_only = tvm.IRModule({"main": mod["main"]})
+    main_only = tvm.IRModule({gv: f for gv, f in funcs.items() if gv.name_hint != TRANSFORM_PARAMS})
     return main_only, new_params
 
 

@@ -11,6 +11,7 @@ import copy
 import os
 
 from ..errors import ModelLoadError, UnsupportedOpError
+from .onnx_rewrite import fold_constant_of_shape, fold_shape_arithmetic
 from .spec import ImportedModel, TensorSpec, output_specs, shape_of
 
 BATCH = "batch"
@@ -114,6 +115,8 @@ def import_onnx(model, *, dynamic_batch=False, input_names=None, output_names=No
     else:
         raise ModelLoadError(f"cannot read an ONNX model from {type(model).__name__}")
     _check_ops(proto, source)
+    fold_shape_arithmetic(proto)
+    fold_constant_of_shape(proto)
     specs = _input_specs(proto, dynamic_batch)
     if input_names or output_names:
         raise ModelLoadError("input_names/output_names are for torch models; an ONNX model names its own inputs "

@@ -15,18 +15,19 @@ Dim = Union[int, str]  # an int is a fixed size; a str names a symbolic dimensio
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    shape: tuple[Dim, ...]
+    shape: tuple[Dim, ...] | None  # None: rank unknown until run time (outputs only)
     dtype: str
 
     def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+        return {"name": self.name, "shape": None if self.shape is None else list(self.shape), "dtype": self.dtype}
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], tuple(d["shape"]), d["dtype"])
+        return cls(d["name"], None if d["shape"] is None else tuple(d["shape"]), d["dtype"])
 
     def describe(self) -> str:
-        return f"{self.name}: {self.dtype}[{', '.join(str(s) for s in self.shape)}]"
+        dims = "..." if self.shape is None else ", ".join(str(s) for s in self.shape)
+        return f"{self.name}: {self.dtype}[{dims}]"
 
 
 @dataclass
@@ -45,8 +46,14 @@ class ImportedModel:
     source: str = ""  # what the user handed us, for messages and the manifest
 
 
-def shape_of(ty) -> tuple[Dim, ...]:
-    """Turn a Relax TensorType's shape into ints and names of symbolic dims."""
+def shape_of(ty) -> tuple[Dim, ...] | None:
+    """Turn a Relax TensorType's shape into ints and names of symbolic dims (None: rank unknown).
+
+    A dim the importer could not express (data-dependent, e.g. NonZero's output) is named "?".
+    """
+    if ty.shape is None:
+        ndim = int(ty.ndim)
+        return None if ndim < 0 else tuple("?" for _ in range(ndim))
     dims = []
     for d in ty.shape.values:
         if hasattr(d, "value"):

@@ -117,6 +117,11 @@ def import_torch(model, example_inputs=None, *, dynamic_batch=False, input_names
             raise _unsupported(ep, str(e)) from None
         raise
     mod, params = relax.frontend.detach_params(mod)
+    # torch.export records the batch Dim's max (65536) as the symbol's upper bound; TVM's memory planner would
+    # then reserve every batch-sized buffer at that bound (tens of GB for MiniLM). Without it, those buffers
+    # are allocated per call at the actual batch size.
+    if "tir_var_upper_bound" in (mod["main"].attrs or {}):
+        mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
     weights = [p.numpy() for p in params.get("main", [])]
     func = mod["main"]
     n_in = int(func.attrs["num_input"])
@@ -134,7 +139,7 @@ def import_torch(model, example_inputs=None, *, dynamic_batch=False, input_names
         # torch names the symbol after its solver (s97); users and the manifest call it "batch".
         sym = {s.shape[0]: BATCH for s in inputs if isinstance(s.shape[0], str)}
         inputs = [TensorSpec(s.name, (BATCH,) + s.shape[1:], s.dtype) for s in inputs]
-        outputs = [TensorSpec(o.name, tuple(sym.get(d, d) for d in o.shape), o.dtype) for o in outputs]
+        outputs = [TensorSpec(o.name, o.shape and tuple(sym.get(d, d) for d in o.shape), o.dtype) for o in outputs]
     param_names = [v.name for v in func.params[n_in:]]
     # torch.export names outputs after the graph node that made them ("linear_2"), which means nothing to a
     # user; outputs are output0, output1, ... in the order forward() returns them.

@@ -74,7 +74,7 @@ class CompiledModel:
                     import tvm
 
                     self._params = [p.copyto(self._dev) if hasattr(p, "copyto") and not isinstance(p, np.ndarray)
-                                    else tvm.runtime.tensor(np.ascontiguousarray(p), self._dev)
+                                    else tvm.runtime.tensor(np.asarray(p, order="C"), self._dev)
                                     for p in self._raw_params]
                     self._raw_params = None
                 vm = VirtualMachine(self._rt_mod, self._dev)
@@ -135,7 +135,7 @@ class CompiledModel:
                                      f"on {self.device_kind}; move it with .to('{self._dev_torch_type()}')")
                 out.append(tvm.runtime.from_dlpack(v.detach().contiguous()))
             else:
-                arr = np.ascontiguousarray(v)
+                arr = np.asarray(v, order="C")  # not ascontiguousarray: it turns 0-d into 1-d
                 out.append(tvm.runtime.tensor(arr, self._dev))
         return out
 
