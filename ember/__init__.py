@@ -10,6 +10,7 @@ Importing ember loads nothing heavy: the compiler (and torch) are imported on th
 so an application that only loads artifacts never pays for them.
 """
 
+from .config import NM, Int8Dynamic, Int8Static, Mixed, Tuning, WeightOnly
 from .errors import (
     ArtifactError,
     ConfigError,
@@ -49,5 +50,6 @@ def load(path, device="cpu"):
 
 __all__ = [
     "compile", "load", "__version__", "EmberError", "ModelLoadError", "UnsupportedOpError", "InputError",
-    "ArtifactError", "TargetError", "ConfigError",
+    "ArtifactError", "TargetError", "ConfigError", "WeightOnly", "Int8Dynamic", "Int8Static", "Mixed", "NM",
+    "Tuning",
 ]

@@ -43,11 +43,10 @@ def import_model(model, example_inputs=None, *, dynamic_batch=False, input_names
                         output_names=output_names)
 
 
-def _not_yet(quantization, sparsity, tuning):
-    for name, value in (("quantization", quantization), ("sparsity", sparsity), ("tuning", tuning)):
-        if value is not None:
-            raise ConfigError(f"{name}={value!r}: this version of ember compiles models without {name}; "
-                              f"pass {name}=None")
+def _not_yet(tuning):
+    if tuning is not None:
+        raise ConfigError(f"tuning={tuning!r}: this version of ember compiles models without tuning; "
+                          "pass tuning=None")
 
 
 def _transform_params(mod, params):
@@ -81,11 +80,14 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     from ..version import __version__
     from .pipeline import lower, prepare
 
-    _not_yet(quantization, sparsity, tuning)
+    from ..passes.compress import compress
+
+    _not_yet(tuning)
     name, tgt = resolve(target)
     t0 = time.perf_counter()
     imported = import_model(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names,
                             output_names=output_names)
+    imported, compression = compress(imported, quantization=quantization, sparsity=sparsity, target=tgt)
     t1 = time.perf_counter()
     mod = prepare(imported.mod)
     mod, weights = _transform_params(mod, imported.params)
@@ -118,7 +120,7 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
         },
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
-        "compression": {"quantization": None, "sparsity": None},
+        "compression": compression,
         "compile_seconds": {"import": round(t1 - t0, 3), "weights": round(t2 - t1, 3),
                             "codegen": round(t3 - t2, 3)},
     }

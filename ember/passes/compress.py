@@ -1,0 +1,37 @@
+"""Compression stage of ``ember.compile``: sparsity first (prune + pack), then quantization.
+
+Both work on an :class:`~ember.frontends.spec.ImportedModel` — the Relax module plus its weights as numpy arrays —
+before ``prepare``: a compression pass rewrites the graph (e.g. ``matmul(x, w)`` into a kernel that reads packed or
+quantized weights) and replaces the weight arrays by what that kernel reads, so the artifact stores only the
+compressed form. Each returns ``(imported, report)``; the reports go into the manifest under ``compression``.
+
+The order matters: N:M pruning chooses which weights survive on full-precision values, quantization then scales
+the survivors.
+"""
+
+from __future__ import annotations
+
+from ..config import NM, Int8Dynamic, Int8Static, Mixed, WeightOnly
+from ..errors import ConfigError
+
+QUANTIZATION_TYPES = (WeightOnly, Int8Dynamic, Int8Static, Mixed)
+SPARSITY_TYPES = (NM,)
+
+
+def compress(imported, *, quantization=None, sparsity=None, target=None):
+    """Apply ``sparsity`` then ``quantization`` (either may be None); returns ``(imported, report)``."""
+    report = {"quantization": None, "sparsity": None}
+    if sparsity is not None:
+        if not isinstance(sparsity, SPARSITY_TYPES):
+            raise ConfigError(f"sparsity={sparsity!r}: use ember.NM(n, m), e.g. ember.NM(1, 16)")
+        from .sparsity import apply_sparsity
+
+        imported, report["sparsity"] = apply_sparsity(imported, sparsity, target)
+    if quantization is not None:
+        if not isinstance(quantization, QUANTIZATION_TYPES):
+            raise ConfigError(f"quantization={quantization!r}: use ember.WeightOnly, ember.Int8Dynamic, "
+                              "ember.Int8Static or ember.Mixed")
+        from .quantize import apply_quantization
+
+        imported, report["quantization"] = apply_quantization(imported, quantization, target)
+    return imported, report
