@@ -6,6 +6,7 @@
     ember inspect OUT
     ember targets
     ember demo
+    ember embed-info [--json]
 """
 
 from __future__ import annotations
@@ -151,6 +152,13 @@ def cmd_targets(a):
         print(f"{t.name:12s} {t.device:5s} {t.summary}")
 
 
+def cmd_embed_info(a):
+    from .runtime.embed import embed_info, format_info
+
+    info = embed_info()
+    print(json.dumps(info.to_json(), indent=2) if a.json else format_info(info))
+
+
 def cmd_demo(a):
     from .demo import run_demo
 
@@ -205,6 +213,12 @@ def build_parser():
     d = sub.add_parser("demo", help="compile the bundled MiniLM, run it on real sentences, compare with PyTorch")
     d.add_argument("-o", "--output", default="artifacts/all-MiniLM-L6-v2", help="where to write the artifact")
     d.set_defaults(fn=cmd_demo)
+
+    e = sub.add_parser("embed-info", help="how to build a C++ app that loads artifacts (headers, libs, cmake)",
+                       description="Print the include and library directories of the installed TVM runtime, the "
+                       "libraries to link, a ready compile line for examples/cpp and the cmake invocation.")
+    e.add_argument("--json", action="store_true", help="print the same as JSON")
+    e.set_defaults(fn=cmd_embed_info)
     return p
 
 
