@@ -1,6 +1,6 @@
 """The ``ember`` command line: a thin layer over ember.compile / ember.load.
 
-    ember compile MODEL -o OUT [--target T] [--dynamic-batch] [--force]
+    ember compile MODEL -o OUT [--target T] [--dynamic-batch] [--sparsity N:M] [--force]
     ember run OUT --input NAME=FILE.npy ... [-o outputs.npz]
     ember bench OUT [--input NAME=FILE.npy ...] [--dim batch=8]
     ember inspect OUT
@@ -69,13 +69,26 @@ def random_inputs(specs, dims=None, seed=0):
 def cmd_compile(a):
     import ember
 
-    if a.model in BUNDLED:
+    from .config import parse_sparsity
+
+    sparsity = parse_sparsity(getattr(a, "sparsity", None))
+    if a.model in BUNDLED and sparsity is not None:
+        import torch
+
+        from .models import minilm
+
+        ids = torch.ones((a.batch, a.seq), dtype=torch.int64)
+        cm = ember.compile(minilm.load_encoder(), (ids, torch.ones_like(ids)), target=a.target,
+                           dynamic_batch=a.dynamic_batch, input_names=["input_ids", "attention_mask"],
+                           output_names=["embedding"], sparsity=sparsity)
+        cm.manifest["source"] = minilm.NAME
+    elif a.model in BUNDLED:
         from .models import minilm
 
         cm, _ = minilm.compile_encoder(target=a.target, batch=a.batch, seq_len=a.seq,
                                        dynamic_batch=a.dynamic_batch)
     else:
-        cm = ember.compile(a.model, target=a.target, dynamic_batch=a.dynamic_batch)
+        cm = ember.compile(a.model, target=a.target, dynamic_batch=a.dynamic_batch, sparsity=sparsity)
     path = cm.export(a.output, overwrite=a.force)
     secs = cm.manifest["compile_seconds"]
     print(f"compiled {cm.manifest['source']} for {cm.target} in {sum(secs.values()):.1f} s -> {path}")
@@ -83,6 +96,12 @@ def cmd_compile(a):
         print(f"  input  {s.describe()}")
     for s in cm.outputs:
         print(f"  output {s.describe()}")
+    sp = (cm.manifest.get("compression") or {}).get("sparsity")
+    if sp:
+        print(f"  sparsity {sp['scheme']}: {len(sp['layers'])} layers packed, {sp['dense_bytes'] / 2**20:.2f} MiB -> "
+              f"{sp['packed_bytes'] / 2**20:.2f} MiB ({len(sp['skipped'])} left dense)")
+        for w in sp["warnings"][:5]:
+            print(f"  warning: {w}")
 
 
 def cmd_run(a):
@@ -180,6 +199,9 @@ def build_parser():
     c.add_argument("--batch", type=int, default=1, help="bundled model only: example batch size (default 1)")
     c.add_argument("--seq", type=int, default=128, help="bundled model only: sequence length (default 128)")
     c.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    c.add_argument("--sparsity", metavar="N:M", help="N:M sparsity of every linear/matmul weight, e.g. 2:4 or "
+                   "1:16: weights are pruned by magnitude where not already N:M (prune + fine-tune first with "
+                   "ember.sparsity for accuracy), packed, and run by ember's sparse kernel")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="run an artifact on inputs from .npy files",
