@@ -5,9 +5,21 @@ same kind: numpy in, numpy out; torch in, torch out — torch tensors cross via 
 a copy. Every call is checked against the input specs first, so a wrong count, rank, size or dtype is a clear
 ``InputError``, never a crash inside a kernel.
 
-What is shared and what is per call: the library and the weights are loaded once and shared by every thread;
-each thread gets its own Relax VM (the VM keeps registers and frames while it runs), so one CompiledModel may be
-called from many threads at once.
+What is shared and what is per call — one CompiledModel may be called from many threads at once:
+
+- shared by every thread: the library (model.so: the VM executable and the kernels) and the weights. They are
+  loaded once; on CPU the tensors read from params.bin are the very ones every call gets (no copy, none per
+  thread), on a GPU they are copied to the device once, on the first call.
+- per thread: a Relax VM, created on the thread's first call (a VM keeps registers and frames while it runs, so
+  two threads must never share one). Creating it is cheap; it holds no weights.
+- per call: the inputs (moved to the device), the intermediate buffers and the outputs, all taken from TVM's
+  pooled allocator (one per device, process-wide, thread-safe) and returned to it when freed, so memory
+  grows with the number of calls in flight times the activations of one call, not with the weights.
+- the machine's cores: CPU kernels parallelise over TVM's worker threads, so calls running at the same time
+  share the cores (throughput rises with threads only while cores are idle).
+
+tests/runtime/test_concurrency.py checks this: 8 threads with their own inputs and batch sizes, distinct VMs,
+one set of weights, and resident memory that does not grow by the weights per thread.
 """
 
 from __future__ import annotations
@@ -73,13 +85,19 @@ class CompiledModel:
                 if self._params is None:
                     import tvm
 
-                    self._params = [p.copyto(self._dev) if hasattr(p, "copyto") and not isinstance(p, np.ndarray)
-                                    else tvm.runtime.tensor(np.asarray(p, order="C"), self._dev)
-                                    for p in self._raw_params]
+                    self._params = [self._place(p, tvm) for p in self._raw_params]
                     self._raw_params = None
                 vm = VirtualMachine(self._rt_mod, self._dev)
             self._local.vm = vm
         return vm
+
+    def _place(self, p, tvm):
+        """One weight on this model's device. A TVM tensor already there (the CPU weights ember.load reads
+        from params.bin) is used as it is: copying it would hold every weight twice until the originals are
+        freed (a 2x memory peak on the first call) and cost a copy of all weights for nothing."""
+        if isinstance(p, np.ndarray) or not hasattr(p, "copyto"):
+            return tvm.runtime.tensor(np.asarray(p, order="C"), self._dev)
+        return p if p.device == self._dev else p.copyto(self._dev)
 
     # -- input checking ------------------------------------------------------------------------------------
     def _order(self, args, kwargs):
