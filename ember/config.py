@@ -11,6 +11,7 @@ Errors name the field, the value given and the allowed values. The CLI parses it
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,12 +124,18 @@ class NM:
 # -- tuning ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tuning:
-    """Auto-tuning with MetaSchedule and the XGBoost cost model.
+    """Auto-tuning with MetaSchedule and the XGBoost cost model (see :mod:`ember.schedules.tune`).
 
     trials / minutes: the budget (whichever is reached first; at least one must be set unless only applying a
-        database). database: a directory holding the append-only records (created if missing; resumes if not).
+        database). trials counts measured candidates over all kernels of the model.
+    database: the root directory of the tuning databases (one append-only sub-directory per target, created if
+        missing, resumed if not); default ``~/.cache/ember/tuning``.
     rpc_tracker ("HOST:PORT") and device_key: measure on remote devices registered with TVM's RPC tracker.
     apply_only: use the records in ``database`` without tuning more.
+    trials_per_iter: candidates measured per batch (records are fsynced once per batch).
+    builder: "pool" (persistent worker processes, the default) or "inprocess".
+    workers: build processes (default: the target's cores); with RPC, also the number of parallel remote sessions.
+    seed: random seed of the search (None: random).
     """
 
     trials: int | None = None
@@ -137,25 +144,55 @@ class Tuning:
     rpc_tracker: str | None = None
     device_key: str | None = None
     apply_only: bool = False
+    trials_per_iter: int = 64
+    builder: str = "pool"
+    workers: int | None = None
+    seed: int | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         if self.trials is not None:
-            _check(isinstance(self.trials, int) and self.trials > 0, type(self), "trials", self.trials,
-                   "use a positive integer")
+            _check(isinstance(self.trials, int) and not isinstance(self.trials, bool) and self.trials > 0,
+                   type(self), "trials", self.trials, "use a positive integer")
         if self.minutes is not None:
-            _check(float(self.minutes) > 0, type(self), "minutes", self.minutes, "use a positive number")
+            _check(isinstance(self.minutes, (int, float)) and not isinstance(self.minutes, bool)
+                   and float(self.minutes) > 0, type(self), "minutes", self.minutes, "use a positive number")
+        if self.database is not None:
+            _check(isinstance(self.database, (str, os.PathLike)) and str(self.database) != "", type(self),
+                   "database", self.database, "use a directory path")
         if self.apply_only:
             _check(self.database is not None, type(self), "database", self.database,
                    "apply_only needs the database directory to read")
+            _check(self.trials is None and self.minutes is None, type(self), "trials", self.trials,
+                   "apply_only=True does not tune; drop trials/minutes or set apply_only=False")
         else:
             _check(self.trials is not None or self.minutes is not None, type(self), "trials", self.trials,
                    "set trials or minutes (the tuning budget), or apply_only=True with a database")
+        _check(isinstance(self.trials_per_iter, int) and 1 <= self.trials_per_iter <= 512, type(self),
+               "trials_per_iter", self.trials_per_iter, "use an integer in [1, 512]")
+        _check(self.builder in ("pool", "inprocess"), type(self), "builder", self.builder,
+               "use 'pool' (persistent build workers) or 'inprocess'")
+        if self.workers is not None:
+            _check(isinstance(self.workers, int) and self.workers >= 1, type(self), "workers", self.workers,
+                   "use a positive integer")
+        if self.device_key is not None and self.rpc_tracker is None:
+            _check(False, type(self), "rpc_tracker", self.rpc_tracker,
+                   "device_key needs rpc_tracker=HOST:PORT (the tracker the devices registered with)")
         if self.rpc_tracker is not None:
             host, _, port = str(self.rpc_tracker).rpartition(":")
-            _check(bool(host) and port.isdigit(), type(self), "rpc_tracker", self.rpc_tracker, "write HOST:PORT")
+            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, type(self), "rpc_tracker",
+                   self.rpc_tracker, "write HOST:PORT, e.g. 127.0.0.1:9190")
             _check(bool(self.device_key), type(self), "device_key", self.device_key,
                    "name the key the devices registered with the tracker")
+            _check(not self.apply_only, type(self), "rpc_tracker", self.rpc_tracker,
+                   "apply_only does not measure anything; drop rpc_tracker")
+
+    @property
+    def tracker_address(self) -> tuple[str, int] | None:
+        if self.rpc_tracker is None:
+            return None
+        host, _, port = str(self.rpc_tracker).rpartition(":")
+        return host, int(port)
 
 
 # -- CLI spellings -----------------------------------------------------------------------------------------

@@ -1,0 +1,443 @@
+"""Auto-tuning: MetaSchedule + XGBoost over the kernels ember's pipeline produces, into a persistent database.
+
+    from ember import Tuning
+    from ember.schedules.tune import tune
+    report = tune(model, target="host", tuning=Tuning(trials=500, database="tuning"), example_inputs=(x,))
+    compiled = ember.compile(model, (x,), tuning=Tuning(database="tuning", apply_only=True))
+
+What happens:
+
+1. The model goes through the same front half as ``ember.compile`` (import, compression, ``prepare``, the weight
+   transforms, then ember's legalize + fusion passes), so the kernels tuned here are structurally the kernels that
+   ``compile`` later looks up in the database (``MetaScheduleApplyDatabase`` matches by structural equality).
+2. ``ms.relax_integration.extract_tasks`` turns each distinct fused PrimFunc into a task, weighted by how often
+   the model calls it. The gradient task scheduler spends the budget where the estimated end-to-end gain is.
+3. Candidates are built by :class:`ember.schedules.builder.PersistentBuilder` (workers created once; see that
+   module for why) and measured by MetaSchedule's ``LocalRunner``, or its ``RPCRunner`` on devices registered with
+   an RPC tracker. The XGBoost cost model picks what to measure.
+4. Every measurement is appended to :class:`ember.schedules.tuning_db.TuningDatabase` (fsync per batch). On a
+   resumed run, a candidate the database already holds is not built or measured again: its stored times are
+   reused (``reused`` in the report) and the search goes on from the database's best records.
+5. A progress bar shows trials, the ETA, and the best latency so far of the current kernel and of the model
+   (the weighted sum of each kernel's best over the kernels measured).
+
+The budget: ``trials`` (over all kernels) and/or ``minutes`` (wall clock; checked before each batch, so the run
+ends at most one batch after the deadline).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import tvm
+from tvm.ir.utils import derived_object
+from tvm.s_tir import meta_schedule as ms
+
+from ..config import Tuning
+from ..errors import ConfigError, EmberError
+from .builder import InProcessBuilder, PersistentBuilder, register_intrinsics, remove_artifact
+from .tuning_db import TuningDatabase, candidate_hash, database_dir
+
+_REUSED = "ember-reused:"
+
+
+# -- the front half of ember.compile, up to the fused kernels ---------------------------------------------------
+def fused_module(mod_or_model, target, *, example_inputs=None, dynamic_batch=False, quantization=None,
+                 sparsity=None, precision=None, fusion=True) -> tvm.IRModule:
+    """The Relax module as ``ember.compile`` has it right before scheduling (legalized and fused).
+
+    Mirrors ``ember.compiler.build.compile_model`` step for step (import, compression, precision, ``prepare``,
+    weight transforms, ember's fusion + legalize): a tuned kernel is found again at compile time only if it is
+    structurally the same PrimFunc. ``mod_or_model``: anything ``ember.compile`` accepts, or a Relax
+    ``IRModule`` whose ``main`` takes the inputs (weights as inputs or constants)."""
+    from ..compiler.build import _transform_params, import_model
+    from ..compiler.pipeline import fuse_pass, prepare
+    from ..passes.compress import compress
+
+    if isinstance(mod_or_model, tvm.IRModule):
+        mod = prepare(mod_or_model, fusion=fusion)
+        # Weight transforms need the weights; a bare IRModule has none here, so keep main (and its kernels).
+        mod = tvm.IRModule({gv: f for gv, f in mod.functions.items()
+                            if not isinstance(f, tvm.relax.Function) or gv.name_hint == "main"})
+    else:
+        imported = import_model(mod_or_model, example_inputs, dynamic_batch=dynamic_batch)
+        imported, _ = compress(imported, quantization=quantization, sparsity=sparsity, target=target,
+                               example_inputs=example_inputs)
+        if precision is not None:
+            from ..passes.precision import apply_precision  # pylint: disable=import-outside-toplevel
+
+            imported, _ = apply_precision(imported, precision)
+        mod, _ = _transform_params(prepare(imported.mod, fusion=fusion), imported.params)
+    with target:
+        return fuse_pass(target, fusion)(mod)
+
+
+def extract_tasks(fused: tvm.IRModule, target) -> list:
+    tasks = ms.relax_integration.extract_tasks(fused, target)
+    return [t for t in tasks if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+
+
+# -- reuse of measurements already in the database -----------------------------------------------------------
+@derived_object
+class _ReuseBuilder(ms.builder.PyBuilder):
+    """Skips candidates the database measured before (by structural hash); builds the rest with ``inner``."""
+
+    def __init__(self, inner, db: TuningDatabase):
+        super().__init__()
+        self.inner = inner
+        self.db = db
+        self.seconds = 0.0
+
+    def build(self, build_inputs):
+        t0 = time.perf_counter()
+        keys = [candidate_hash(b.mod) for b in build_inputs]
+        todo = [i for i, k in enumerate(keys) if k not in self.db.measured]
+        built = self.inner.build([build_inputs[i] for i in todo]) if todo else []
+        self.seconds += time.perf_counter() - t0
+        out = [ms.builder.BuilderResult(_REUSED + k, None) for k in keys]
+        for i, res in zip(todo, built):
+            out[i] = res
+        return out
+
+
+@derived_object
+class _DoneFuture(ms.runner.PyRunnerFuture):
+    def __init__(self, run_secs):
+        super().__init__()
+        self.run_secs = run_secs
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return ms.runner.RunnerResult([float(s) for s in self.run_secs], None)
+
+
+@derived_object
+class _ReuseRunner(ms.runner.PyRunner):
+    """Answers reused candidates from the database at once; sends the others to ``inner``."""
+
+    def __init__(self, inner, db: TuningDatabase):
+        super().__init__()
+        self.inner = inner
+        self.db = db
+
+    def run(self, runner_inputs):
+        todo = [i for i, r in enumerate(runner_inputs) if not str(r.artifact_path).startswith(_REUSED)]
+        futures = self.inner.run([runner_inputs[i] for i in todo]) if todo else []
+        out = [None] * len(runner_inputs)
+        for i, f in zip(todo, futures):
+            out[i] = f
+        for i, r in enumerate(runner_inputs):
+            if out[i] is None:
+                out[i] = _DoneFuture(self.db.measured[str(r.artifact_path)[len(_REUSED):]])
+        return out
+
+
+# -- the budget in minutes --------------------------------------------------------------------------------------
+@derived_object
+class _Deadline(ms.search_strategy.PySearchStrategy):
+    """MetaSchedule's evolutionary search, which stops proposing candidates once ``deadline`` has passed."""
+
+    def __init__(self, deadline: float | None, inner=None, clock: dict | None = None, **search):
+        super().__init__()
+        self.deadline = deadline
+        self.inner = inner if inner is not None else ms.search_strategy.EvolutionarySearch(**search)
+        self.clock = clock if clock is not None else {"search": 0.0}
+
+    def _initialize_with_tune_context(self, context) -> None:
+        self.inner._initialize_with_tune_context(context)  # pylint: disable=protected-access
+
+    def pre_tuning(self, max_trials, num_trials_per_iter, design_spaces, database=None, cost_model=None):
+        self.inner.pre_tuning(max_trials, num_trials_per_iter, design_spaces, database, cost_model)
+
+    def post_tuning(self) -> None:
+        self.inner.post_tuning()
+
+    def generate_measure_candidates(self):
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return None
+        t0 = time.perf_counter()
+        try:
+            return self.inner.generate_measure_candidates()
+        finally:
+            self.clock["search"] += time.perf_counter() - t0
+
+    def notify_runner_results(self, measure_candidates, results) -> None:
+        self.inner.notify_runner_results(measure_candidates, results)
+
+    def clone(self):
+        return _Deadline(self.deadline, self.inner.clone(), self.clock)
+
+
+# -- recording + progress -------------------------------------------------------------------------------------
+@dataclass
+class TaskResult:
+    name: str
+    weight: float
+    trials: int = 0
+    valid: int = 0
+    reused: int = 0
+    best_ms: float | None = None
+
+
+@dataclass
+class TuneReport:
+    database: str
+    target: str
+    tasks: list = field(default_factory=list)
+    trials: int = 0       # candidates handled this run (measured + reused)
+    measured: int = 0     # candidates built and run this run
+    valid: int = 0        # of those, how many built and ran
+    reused: int = 0       # candidates answered from the database without measuring
+    seconds: float = 0.0
+    phases: dict = field(default_factory=dict)  # seconds in search / build / cost-model update / the rest
+    records_before: int = 0
+    records_after: int = 0
+
+    @property
+    def estimated_ms(self) -> float | None:
+        """Σ over tasks of weight × best kernel latency (the tuned kernels' share of one model run)."""
+        known = [t.weight * t.best_ms for t in self.tasks if t.best_ms is not None]
+        return sum(known) if known else None
+
+    def to_json(self) -> dict:
+        return {"database": self.database, "target": self.target, "trials": self.trials,
+                "measured": self.measured, "valid": self.valid, "reused": self.reused,
+                "seconds": round(self.seconds, 1),
+                "phases": {k: round(v, 1) for k, v in self.phases.items()}, "records_before": self.records_before,
+                "records_after": self.records_after,
+                "estimated_ms": None if self.estimated_ms is None else round(self.estimated_ms, 4),
+                "tasks": [t.__dict__ for t in self.tasks]}
+
+
+def _mean_ms(run_secs) -> float | None:
+    if run_secs is None:
+        return None
+    vals = [float(s) for s in run_secs]
+    if not vals or any(v >= 1e9 or not math.isfinite(v) for v in vals):
+        return None
+    return 1e3 * sum(vals) / len(vals)
+
+
+@derived_object
+class _Recorder(ms.measure_callback.PyMeasureCallback):
+    """Appends each batch to the database (fsync once per batch), removes build artifacts, drives the bar."""
+
+    def __init__(self, db: TuningDatabase, report: TuneReport, bar, target):
+        super().__init__()
+        self.db = db
+        self.report = report
+        self.bar = bar
+        self.target = target
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        task = self.report.tasks[task_id]
+        workload = None
+        for cand, built, ran in zip(measure_candidates, builder_results, runner_results):
+            path = built.artifact_path
+            reused = path is not None and str(path).startswith(_REUSED)
+            ms_ = _mean_ms(ran.run_secs) if ran.error_msg is None and built.error_msg is None else None
+            task.trials += 1
+            self.report.trials += 1
+            if reused:
+                task.reused += 1
+                self.report.reused += 1
+            else:
+                self.report.measured += 1
+                if ms_ is not None:
+                    task.valid += 1
+                    self.report.valid += 1
+                if workload is None:
+                    workload = self.db.commit_workload(task_scheduler.tasks_[task_id].ctx.mod)
+                run_secs = ran.run_secs if ms_ is not None else None
+                record = ms.database.TuningRecord(cand.sch.trace, workload, run_secs, self.target,
+                                                  cand.args_info)
+                self.db.add_record(record, candidate_hash(cand.sch.mod) if ms_ is not None else None)
+                if path is not None:
+                    remove_artifact(str(path))
+            if ms_ is not None and (task.best_ms is None or ms_ < task.best_ms):
+                task.best_ms = ms_
+        self.db.sync()
+        if self.bar is not None:
+            self.bar.update(len(measure_candidates))
+            est = self.report.estimated_ms
+            self.bar.set_postfix_str(
+                f"{task.name}: best {task.best_ms:.4g} ms" if task.best_ms is not None else f"{task.name}: -",
+                refresh=False)
+            if est is not None:
+                self.bar.set_description(f"tuning (model ≈{est:.3g} ms, {self.report.valid} valid)", refresh=True)
+
+
+@derived_object
+class _WarmupXGB(ms.cost_model.XGBModel._cls):  # pylint: disable=protected-access
+    """XGBModel that does not train before it has ``num_warmup_samples`` measurements.
+
+    Until then ``XGBModel.predict`` returns random scores whatever the booster, so the stock model's training
+    after every early batch (tens of seconds each on a busy 2-core machine) buys nothing."""
+
+    def _train(self, xs, ys):  # pylint: disable=invalid-name
+        if self.data_size < self.num_warmup_samples:
+            return
+        super()._train(xs, ys)
+
+
+@derived_object
+class _UpdateModel(ms.measure_callback.PyMeasureCallback):
+    """Feeds the built-and-run candidates to the cost model (as ms.UpdateCostModel does), timing it."""
+
+    def __init__(self, cost_model):
+        super().__init__()
+        self.cost_model = cost_model
+        self.seconds = 0.0
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results) -> None:
+        t0 = time.perf_counter()
+        keep = [i for i, b in enumerate(builder_results) if b.error_msg is None]
+        if keep:
+            ctx = task_scheduler.tasks_[task_id].ctx
+            self.cost_model.update(ctx, [measure_candidates[i] for i in keep], [runner_results[i] for i in keep])
+        self.seconds += time.perf_counter() - t0
+
+
+# -- the entry point --------------------------------------------------------------------------------------------
+def _runner(tuning: Tuning, workers: int):
+    evaluator = ms.runner.EvaluatorConfig(number=tuning.extra.get("number", 3), repeat=tuning.extra.get("repeat", 3),
+                                          min_repeat_ms=tuning.extra.get("min_repeat_ms", 40),
+                                          enable_cpu_cache_flush=False)
+    if tuning.rpc_tracker is None:
+        return ms.runner.LocalRunner(timeout_sec=tuning.extra.get("run_timeout", 60.0), evaluator_config=evaluator)
+    host, port = tuning.tracker_address
+    _check_tracker(host, port, tuning.device_key)
+    rpc = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=tuning.device_key,
+                              session_priority=1, session_timeout_sec=int(tuning.extra.get("run_timeout", 60)))
+    return ms.runner.RPCRunner(rpc_config=rpc, evaluator_config=evaluator, max_workers=workers)
+
+
+def _check_tracker(host: str, port: int, key: str) -> None:
+    """Fail early, with a sentence, when the tracker is unreachable or has no device under ``key``."""
+    from tvm import rpc  # pylint: disable=import-outside-toplevel
+
+    try:
+        tracker = rpc.connect_tracker(host, port)
+        summary = tracker.summary()
+    except Exception as e:  # pylint: disable=broad-except
+        raise EmberError(f"--rpc-tracker {host}:{port}: cannot reach the RPC tracker ({type(e).__name__}: {e}); "
+                         "start one with `python -m tvm.exec.rpc_tracker --port PORT`") from None
+    keys = {}
+    for q in summary.get("queue_info", {}) or {}:
+        keys[q] = summary["queue_info"][q]
+    if key not in keys:
+        raise EmberError(f"--device-key {key!r}: no device registered under that key with the tracker at "
+                         f"{host}:{port} (keys there: {sorted(keys) or 'none'}); start servers with "
+                         f"`python -m tvm.exec.rpc_server --tracker {host}:{port} --key {key}`")
+
+
+def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_inputs=None, dynamic_batch=False,
+         quantization=None, sparsity=None, progress: bool = True) -> TuneReport:
+    """Tune the kernels of ``mod_or_model`` for ``target`` within ``tuning``'s budget; returns a :class:`TuneReport`.
+
+    Records are appended to the database of ``target`` under ``tuning.database`` as they are measured, so an
+    interrupted run keeps what it measured, and running again resumes."""
+    from ..compiler.targets import resolve
+
+    if not isinstance(tuning, Tuning):
+        raise ConfigError(f"tuning={tuning!r}: pass an ember.Tuning(trials=..., database=...)")
+    if tuning.apply_only:
+        raise ConfigError("Tuning.apply_only=True: nothing to tune; use it with ember.compile, or set trials/minutes")
+    name, tgt = resolve(target)
+    if tgt.kind.name != "llvm":
+        raise ConfigError(f"target={name!r}: ember tunes CPU (llvm) targets so far; GPU targets use dlight's and "
+                          "ember's rules")
+    if tgt.attrs.get("num-cores") is None:
+        raise ConfigError(f"target {tgt}: MetaSchedule needs 'num-cores' in a CPU target")
+    cores = int(tgt.attrs["num-cores"])
+    workers = tuning.workers or cores
+    register_intrinsics(tgt)
+
+    t0 = time.monotonic()
+    deadline = t0 + 60.0 * float(tuning.minutes) if tuning.minutes is not None else None
+    fused = fused_module(mod_or_model, tgt, example_inputs=example_inputs, dynamic_batch=dynamic_batch,
+                         quantization=quantization, sparsity=sparsity)
+    extracted = extract_tasks(fused, tgt)
+    if not extracted:
+        raise EmberError("the model has no kernels to tune (every kernel is already scheduled)")
+
+    db = TuningDatabase(database_dir(tuning.database, tgt), tgt, writable=True)
+    report = TuneReport(database=str(db.path), target=str(tgt), records_before=len(db),
+                        tasks=[TaskResult(t.task_name, float(t.weight)) for t in extracted])
+    for task, t in zip(report.tasks, extracted):  # the best already in the database counts as "so far"
+        if db.has_workload(t.dispatched[0]):
+            top = db.get_top_k(db.commit_workload(t.dispatched[0]), 1)
+            if top:
+                task.best_ms = _mean_ms(top[0].run_secs)
+
+    logdir = tempfile.mkdtemp(prefix="ember-tune-logs-")
+    loggers = ms.logging.get_loggers_from_work_dir(logdir, [t.task_name for t in extracted])
+    seeds = ms.utils.fork_seed(tuning.seed, n=len(extracted))
+    # Lighter than MetaSchedule's defaults (512 / 4 / 50): on 2 cores the evolutionary search, not the
+    # measurements, bounds throughput; Tuning(extra={...}) restores them for long runs on big machines.
+    search = {"population_size": int(tuning.extra.get("population_size", 256)),
+              "genetic_num_iters": int(tuning.extra.get("genetic_num_iters", 3)),
+              "init_min_unmeasured": int(tuning.extra.get("init_min_unmeasured", 50))}
+    clock = {"search": 0.0}
+    contexts = [ms.TuneContext(mod=t.dispatched[0], target=tgt, space_generator="post-order-apply",
+                               search_strategy=_Deadline(deadline, clock=clock, **search), task_name=t.task_name,
+                               logger=lg, rand_state=seed, num_threads=cores).clone()
+                for t, lg, seed in zip(extracted, loggers, seeds)]
+
+    inner_builder = PersistentBuilder(max_workers=workers) if tuning.builder == "pool" else InProcessBuilder()
+    builder = _ReuseBuilder(inner_builder, db)
+    runner = _ReuseRunner(_runner(tuning, workers), db)
+    cost_model = _WarmupXGB(num_tuning_cores=cores, adaptive_training=True, verbose_eval=0,
+                            num_warmup_samples=int(tuning.extra.get("num_warmup_samples", 100)))
+    update = _UpdateModel(cost_model)
+    max_trials = tuning.trials if tuning.trials is not None else 10 ** 7
+    bar = None
+    if progress:
+        from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+        bar = tqdm(total=tuning.trials, unit="trial", desc="tuning", dynamic_ncols=True,
+                   bar_format=None if tuning.trials else "{desc}: {n} trials [{elapsed}, {rate_fmt}] {postfix}")
+    # MetaSchedule logs every batch at INFO to the console; the bar says what matters, the logs go to logdir.
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    old_level = ms_log.level
+    ms_log.setLevel(logging.WARNING)
+    t_tune = time.monotonic()
+    try:
+        scheduler = ms.task_scheduler.TaskScheduler.create("gradient", seed=tuning.seed if tuning.seed is not None
+                                                           else -1)
+        scheduler.tune(
+            tasks=contexts,
+            task_weights=[float(t.weight) for t in extracted],
+            max_trials_global=max_trials,
+            max_trials_per_task=max_trials,
+            num_trials_per_iter=min(tuning.trials_per_iter, max_trials),
+            builder=builder,
+            runner=runner,
+            measure_callbacks=[_Recorder(db, report, bar, tgt), update],
+            database=db,
+            cost_model=cost_model,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        inner_builder.shutdown()
+        report.records_after = len(db)
+        db.close()
+        ms_log.setLevel(old_level)
+        report.seconds = time.monotonic() - t0
+        tuned_s = time.monotonic() - t_tune
+        report.phases = {"prepare": t_tune - t0, "search": clock["search"], "build": builder.seconds,
+                         "cost_model": update.seconds}
+        report.phases["run_and_other"] = max(0.0, tuned_s - sum(v for k, v in report.phases.items()
+                                                                 if k != "prepare"))
+    return report
+
+
+__all__ = ["tune", "TuneReport", "TaskResult", "fused_module", "extract_tasks"]

@@ -1,0 +1,284 @@
+"""The tuning database: one append-only JSON-lines file per target, safe against a kill at any moment.
+
+Layout of a database root (``Tuning(database=ROOT)``, default ``~/.cache/ember/tuning``)::
+
+    ROOT/<target-slug>-<hash8>/target.json    the target the records were measured on (written once)
+    ROOT/<target-slug>-<hash8>/records.jsonl  one JSON object per line, appended in this order:
+        {"workload": 0, "shash": "...", "mod": [...]}                    a kernel, before any of its records
+        {"record": 0, "cand": "<hash>", "tr": [...]}                     a measurement of workload 0
+    ROOT/<target-slug>-<hash8>/writer.lock    flock held by the one process that appends
+
+Why not MetaSchedule's ``JSONDatabase``: it appends each line with a plain ``std::ofstream`` (no fsync, so a power
+cut or kill can leave a torn line) and its loader aborts on a line that does not parse, so one torn line makes the
+whole database unreadable. Here:
+
+* a line is written only whole (``write`` + ``flush``), and ``sync()`` fsyncs once per measured batch;
+* on load, a last line without its newline, or that does not parse, is a record the killed writer never finished:
+  it is ignored, and the next writer truncates it away before appending (so the file stays line-aligned);
+* workloads are written before their records, so every record line that survives refers to a workload line
+  that survived too;
+* each record carries ``cand``, the structural hash of the scheduled kernel it measured, so a resumed run can
+  recognize candidates it measured before and reuse the stored times instead of measuring them again
+  (MetaSchedule's evolutionary search only remembers what it measured in the current process).
+
+The records live in a MetaSchedule ``MemoryDatabase`` in memory; this class is a ``PyDatabase`` that delegates
+queries to it and appends every commit to the file, so it plugs into ``ms.tune_tasks`` and into
+``relax.transform.MetaScheduleApplyDatabase`` unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import tvm
+from tvm.ir.utils import derived_object
+from tvm_ffi import structural_equal as _sequal
+from tvm_ffi import structural_hash as _shash
+from tvm.s_tir import meta_schedule as ms
+
+from ..errors import ConfigError, EmberError
+
+RECORDS = "records.jsonl"
+TARGET_FILE = "target.json"
+LOCK = "writer.lock"
+DEFAULT_ROOT = os.path.join("~", ".cache", "ember", "tuning")
+
+
+def target_key(target: tvm.target.Target) -> str:
+    """A directory name for ``target``: readable slug + a hash of everything that changes generated code."""
+    cfg = target.export()  # a dict: kind, mcpu, mattr, num-cores, host ...
+    text = json.dumps(cfg, sort_keys=True, default=str)
+    slug = "-".join(str(cfg.get(k)) for k in ("kind", "mcpu", "arch") if cfg.get(k)) or str(target.kind.name)
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", slug)
+    return f"{slug}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def database_dir(root: str | os.PathLike | None, target: tvm.target.Target) -> Path:
+    root = Path(os.path.expanduser(os.fspath(root if root is not None else DEFAULT_ROOT)))
+    return root / target_key(target)
+
+
+def candidate_hash(mod: tvm.IRModule) -> str:
+    """Identity of a scheduled kernel (what MetaSchedule itself uses to tell candidates apart)."""
+    return f"{_shash(mod) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _read_lines(path: Path) -> tuple[list[dict], int, int]:
+    """Parse ``path``; returns (objects, byte length of the whole-line prefix, number of torn lines ignored)."""
+    if not path.exists():
+        return [], 0, 0
+    data = path.read_bytes()
+    objs, good_end, torn = [], 0, 0
+    pos = 0
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0:  # no newline: the writer was killed mid-line
+            torn += 1
+            break
+        line = data[pos:nl]
+        pos = nl + 1
+        if not line.strip():
+            good_end = pos
+            continue
+        try:
+            objs.append(json.loads(line))
+        except ValueError:
+            # Only a torn tail is expected; a bad line in the middle is skipped (and counted) rather than fatal.
+            torn += 1
+            continue
+        good_end = pos
+    return objs, good_end, torn
+
+
+@derived_object
+class TuningDatabase(ms.database.PyDatabase):
+    """Append-only, kill-safe MetaSchedule database for one target (see the module docstring).
+
+    ``writable=True`` takes an exclusive lock on the directory (one tuning process at a time) and opens the file
+    for appending; ``writable=False`` only reads (compiling with the records).
+    """
+
+    def __init__(self, path: str | os.PathLike, target: tvm.target.Target | None = None, *, writable: bool = False):
+        super().__init__()
+        self.path = Path(path)
+        self.target = target
+        self.writable = writable
+        self.mem = ms.database.MemoryDatabase(module_equality="structural")
+        self.workloads: list[ms.database.Workload] = []   # index in file -> Workload
+        self._wl_index: dict[int, list[int]] = {}          # structural hash -> indices (collisions resolved by equality)
+        self.measured: dict[tuple[int, str], list[float]] = {}  # (workload index, candidate hash) -> run_secs
+        self.torn_lines = 0
+        self._fh = None
+        self._lock = None
+        self._unsynced = 0
+        if writable:
+            self._open_for_append()
+        self._load()
+
+    # -- opening -----------------------------------------------------------------------------------------------
+    def _open_for_append(self):
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.path / LOCK, "a+")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            self._lock = None
+            raise EmberError(f"tuning database {self.path} is being written by another process (an `ember tune` "
+                             "still running?); wait for it to finish or use another --db directory") from None
+        tfile = self.path / TARGET_FILE
+        if self.target is not None:
+            if tfile.exists():
+                have = json.loads(tfile.read_text())
+                want = json.loads(json.dumps(self.target.export(), default=str))
+                if have != want:
+                    raise ConfigError(f"tuning database {self.path} holds records for target {have}, not "
+                                      f"{want}; use another database directory for this target")
+            else:
+                tmp = tfile.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.target.export(), default=str, indent=1, sort_keys=True))
+                os.replace(tmp, tfile)
+
+    def _load(self):
+        path = self.path / RECORDS
+        objs, good_end, torn = _read_lines(path)
+        self.torn_lines = torn
+        if self._lock is not None:
+            # Drop a torn tail before appending, so the next record starts on its own line.
+            with open(path, "ab") as fh:
+                if fh.tell() != good_end:
+                    fh.truncate(good_end)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            self._fh = open(path, "a", encoding="utf-8")
+        for obj in objs:
+            try:
+                if "workload" in obj:
+                    wl = ms.database.Workload.from_json(obj["mod"])
+                    wl = self.mem.commit_workload(wl.mod)
+                    self._remember_workload(int(obj["workload"]), wl)
+                elif "record" in obj:
+                    idx = int(obj["record"])
+                    if idx >= len(self.workloads) or self.workloads[idx] is None:
+                        self.torn_lines += 1
+                        continue
+                    wl = self.workloads[idx]
+                    rec = ms.database.TuningRecord.from_json(obj["tr"], wl)
+                    self.mem.commit_tuning_record(rec)
+                    if obj.get("cand") and rec.run_secs is not None:
+                        self.measured[(idx, obj["cand"])] = [float(s) for s in rec.run_secs]
+            except Exception:  # a line from an incompatible TVM version: skip it, keep the rest usable
+                self.torn_lines += 1
+
+    def _remember_workload(self, idx: int, wl) -> None:
+        while len(self.workloads) <= idx:
+            self.workloads.append(None)
+        self.workloads[idx] = wl
+        self._wl_index.setdefault(_shash(wl.mod), []).append(idx)
+
+    def _index_of(self, mod: tvm.IRModule) -> int | None:
+        for idx in self._wl_index.get(_shash(mod), []):
+            if _sequal(self.workloads[idx].mod, mod):
+                return idx
+        return None
+
+    # -- writing -----------------------------------------------------------------------------------------------
+    def _append(self, obj: dict) -> None:
+        if self._fh is None:
+            raise EmberError(f"tuning database {self.path} was opened read-only")
+        # One write per whole line: a kill leaves at most one torn line, at the end.
+        self._fh.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        self._fh.flush()
+        self._unsynced += 1
+
+    def sync(self) -> None:
+        """fsync what was appended since the last call (once per measured batch)."""
+        if self._fh is not None and self._unsynced:
+            os.fsync(self._fh.fileno())
+            self._unsynced = 0
+
+    def close(self) -> None:
+        self.sync()
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def workload_index(self, mod: tvm.IRModule) -> int:
+        idx = self._index_of(mod)
+        if idx is None:
+            wl = self.mem.commit_workload(mod)
+            idx = len(self.workloads)
+            self._append({"workload": idx, "shash": f"{_shash(mod) & 0xFFFFFFFFFFFFFFFF:016x}",
+                          "mod": wl.as_json()})
+            self._remember_workload(idx, wl)
+        return idx
+
+    def add_record(self, record, cand: str | None) -> None:
+        """Commit ``record`` (a TuningRecord) with the hash of the candidate it measured."""
+        idx = self.workload_index(record.workload.mod)
+        self.mem.commit_tuning_record(record)
+        if cand is not None and record.run_secs is not None:
+            self.measured[(idx, cand)] = [float(s) for s in record.run_secs]
+        self._append({"record": idx, "cand": cand, "tr": record.as_json()})
+
+    # -- ms.database.PyDatabase interface ------------------------------------------------------------------------
+    def has_workload(self, mod: tvm.IRModule) -> bool:
+        return self._index_of(mod) is not None
+
+    def commit_workload(self, mod: tvm.IRModule):
+        if self._fh is None:
+            return self.mem.commit_workload(mod)
+        return self.workloads[self.workload_index(mod)]
+
+    def commit_tuning_record(self, record) -> None:
+        if self._fh is None:
+            self.mem.commit_tuning_record(record)
+        else:
+            self.add_record(record, None)
+
+    def get_top_k(self, workload, top_k: int):
+        return self.mem.get_top_k(workload, top_k)
+
+    def get_all_tuning_records(self):
+        return self.mem.get_all_tuning_records()
+
+    def query_tuning_record(self, mod, target, workload_name):
+        return self.mem.query_tuning_record(mod, target, workload_name)
+
+    def query_schedule(self, mod, target, workload_name):
+        return self.mem.query_schedule(mod, target, workload_name)
+
+    def query_ir_module(self, mod, target, workload_name):
+        return self.mem.query_ir_module(mod, target, workload_name)
+
+    def __len__(self) -> int:
+        return len(self.mem)
+
+    # -- summaries -----------------------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        recs = self.get_all_tuning_records()
+        valid = [r for r in recs if r.run_secs is not None and all(float(s) < 1e9 for s in r.run_secs)]
+        return {"path": str(self.path), "workloads": sum(w is not None for w in self.workloads),
+                "records": len(recs), "valid_records": len(valid), "torn_lines_ignored": self.torn_lines}
+
+
+def open_database(root, target, *, writable: bool) -> TuningDatabase:
+    """The database of ``target`` under ``root`` (a directory of per-target databases)."""
+    path = database_dir(root, target)
+    if not writable and not (path / RECORDS).exists():
+        raise ConfigError(f"tuning database {root!s}: no records for target {target_key(target)} under it "
+                          f"(looked for {path / RECORDS}); tune first with `ember tune ... --db {root}`, or "
+                          "compile without tuning")
+    return TuningDatabase(path, target, writable=writable)
+
+
+__all__ = ["TuningDatabase", "open_database", "database_dir", "target_key", "candidate_hash", "DEFAULT_ROOT"]
