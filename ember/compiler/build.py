@@ -62,6 +62,9 @@ def _transform_params(mod, params):
     # Each side keeps the helper functions (TIR kernels some importers emit) it may call.
     funcs = {gv: f for gv, f in mod.functions.items()}
     tmod = tvm.IRModule({gv: f for gv, f in funcs.items() if gv.name_hint != "main"})
+    # Only what the transform calls: main's kernels may be scheduled for the real target (e.g. VNNI
+    # intrinsics), which the generic host target here cannot code-generate.
+    tmod = relax.transform.DeadCodeElimination([TRANSFORM_PARAMS])(tmod)
     with host:
         ex = tvm.compile(tmod, host, relax_pipeline=lower_unscheduled())
     vm = relax.VirtualMachine(ex, tvm.cpu())
@@ -87,7 +90,8 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     t0 = time.perf_counter()
     imported = import_model(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names,
                             output_names=output_names)
-    imported, compression = compress(imported, quantization=quantization, sparsity=sparsity, target=tgt)
+    imported, compression = compress(imported, quantization=quantization, sparsity=sparsity, target=tgt,
+                                     example_inputs=example_inputs, verbose=verbose)
     t1 = time.perf_counter()
     mod = prepare(imported.mod)
     mod, weights = _transform_params(mod, imported.params)
@@ -129,4 +133,7 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
               f"compiled for {name} in {t3 - t2:.1f} s")
     cm = CompiledModel(ex, weights, manifest, device=manifest["target"]["device"])
     cm._executable = ex
+    finish = getattr(imported, "finish_quantization_report", None)
+    if finish is not None:  # the end-to-end accuracy of the compiled quantized model (lands in the manifest)
+        finish(cm, verbose)
     return cm

@@ -18,8 +18,10 @@ QUANTIZATION_TYPES = (WeightOnly, Int8Dynamic, Int8Static, Mixed)
 SPARSITY_TYPES = (NM,)
 
 
-def compress(imported, *, quantization=None, sparsity=None, target=None):
-    """Apply ``sparsity`` then ``quantization`` (either may be None); returns ``(imported, report)``."""
+def compress(imported, *, quantization=None, sparsity=None, target=None, example_inputs=None, verbose=False):
+    """Apply ``sparsity`` then ``quantization`` (either may be None); returns ``(imported, report)``.
+
+    example_inputs: what the quantization report evaluates on when the scheme has no calibration data."""
     report = {"quantization": None, "sparsity": None}
     if sparsity is not None:
         if not isinstance(sparsity, SPARSITY_TYPES):
@@ -33,5 +35,6 @@ def compress(imported, *, quantization=None, sparsity=None, target=None):
                               "ember.Int8Static or ember.Mixed")
         from .quantize import apply_quantization
 
-        imported, report["quantization"] = apply_quantization(imported, quantization, target)
+        imported, report["quantization"] = apply_quantization(imported, quantization, target,
+                                                              example_inputs=example_inputs, verbose=verbose)
     return imported, report

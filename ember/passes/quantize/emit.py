@@ -1,0 +1,120 @@
+"""Emit the Relax replacement of one site and produce the arrays its kernels read (see graph.py's docstring)."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from . import kernels, qmath
+from .graph import leading_rows, sinfo
+
+
+class Emitter:
+    """Callable given to :class:`~.graph.Rewriter`; ``plans[site]`` says how to quantize each site.
+
+    A plan is a dict: {"scheme": "weight_only", "bits", "group", "symmetric"} or {"scheme": "int8",
+    "per_token", "static", "clip", "act_bits"}. New weight parameters are collected in ``self.new_params``
+    (relax Vars) and ``self.new_arrays`` (numpy), in order.
+    """
+
+    def __init__(self, imported, plans: dict, target):
+        self.imported = imported
+        self.plans = plans
+        self.target = target
+        self.new_params, self.new_arrays = [], []
+        self._funcs = {}
+        self.dequantized = {}  # site name -> the fp32 weight the kernel effectively uses (for the report)
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+    def _param(self, name, arr):
+        arr = np.ascontiguousarray(arr)
+        v = relax.Var(name, relax.TensorType(arr.shape, str(arr.dtype)))
+        self.new_params.append(v)
+        self.new_arrays.append(arr)
+        return v
+
+    def _func(self, bb, key, make):
+        gv = self._funcs.get(key)
+        if gv is None:
+            gv = bb.add_func(make(), key[0] + "_" + "_".join(str(k) for k in key[1:]).replace("-", "m"))
+            self._funcs[key] = gv
+        return gv
+
+    def _weight_kn(self, site):
+        w = self.imported.params[site.weight_index]
+        return np.ascontiguousarray(w.T if site.transposed else w, dtype=np.float32)
+
+    # -- emission ----------------------------------------------------------------------------------------------
+    def __call__(self, bb, site, x):
+        plan = self.plans[site.name]
+        if site.kind == "embedding":
+            return self._embedding(bb, site, x, plan)
+        m, dims = leading_rows(x)
+        x2 = bb.emit(relax.op.reshape(x, [m, site.k]))
+        bias = None
+        if site.bias_index is not None:
+            bias = self._param(self.imported.param_names[site.bias_index] + ".fused",
+                               self.imported.params[site.bias_index].astype(np.float32))
+        if plan["scheme"] == "weight_only":
+            y2 = self._weight_only(bb, site, x2, m, plan, bias)
+        else:
+            y2 = self._int8(bb, site, x2, m, plan, bias)
+        return bb.emit(relax.op.reshape(y2, list(dims) + [site.n]))
+
+    def _weight_only(self, bb, site, x2, m, plan, bias):
+        bits, group, sym = plan["bits"], plan["group"], plan["symmetric"]
+        arrays, deq = qmath.weight_only_pack(self._weight_kn(site), bits, group, sym)
+        self.dequantized[site.name] = deq
+        args = [x2] + [self._param(f"{site.name}.{k}", a) for k, a in arrays.items()]
+        if bias is not None:
+            args.append(bias)
+        key = ("ember_wo_matmul", bits, site.k, site.n, group, int(sym), int(bias is not None))
+        gv = self._func(bb, key, lambda: kernels.weight_only_matmul(site.k, site.n, bits, group, sym,
+                                                                    bias is not None, self.target))
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType([m, site.n], "float32")))
+
+    def _int8(self, bb, site, x2, m, plan, bias):
+        lanes = kernels.int8_lanes(self.target)
+        rt = kernels.int8_row_tile(lanes)
+        q, ws = qmath.int8_weight(self._weight_kn(site))
+        self.dequantized[site.name] = q.astype(np.float32) * ws[None, :]
+        wsum = np.zeros(-(-site.n // lanes) * lanes, np.int32)
+        wsum[: site.n] = q.astype(np.int32).sum(axis=0)
+        qmax = (1 << (plan["act_bits"] - 1)) - 1
+        qargs = [x2]
+        if plan["static"]:
+            qargs.append(self._param(f"{site.name}.act_clip", np.array([plan["clip"]], np.float32)))
+        qkey = ("ember_quant_act", site.k, qmax, int(plan["per_token"]), int(plan["static"]), rt)
+        qgv = self._func(bb, qkey, lambda: kernels.quantize_activations(site.k, qmax, plan["per_token"],
+                                                                        plan["static"], rt, self.target))
+        kp = -(-site.k // 4) * 4
+        codes_sinfo = relax.TensorType([(m + rt - 1) // rt, rt, kp], "uint8")
+        qx = bb.emit(relax.call_tir(qgv, qargs, [codes_sinfo, relax.TensorType([m], "float32")]))
+        codes = bb.emit(relax.TupleGetItem(qx, 0))
+        xs = bb.emit(relax.TupleGetItem(qx, 1))
+        args = [codes, self._param(f"{site.name}.int8", qmath.vnni_pack(q, lanes)),
+                self._param(f"{site.name}.wsum", wsum), xs, self._param(f"{site.name}.wscale", ws)]
+        if bias is not None:
+            args.append(bias)
+        key = ("ember_int8_matmul", site.k, site.n, lanes, int(bias is not None))
+        gv = self._func(bb, key, lambda: kernels.int8_matmul(site.k, site.n, lanes, bias is not None,
+                                                             self.target))
+        return bb.emit(relax.call_tir(gv, args, relax.TensorType([m, site.n], "float32")))
+
+    def _embedding(self, bb, site, ids, plan):
+        bits, group, sym = plan["bits"], plan["group"], plan["symmetric"]
+        table = np.asarray(self.imported.params[site.weight_index], np.float32)
+        arrays, deq = qmath.embedding_pack(table, bits, group, sym)
+        self.dequantized[site.name] = deq
+        ids_shape = list(sinfo(ids).shape.values)
+        t = ids_shape[0]
+        for d in ids_shape[1:]:
+            t = t * d
+        flat = bb.emit(relax.op.reshape(ids, [t]))
+        idx_dtype = str(sinfo(ids).dtype)
+        args = [flat] + [self._param(f"{site.name}.{k}", a) for k, a in arrays.items()]
+        key = ("ember_wo_gather", bits, site.n, site.k, group, int(sym), idx_dtype)
+        gv = self._func(bb, key, lambda: kernels.embedding_gather(site.n, site.k, bits, group, sym, idx_dtype,
+                                                                  self.target))
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([t, site.k], "float32")))
+        return bb.emit(relax.op.reshape(y, ids_shape + [site.k]))

@@ -1,0 +1,187 @@
+"""Find the quantizable layers of an imported Relax ``main`` and rewrite them into calls of the quantized kernels.
+
+What is matched (weights are parameters of ``main`` after ``num_input``, float32):
+
+    lv  = R.permute_dims(w, axes=[1, 0])        # nn.Linear from the torch frontend: w is [N, K]
+    y   = R.matmul(x, lv)                        # or R.matmul(x, w) with w [K, N] (ONNX MatMul / Gemm)
+    out = R.add(bias, y)                         # optional, fused when y has no other use and bias is [N]
+    emb = R.take(table, ids, axis=0)             # embedding tables (weight-only schemes)
+
+Anything else — a weight that is not float32, already packed by another pass (N:M sparsity), 1-D, or used in
+some other op — is left as it is. The rewrite (see :class:`Rewriter`) turns a site into
+
+    x2  = R.reshape(x, [-1, K])
+    y2  = R.call_tir(ember_wo4_matmul, (x2, qweight, scales[, zeros][, bias]), [M, N])   # weight-only
+    # or: (codes, xs) = R.call_tir(ember_quantize_activations, (x2[, clip]), ...)
+    #     y2 = R.call_tir(ember_int8_matmul, (codes, wpacked, wsum, xs, wscale[, bias]), [M, N])
+    out = R.reshape(y2, [..., N])
+
+and ``main`` then takes the quantized arrays as new weight parameters instead of the fp32 ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import tvm
+from tvm import relax
+
+_MATMUL = tvm.ir.Op.get("relax.matmul")
+_PERMUTE = tvm.ir.Op.get("relax.permute_dims")
+_ADD = tvm.ir.Op.get("relax.add")
+_TAKE = tvm.ir.Op.get("relax.take")
+
+
+def sinfo(expr):
+    return getattr(expr, "struct_info", None) or getattr(expr, "ty", None)
+
+
+def static_shape(expr):
+    """Static int shape of a tensor expression, or None."""
+    si = sinfo(expr)
+    shape = getattr(si, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    out = []
+    for d in shape.values:
+        if not hasattr(d, "value"):
+            return None
+        out.append(int(d.value))
+    return tuple(out)
+
+
+@dataclass
+class Site:
+    """One quantizable layer."""
+
+    kind: str  # "matmul" or "embedding"
+    name: str  # the weight parameter's name (what the report calls the layer)
+    weight_index: int  # index into ImportedModel.params
+    transposed: bool  # matmul weight stored [N, K] (nn.Linear) rather than [K, N]
+    k: int  # reduction size (embedding: row length D)
+    n: int  # output columns (embedding: table rows V)
+    x: relax.Expr = None  # matmul activation input (embedding: the ids)
+    out_var: relax.Var = None  # the binding whose value the rewrite replaces
+    skip_vars: list = field(default_factory=list)  # bindings made dead by the rewrite (the un-fused matmul)
+    bias_index: int | None = None
+
+
+def find_sites(func: relax.Function, param_names: list[str], embeddings: bool) -> list[Site]:
+    n_in = int(func.attrs["num_input"])
+    weights = {p: i for i, p in enumerate(func.params[n_in:])}
+    bindings, uses = {}, {}
+    blocks = func.body.blocks
+    for block in blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding):
+                bindings[b.var] = b.value
+            value = b.value
+            for v in relax.analysis.free_vars(value) if not isinstance(value, relax.Var) else [value]:
+                uses[v] = uses.get(v, 0) + 1
+    ret = func.body.body
+    for v in relax.analysis.free_vars(ret) if not isinstance(ret, relax.Var) else [ret]:
+        uses[v] = uses.get(v, 0) + 1
+
+    def fp32_weight(v):
+        return isinstance(v, relax.Var) and v in weights and getattr(sinfo(v), "dtype", "") == "float32"
+
+    sites: list[Site] = []
+    by_matmul = {}
+    for var, value in bindings.items():
+        if not isinstance(value, relax.Call):
+            continue
+        if value.op.same_as(_MATMUL) and len(value.args) == 2:
+            x, w = value.args
+            if getattr(sinfo(x), "dtype", "") != "float32" or getattr(sinfo(x), "ndim", 0) < 2:
+                continue
+            xshape = getattr(sinfo(x), "shape", None)
+            if xshape is None or not hasattr(xshape.values[-1], "value"):
+                continue
+            transposed = False
+            if not fp32_weight(w):
+                prod = bindings.get(w) if isinstance(w, relax.Var) else None
+                if not (isinstance(prod, relax.Call) and prod.op.same_as(_PERMUTE) and fp32_weight(prod.args[0])):
+                    continue
+                axes = prod.attrs.axes
+                if axes is not None and [int(a) for a in axes] != [1, 0]:
+                    continue
+                w, transposed = prod.args[0], True
+            wshape = static_shape(w)
+            if wshape is None or len(wshape) != 2:
+                continue
+            n, k = wshape if transposed else wshape[::-1]
+            if int(xshape.values[-1].value) != k:
+                continue
+            site = Site("matmul", param_names[weights[w]], weights[w], transposed, k, n, x=x, out_var=var)
+            sites.append(site)
+            by_matmul[var] = site
+        elif embeddings and value.op.same_as(_TAKE) and fp32_weight(value.args[0]):
+            axis = value.attrs.axis
+            shape = static_shape(value.args[0])
+            if shape is None or len(shape) != 2 or (axis is not None and int(axis) != 0):
+                continue
+            if "int" not in getattr(sinfo(value.args[1]), "dtype", ""):
+                continue
+            w = value.args[0]
+            sites.append(Site("embedding", param_names[weights[w]], weights[w], False, shape[1], shape[0],
+                              x=value.args[1], out_var=var))
+    # Fuse a bias add that is the matmul's only consumer.
+    for var, value in bindings.items():
+        if not (isinstance(value, relax.Call) and value.op.same_as(_ADD)):
+            continue
+        a, b = value.args
+        mm, bias = (a, b) if a in by_matmul else (b, a)
+        site = by_matmul.get(mm)
+        if site is None or uses.get(mm, 0) != 1 or not fp32_weight(bias) or static_shape(bias) != (site.n,):
+            continue
+        if site.bias_index is not None:
+            continue
+        site.bias_index = weights[bias]
+        site.skip_vars.append(site.out_var)
+        site.out_var = var
+    return sites
+
+
+@relax.expr_functor.mutator
+class Rewriter(relax.PyExprMutator):
+    """Replace each site's binding by what ``emit(builder, site, x)`` returns (see module docstring)."""
+
+    def __init__(self, mod, sites, emit):
+        super().__init__(mod)
+        self.by_out = {s.out_var: s for s in sites}
+        self.skip = {v for s in sites for v in s.skip_vars}
+        self.emit = emit
+
+    def visit_var_binding_(self, binding):
+        site = self.by_out.get(binding.var)
+        if site is not None:
+            x = self.visit_expr(site.x)
+            new = self.emit(self.builder_, site, x)
+            self.set_var_remap(binding.var, new)
+            return
+        if binding.var in self.skip:
+            return  # the fused matmul: its only consumer (the bias add) is rewritten
+        super().visit_var_binding_(binding)
+
+
+def leading_rows(x):
+    """The product of x's leading dims (the row count M of the flattened [M, K] matmul), and those dims."""
+    dims = list(sinfo(x).shape.values[:-1])
+    m = dims[0]
+    for d in dims[1:]:
+        m = m * d
+    return m, dims
+
+
+def rebuild_main(func: relax.Function, new_body_func: relax.Function, new_params: list) -> tuple:
+    """``main`` with the rewritten body, keeping only the weight parameters still used, then the new ones.
+
+    Returns (function, kept old weight indices)."""
+    n_in = int(func.attrs["num_input"])
+    cleaned = relax.analysis.remove_all_unused(new_body_func)
+    used = set(relax.analysis.free_vars(cleaned.body))
+    kept = [i for i, p in enumerate(cleaned.params[n_in:]) if p in used]
+    params = list(cleaned.params[:n_in]) + [cleaned.params[n_in + i] for i in kept] + list(new_params)
+    ret = getattr(cleaned, "ret_struct_info", None) or getattr(cleaned, "ret_ty", None)
+    out = relax.Function(params, cleaned.body, ret, cleaned.is_pure, cleaned.attrs)
+    return out, kept

@@ -1,0 +1,332 @@
+"""TIR kernels of the quantized operators, written in TE and scheduled here for the CPU target.
+
+Every kernel is a complete, already-scheduled PrimFunc (``tirx.is_scheduled``) with ``op_pattern`` opaque, so
+ember's generic schedule rules and FuseOps leave it alone: the fusion that matters — decoding the weights
+inside the matmul — is done by construction, not left to a pass that might not do it.
+
+* :func:`weight_only_matmul` — ``y[m, n] = sum_k x[m, k] * deq(q)[k, n] (+ bias[n])`` for INT4/INT8 group-wise
+  codes. The decoded weight exists only as one ``K x NR`` panel per parallel column tile (computed under the
+  column-tile loop and reused by every row tile), never as a ``K x N`` fp32 buffer.
+* :func:`embedding_gather` — ``take(deq(table), ids, axis=0)`` decoding only the gathered rows.
+* :func:`quantize_activations` — the run-time activation quantizer (per token or per tensor, dynamic or with a
+  calibrated clip) producing ``uint8`` codes ``q + 128`` and the per-row scale.
+* :func:`int8_matmul` — ``u8 x s8 → s32`` GEMM over the VNNI weight layout with the dequantize epilogue
+  ``(acc - 128 * wsum[n]) * xs[m] * ws[n] + bias[n]``. On targets with AVX512-VNNI (or AVX-VNNI) the inner
+  ``16 x 4`` (``8 x 4``) dot product is tensorized to ``vpdpbusd``; elsewhere it is plain vectorized int32 code.
+
+The row count ``m`` is symbolic, so one kernel serves every batch size / sequence length.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tvm
+from tvm import s_tir, te, tirx
+
+from ...schedules.cpu.common import num_vector_registers, vector_lanes
+
+OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps neither fuses into nor out of the kernel
+
+
+def _finish(sch: s_tir.Schedule, name: str) -> tirx.PrimFunc:
+    # No global_symbol: the kernel is private to the module (dead-code elimination may drop it from modules that
+    # do not call it, e.g. the weight-transform module built for a generic host); the GlobalVar names it.
+    func = sch.mod["main"].without_attr("global_symbol")
+    del name
+    return func.with_attr("tirx.is_scheduled", True).with_attr("op_pattern", OPAQUE)
+
+
+def _rows():
+    return tirx.Var("m", "int64")
+
+
+def _i64(v: int):
+    return tirx.IntImm("int64", int(v))
+
+
+def _tile_cols(n: int, lanes: int) -> int:
+    """Register-tile width: two vectors when N allows (more independent FMA chains), else one, else all of N."""
+    for vecs in (2, 1):
+        if n >= vecs * lanes:
+            return vecs * lanes
+    return n
+
+
+def _vectorize_inner(sch, loop, lanes: int):
+    ext = sch.get(loop).extent
+    ext = int(ext.value) if isinstance(ext, tirx.IntImm) else None
+    if ext is None or ext < 2:
+        return
+    if ext > lanes and ext % lanes == 0:
+        outer, inner = sch.split(loop, factors=[None, lanes])
+        sch.unroll(outer)
+        sch.vectorize(inner)
+    elif ext <= lanes and ext & (ext - 1) == 0:  # odd widths (<10 x float>) trip LLVM's type legalizer
+        sch.vectorize(loop)
+
+
+# -- weight-only ---------------------------------------------------------------------------------------------
+def _decode(q, scales, zeros, bits: int, group: int, k_axis_first: bool):
+    """fcompute of the dequantized weight: element (r, c) of the logical [R, C] matrix (packed along C)."""
+    half = float(1 << (bits - 1))
+
+    def deq(r, c):
+        if bits == 4:
+            byte = q[r, c // 2].astype("int32")
+            code = (byte >> ((c % 2) * 4).astype("int32")) & 15
+        else:
+            code = q[r, c].astype("int32")
+        gi = (r // group, c) if k_axis_first else (r, c // group)
+        zero = zeros[gi].astype("float32") if zeros is not None else tirx.const(half, "float32")
+        return (code.astype("float32") - zero) * scales[gi].astype("float32")
+
+    return deq
+
+
+def weight_only_matmul(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool, target):
+    """``x[m, K] @ deq(qweight)[K, N] (+ bias)`` → ``[m, N]`` fp32. Arguments: x, qweight, scales, [zeros], [bias]."""
+    g = k if group == -1 else group
+    m = _rows()
+    x = te.placeholder((m, _i64(k)), "float32", name="x")
+    qw = te.placeholder((_i64(k), _i64((n + 1) // 2 if bits == 4 else n)), "uint8", name="qweight")
+    sc = te.placeholder((_i64(k // g), _i64(n)), "float16", name="scales")
+    zp = None if symmetric else te.placeholder((_i64(k // g), _i64(n)), "uint8", name="zeros")
+    wd = te.compute((_i64(k), _i64(n)), _decode(qw, sc, zp, bits, g, True), name="dequant")
+    r = te.reduce_axis((_i64(0), _i64(k)), name="k")
+    y = te.compute((m, _i64(n)), lambda i, j: te.sum(x[i, r] * wd[r, j], axis=r), name="matmul")
+    args = [x, qw, sc] + ([zp] if zp is not None else [])
+    if has_bias:
+        b = te.placeholder((_i64(n),), "float32", name="bias")
+        out = te.compute((m, _i64(n)), lambda i, j: y[i, j] + b[j], name="bias_add")
+        args += [b, out]
+    else:
+        args += [y]
+    sch = s_tir.Schedule(te.create_prim_func(args))
+    lanes = vector_lanes(target, "float32")
+    nr = _tile_cols(n, lanes)
+    mr = max(min(num_vector_registers(target) * 3 // 4 // max(nr // lanes, 1), 8), 1)
+    mm = sch.get_sblock("matmul")
+    i, j, kr = sch.get_loops(mm)
+    j_o, j_i = sch.split(j, factors=[None, nr])
+    i_o, i_i = sch.split(i, factors=[None, mr])
+    sch.reorder(j_o, i_o, kr, i_i, j_i)
+    sch.parallel(j_o)
+    if has_bias:
+        sch.set_scope(mm, 0, "local")
+        epi = sch.get_sblock("bias_add")
+    else:
+        epi = sch.cache_write(mm, 0, "local")
+    sch.reverse_compute_at(epi, i_o, preserve_unit_loops=True)
+    # The decoded panel: K x NR values per column tile, reused by every row tile below it.
+    sch.compute_at(sch.get_sblock("dequant"), j_o, preserve_unit_loops=True)
+    _vectorize_inner(sch, sch.get_loops(sch.get_sblock("dequant"))[-1], lanes)
+    _vectorize_inner(sch, j_i, lanes)
+    sch.unroll(i_i)
+    init = sch.decompose_reduction(mm, kr)
+    _vectorize_inner(sch, sch.get_loops(init)[-1], lanes)
+    _vectorize_inner(sch, sch.get_loops(epi)[-1], lanes)
+    return _finish(sch, f"ember_wo{bits}_matmul")
+
+
+def embedding_gather(v: int, d: int, bits: int, group: int, symmetric: bool, index_dtype: str, target):
+    """``take(deq(table), ids, axis=0)`` for flat ``ids[t]`` → ``[t, D]``. Arguments: ids, qweight, scales, [zeros]."""
+    g = d if group == -1 else group
+    t = tirx.Var("t", "int64")
+    ids = te.placeholder((t,), index_dtype, name="ids")
+    qw = te.placeholder((_i64(v), _i64((d + 1) // 2 if bits == 4 else d)), "uint8", name="qweight")
+    sc = te.placeholder((_i64(v), _i64(d // g)), "float16", name="scales")
+    zp = None if symmetric else te.placeholder((_i64(v), _i64(d // g)), "uint8", name="zeros")
+    deq = _decode(qw, sc, zp, bits, g, False)
+
+    def row(i):  # out-of-range ids read row 0 / the last row rather than memory outside the table
+        return tirx.max(tirx.min(ids[i].astype("int64"), _i64(v - 1)), _i64(0))
+
+    out = te.compute((t, _i64(d)), lambda i, j: deq(row(i), j), name="gather")
+    sch = s_tir.Schedule(te.create_prim_func([ids, qw, sc] + ([zp] if zp is not None else []) + [out]))
+    blk = sch.get_sblock("gather")
+    i, j = sch.get_loops(blk)
+    sch.parallel(i)
+    _vectorize_inner(sch, j, vector_lanes(target, "float32"))
+    return _finish(sch, f"ember_wo{bits}_gather")
+
+
+# -- INT8 activations ----------------------------------------------------------------------------------------
+def quantize_activations(k: int, qmax: int, per_token: bool, static: bool, row_tile: int, target):
+    """x[m, K] fp32 → (codes uint8 [ceil(m/R), R, Kp] = q + 128; scale fp32 [m]).
+
+    The codes are zero-padded (value 128) to Kp = ceil(K/4)*4 columns and to whole tiles of R = ``row_tile``
+    rows, so the int8 GEMM's register tiles never need a bounds check (which would also block tensorizing its
+    inner dot product). Dynamic: the range is max |x| of the row (per token) or of the tensor. Static: a
+    calibrated ``clip[1]`` argument gives the range (per tensor) or caps each row's range (per token).
+    """
+    m = _rows()
+    kp = -(-k // 4) * 4
+    x = te.placeholder((m, _i64(k)), "float32", name="x")
+    args = [x]
+    clip = None
+    if static:
+        clip = te.placeholder((_i64(1),), "float32", name="clip")
+        args.append(clip)
+    if static and not per_token:
+        rng = te.compute((m,), lambda i: clip[0], name="range")
+    elif per_token:
+        r = te.reduce_axis((_i64(0), _i64(k)), name="k")
+        rmax = te.compute((m,), lambda i: te.max(tirx.abs(x[i, r]), axis=r), name="rowmax")
+        rng = te.compute((m,), (lambda i: tirx.min(rmax[i], clip[0])) if static else (lambda i: rmax[i]),
+                         name="range")
+    else:
+        ri = te.reduce_axis((_i64(0), m), name="ri")
+        rk = te.reduce_axis((_i64(0), _i64(k)), name="rk")
+        tmax = te.compute((_i64(1),), lambda _: te.max(tirx.abs(x[ri, rk]), axis=[ri, rk]), name="tensormax")
+        rng = te.compute((m,), lambda i: tmax[0], name="range")
+    safe = te.compute((m,), lambda i: tirx.max(rng[i], tirx.const(1e-12, "float32")), name="safe_range")
+    qm = tirx.const(float(qmax), "float32")
+    rt = _i64(row_tile)
+
+    def code(b, r, c):
+        row = b * rt + r
+        rc = tirx.min(row, m - 1)
+        val = tirx.nearbyint(x[rc, tirx.min(c, _i64(k - 1))] * (qm / safe[rc]))
+        val = tirx.max(tirx.min(val, qm), -qm).astype("int32") + 128
+        return tirx.Select(tirx.all(c < _i64(k), row < m), val, tirx.const(128, "int32")).astype("uint8")
+
+    xq = te.compute(((m + rt - 1) // rt, rt, _i64(kp)), code, name="codes")
+    xs = te.compute((m,), lambda i: safe[i] / qm, name="scale")
+    sch = s_tir.Schedule(te.create_prim_func(args + [xq, xs]))
+    lanes = vector_lanes(target, "float32")
+    blk = sch.get_sblock("codes")
+    b, r, c = sch.get_loops(blk)
+    sch.parallel(b)
+    _vectorize_inner(sch, c, lanes)
+    for name in ("safe_range", "range"):
+        sch.compute_inline(sch.get_sblock(name))
+    if per_token:  # one pass for the row maxima, one for the codes: both parallel over rows
+        sch.parallel(sch.get_loops(sch.get_sblock("rowmax"))[0])
+    return _finish(sch, "ember_quantize_activations")
+
+
+# -- VNNI tensor intrinsic -----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def vnni_intrinsic(lanes: int) -> str:
+    """Register (once) and name the ``lanes x 4`` u8·s8 → s32 dot product as ``vpdpbusd`` (512 or 256 bits)."""
+    from tvm.script import tirx as T
+
+    name = f"ember_vnni_dot_{lanes}x4"
+    llvm_name = "llvm.x86.avx512.vpdpbusd.512" if lanes == 16 else "llvm.x86.avx512.vpdpbusd.256"
+    vec_i32, vec_i8 = f"int32x{lanes}", f"int8x{lanes * 4}"
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.Buffer((T.int64(4),), "uint8", offset_factor=1),
+             b: T.Buffer((T.int64(lanes), T.int64(4)), "int8", offset_factor=1),
+             c: T.Buffer((T.int64(lanes),), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            for i, kk in T.grid(T.int64(lanes), T.int64(4)):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, kk])
+                    c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.Buffer((T.int64(4),), "uint8", offset_factor=1),
+             b: T.Buffer((T.int64(lanes), T.int64(4)), "int8", offset_factor=1),
+             c: T.Buffer((T.int64(lanes),), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:4], b[0:lanes, 0:4])
+            T.writes(c[0:lanes])
+            # LLVM >= 20 types the byte operands of vpdpbusd as <4L x i8> (older LLVM: <L x i32>).
+            a_word = T.reinterpret(a.vload([T.int64(0)], "uint8x4"), dtype="int32")  # 4 activation bytes
+            a_vec = T.reinterpret(T.broadcast(a_word, lanes), dtype=vec_i8)
+            b_vec = b.vload([T.int64(0), T.int64(0)], dtype=vec_i8)
+            c[T.ramp(T.int64(0), T.int64(1), lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name), c.vload([T.int64(0)], dtype=vec_i32), a_vec, b_vec,
+                dtype=vec_i32)
+
+    s_tir.TensorIntrin.register(name, desc, impl, override=True)
+    return name
+
+
+def vnni_lanes(target) -> int | None:
+    """32-bit lanes of the target's VNNI dot product: 16 (AVX512-VNNI), 8 (AVX-VNNI), None (no VNNI)."""
+    from tvm.target.codegen import target_has_features
+
+    def has(f):
+        try:
+            return bool(target_has_features(f, target))
+        except Exception:  # pylint: disable=broad-except
+            return False
+
+    if target is None or target.kind.name != "llvm":
+        return None
+    if has("avx512vnni") and has("avx512bw"):
+        return 16
+    if has("avxvnni"):
+        return 8
+    return None
+
+
+def int8_lanes(target) -> int:
+    """Output channels per weight-layout vector: the VNNI width, else one native int32 vector (at least 8)."""
+    return vnni_lanes(target) or max(vector_lanes(target, "int32"), 8)
+
+
+def int8_row_tile(lanes: int) -> int:
+    """Rows per register tile of the int8 GEMM (accumulators: rows x 2 vectors, 3/4 of the register file)."""
+    return 8 if lanes == 16 else 4
+
+
+def int8_matmul(k: int, n: int, lanes: int, has_bias: bool, target):
+    """codes [ceil(m/R), R, Kp] (u8) x packed s8 weights → fp32 [m, N] with the dequantize (+ bias) epilogue.
+
+    Arguments: codes, wpacked [N/L, Kp/4, L, 4], wsum [N/L*L] int32, xscale [m], wscale [N], [bias [N]].
+    """
+    kp = -(-k // 4) * 4
+    nb = -(-n // lanes)
+    rt = int8_row_tile(lanes)
+    m = _rows()
+    mb = tirx.Var("mb", "int64")
+    xq = te.placeholder((mb, _i64(rt), _i64(kp)), "uint8", name="codes")
+    wp = te.placeholder((_i64(nb), _i64(kp // 4), _i64(lanes), _i64(4)), "int8", name="wpacked")
+    wsum = te.placeholder((_i64(nb * lanes),), "int32", name="wsum")
+    xs = te.placeholder((m,), "float32", name="xscale")
+    ws = te.placeholder((_i64(n),), "float32", name="wscale")
+    ko = te.reduce_axis((_i64(0), _i64(kp // 4)), name="ko")
+    ki = te.reduce_axis((_i64(0), _i64(4)), name="ki")
+    acc = te.compute(
+        (mb, _i64(rt), _i64(nb), _i64(lanes)),
+        lambda ib, ii, jo, ji: te.sum(
+            xq[ib, ii, ko * 4 + ki].astype("int32") * wp[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]),
+        name="acc")
+    args = [xq, wp, wsum, xs, ws]
+    b = None
+    if has_bias:
+        b = te.placeholder((_i64(n),), "float32", name="bias")
+        args.append(b)
+
+    def epilogue(i, j):
+        v = (acc[i // rt, i % rt, j // lanes, j % lanes] - 128 * wsum[j]).astype("float32") * (xs[i] * ws[j])
+        return v + b[j] if b is not None else v
+
+    out = te.compute((m, _i64(n)), epilogue, name="dequant_epilogue")
+    sch = s_tir.Schedule(te.create_prim_func(args + [out]))
+    blk = sch.get_sblock("acc")
+    ib, ii, jo, ji, kor, kir = sch.get_loops(blk)
+    nv = 2 if nb % 2 == 0 else 1
+    jo_o, jo_i = sch.split(jo, factors=[None, nv])
+    sch.reorder(jo_o, ib, kor, ii, jo_i, ji, kir)
+    sch.parallel(jo_o)
+    sch.set_scope(blk, 0, "local")
+    epi = sch.get_sblock("dequant_epilogue")
+    sch.reverse_compute_at(epi, ib, preserve_unit_loops=True)
+    sch.unroll(ii)
+    sch.unroll(jo_i)
+    init = sch.decompose_reduction(blk, kor)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if vnni_lanes(target) == lanes:
+        sch.tensorize(ji, vnni_intrinsic(lanes))
+    else:
+        sch.unroll(kir)
+        sch.vectorize(ji)
+    _vectorize_inner(sch, sch.get_loops(epi)[-1], vector_lanes(target, "float32"))
+    return _finish(sch, "ember_int8_matmul")
