@@ -63,7 +63,9 @@ def sparse_matmul_te(batch, k: int, n_out: int, n: int, m: int, dtype: str = "fl
 
 def _prim_func(batch, k, n_out, n, m, dtype) -> tirx.PrimFunc:
     x, values, indices, y = sparse_matmul_te(batch, k, n_out, n, m, dtype)
-    return te.create_prim_func([x, values, indices, y])
+    # create_prim_func names every function "main" (global_symbol): that would clash in a module, and an
+    # exported symbol keeps the function alive through dead-code elimination. The module names it.
+    return te.create_prim_func([x, values, indices, y]).without_attr("global_symbol")
 
 
 def _row_lanes(n_out: int, lanes: int) -> int:
