@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <random>
@@ -156,6 +157,18 @@ std::string FirstValues(const NpyArray& a, int n) {
   return s + "]";
 }
 
+// Resident memory now and at its peak, in MiB, from /proc/self/status (Linux); -1 where unknown.
+std::pair<double, double> ResidentMiB() {
+  std::ifstream f("/proc/self/status");
+  std::string line;
+  double rss = -1, hwm = -1;
+  while (std::getline(f, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) rss = std::stod(line.substr(6)) / 1024.0;
+    if (line.rfind("VmHWM:", 0) == 0) hwm = std::stod(line.substr(6)) / 1024.0;
+  }
+  return {rss, hwm};
+}
+
 int Run(const Options& o) {
   using Clock = std::chrono::steady_clock;
   auto ms = [](Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
@@ -221,8 +234,10 @@ int Run(const Options& o) {
   double median = n % 2 ? times[n / 2] : 0.5 * (times[n / 2 - 1] + times[n / 2]);
   double p90 = times[std::min(n - 1, static_cast<size_t>(0.9 * n))];
   if (o.json) {
-    std::printf("{\"median_ms\": %.6f, \"p90_ms\": %.6f, \"min_ms\": %.6f, \"runs\": %zu, \"load_ms\": %.3f}\n",
-                median, p90, times[0], n, load_ms);
+    auto mem = ResidentMiB();
+    std::printf("{\"median_ms\": %.6f, \"p90_ms\": %.6f, \"min_ms\": %.6f, \"runs\": %zu, \"load_ms\": %.3f, "
+                "\"rss_mib\": %.1f, \"peak_rss_mib\": %.1f}\n",
+                median, p90, times[0], n, load_ms, mem.first, mem.second);
   } else {
     std::printf("latency: median %.3f ms, p90 %.3f ms, min %.3f ms over %zu runs\n", median, p90, times[0], n);
   }
