@@ -321,9 +321,12 @@ def _runner(tuning: Tuning, workers: int):
 
 def _check_tracker(host: str, port: int, key: str) -> None:
     """Fail early, with a sentence, when the tracker is unreachable or has no device under ``key``."""
+    import socket  # pylint: disable=import-outside-toplevel
+
     from tvm import rpc  # pylint: disable=import-outside-toplevel
 
-    try:
+    try:  # a plain connect first: rpc.connect_tracker retries for 60 s before it gives up
+        socket.create_connection((host, port), timeout=5).close()
         tracker = rpc.connect_tracker(host, port)
         summary = tracker.summary()
     except Exception as e:  # pylint: disable=broad-except
@@ -368,6 +371,7 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
     if not extracted:
         raise EmberError("the model has no kernels to tune (every kernel is already scheduled)")
 
+    inner_runner = _runner(tuning, workers)  # before the database: an unreachable tracker fails here, cleanly
     db = TuningDatabase(database_dir(tuning.database, tgt), tgt, writable=True)
     report = TuneReport(database=str(db.path), target=str(tgt), records_before=len(db),
                         tasks=[TaskResult(t.task_name, float(t.weight)) for t in extracted])
@@ -393,7 +397,7 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
 
     inner_builder = PersistentBuilder(max_workers=workers) if tuning.builder == "pool" else InProcessBuilder()
     builder = _ReuseBuilder(inner_builder, db)
-    runner = _ReuseRunner(_runner(tuning, workers), db)
+    runner = _ReuseRunner(inner_runner, db)
     cost_model = _WarmupXGB(num_tuning_cores=cores, adaptive_training=True, verbose_eval=0,
                             num_warmup_samples=int(tuning.extra.get("num_warmup_samples", 100)))
     update = _UpdateModel(cost_model)

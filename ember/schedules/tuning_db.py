@@ -111,7 +111,7 @@ class TuningDatabase(ms.database.PyDatabase):
         self.mem = ms.database.MemoryDatabase(module_equality="structural")
         self.workloads: list[ms.database.Workload] = []   # index in file -> Workload
         self._wl_index: dict[int, list[int]] = {}          # structural hash -> indices (collisions resolved by equality)
-        self.measured: dict[tuple[int, str], list[float]] = {}  # (workload index, candidate hash) -> run_secs
+        self.measured: dict[str, list[float]] = {}  # candidate hash -> run_secs (valid measurements)
         self.torn_lines = 0
         self._fh = None
         self._lock = None
@@ -171,7 +171,7 @@ class TuningDatabase(ms.database.PyDatabase):
                     rec = ms.database.TuningRecord.from_json(obj["tr"], wl)
                     self.mem.commit_tuning_record(rec)
                     if obj.get("cand") and rec.run_secs is not None:
-                        self.measured[(idx, obj["cand"])] = [float(s) for s in rec.run_secs]
+                        self.measured[obj["cand"]] = [float(s) for s in rec.run_secs]
             except Exception:  # a line from an incompatible TVM version: skip it, keep the rest usable
                 self.torn_lines += 1
 
@@ -227,7 +227,7 @@ class TuningDatabase(ms.database.PyDatabase):
         idx = self.workload_index(record.workload.mod)
         self.mem.commit_tuning_record(record)
         if cand is not None and record.run_secs is not None:
-            self.measured[(idx, cand)] = [float(s) for s in record.run_secs]
+            self.measured[cand] = [float(s) for s in record.run_secs]
         self._append({"record": idx, "cand": cand, "tr": record.as_json()})
 
     # -- ms.database.PyDatabase interface ------------------------------------------------------------------------
