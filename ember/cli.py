@@ -3,6 +3,7 @@
     ember compile MODEL -o OUT [--target T] [--dynamic-batch] [--sparsity N:M] [--force]
     ember run OUT --input NAME=FILE.npy ... [-o outputs.npz]
     ember bench OUT [--input NAME=FILE.npy ...] [--dim batch=8]
+    ember tune MODEL --trials N | --minutes M [--db DIR] [--rpc-tracker HOST:PORT --device-key KEY]
     ember inspect OUT
     ember targets
     ember demo
@@ -72,7 +73,8 @@ def cmd_compile(a):
     from .config import parse_sparsity
 
     sparsity = parse_sparsity(getattr(a, "sparsity", None))
-    if a.model in BUNDLED and sparsity is not None:
+    tuning = ember.Tuning(database=a.tuning_db, apply_only=True) if getattr(a, "tuning_db", None) else None
+    if a.model in BUNDLED and (sparsity is not None or tuning is not None):
         import torch
 
         from .models import minilm
@@ -80,7 +82,7 @@ def cmd_compile(a):
         ids = torch.ones((a.batch, a.seq), dtype=torch.int64)
         cm = ember.compile(minilm.load_encoder(), (ids, torch.ones_like(ids)), target=a.target,
                            dynamic_batch=a.dynamic_batch, input_names=["input_ids", "attention_mask"],
-                           output_names=["embedding"], sparsity=sparsity)
+                           output_names=["embedding"], sparsity=sparsity, tuning=tuning)
         cm.manifest["source"] = minilm.NAME
     elif a.model in BUNDLED:
         from .models import minilm
@@ -88,8 +90,12 @@ def cmd_compile(a):
         cm, _ = minilm.compile_encoder(target=a.target, batch=a.batch, seq_len=a.seq,
                                        dynamic_batch=a.dynamic_batch)
     else:
-        cm = ember.compile(a.model, target=a.target, dynamic_batch=a.dynamic_batch, sparsity=sparsity)
+        cm = ember.compile(a.model, target=a.target, dynamic_batch=a.dynamic_batch, sparsity=sparsity,
+                           tuning=tuning)
     path = cm.export(a.output, overwrite=a.force)
+    tun = cm.manifest.get("tuning")
+    if tun:
+        print(f"  tuning   {tun.get('tuned_kernels', 0)} of {tun.get('kernels', '?')} kernels from {tun['database']}")
     secs = cm.manifest["compile_seconds"]
     print(f"compiled {cm.manifest['source']} for {cm.target} in {sum(secs.values()):.1f} s -> {path}")
     for s in cm.inputs:
@@ -102,6 +108,35 @@ def cmd_compile(a):
               f"{sp['packed_bytes'] / 2**20:.2f} MiB ({len(sp['skipped'])} left dense)")
         for w in sp["warnings"][:5]:
             print(f"  warning: {w}")
+
+
+def cmd_tune(a):
+    import ember
+
+    from .schedules.tune import tune
+
+    tuning = ember.Tuning(trials=a.trials, minutes=a.minutes, database=a.db, rpc_tracker=a.rpc_tracker,
+                          device_key=a.device_key, trials_per_iter=a.trials_per_iter, workers=a.workers,
+                          seed=a.seed)
+    if a.model in BUNDLED:
+        import torch
+
+        from .models import minilm
+
+        ids = torch.ones((a.batch, a.seq), dtype=torch.int64)
+        model, example = minilm.load_encoder(), (ids, torch.ones_like(ids))
+    else:
+        model, example = a.model, None
+    report = tune(model, a.target, tuning, example_inputs=example, dynamic_batch=a.dynamic_batch)
+    r = report.to_json()
+    print(f"tuned {len(r['tasks'])} kernels in {r['seconds']:.0f} s: {r['measured']} measured "
+          f"({r['valid']} valid), {r['reused']} reused from the database; records {r['records_before']} -> "
+          f"{r['records_after']} in {r['database']}")
+    for t in r["tasks"]:
+        best = f"{t['best_ms']:.4f} ms" if t["best_ms"] is not None else "-"
+        print(f"  {t['name'][:60]:60s} x{t['weight']:<3g} {t['trials']:5d} trials  best {best}")
+    if a.json:
+        print(json.dumps(r))
 
 
 def cmd_run(a):
@@ -165,10 +200,9 @@ def cmd_inspect(a):
 
 
 def cmd_targets(a):
-    from .compiler.targets import TARGETS
+    from .compiler.targets import describe
 
-    for t in TARGETS.values():
-        print(f"{t.name:12s} {t.device:5s} {t.summary}")
+    print("\n".join(describe()))
 
 
 def cmd_embed_info(a):
@@ -210,8 +244,30 @@ def build_parser():
     r.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input by name (repeat)")
     r.add_argument("-o", "--output", help="write the outputs to this .npz, by output name")
     r.add_argument("--device", default="cpu", help="cpu (default), cuda, rocm, metal")
+    c.add_argument("--tuning-db", metavar="DIR", help="apply the tuned kernels recorded under DIR for this target "
+                   "(see `ember tune`); kernels without records keep ember's default schedules")
     r.add_argument("--force", action="store_true", help="replace --output if it exists")
     r.set_defaults(fn=cmd_run)
+    tu = sub.add_parser("tune", help="auto-tune a model's kernels into a database",
+                        description="Tune MODEL's kernels (as `ember compile` builds them) with MetaSchedule and "
+                        "the XGBoost cost model; records are appended to DIR (one sub-directory per target), "
+                        "survive a kill and resume. Then: ember compile MODEL --tuning-db DIR.")
+    tu.add_argument("model", help="path to .onnx or .pt2, or 'minilm' for the bundled all-MiniLM-L6-v2")
+    tu.add_argument("--target", default="host", help="named target (CPU targets); default: host")
+    tu.add_argument("--trials", type=int, help="budget: candidates to measure, over all kernels")
+    tu.add_argument("--minutes", type=float, help="budget: wall-clock minutes (with --trials, whichever first)")
+    tu.add_argument("--db", default=None, help="database root directory (default ~/.cache/ember/tuning)")
+    tu.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on devices registered with this tracker")
+    tu.add_argument("--device-key", metavar="KEY", help="the key the devices registered with (with --rpc-tracker)")
+    tu.add_argument("--trials-per-iter", type=int, default=64, help="candidates per measured batch (default 64)")
+    tu.add_argument("--workers", type=int, help="build processes / parallel RPC sessions (default: cores)")
+    tu.add_argument("--seed", type=int, help="random seed of the search")
+    tu.add_argument("--dynamic-batch", action="store_true", help="make dimension 0 of every input symbolic")
+    tu.add_argument("--batch", type=int, default=1, help="bundled model only: batch size (default 1)")
+    tu.add_argument("--seq", type=int, default=128, help="bundled model only: sequence length (default 128)")
+    tu.add_argument("--json", action="store_true", help="also print the report as JSON")
+    tu.set_defaults(fn=cmd_tune)
+
 
     b = sub.add_parser("bench", help="time an artifact",
                        description="Time an artifact on given inputs, or on random inputs matching its specs.")

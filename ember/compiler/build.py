@@ -43,10 +43,28 @@ def import_model(model, example_inputs=None, *, dynamic_batch=False, input_names
                         output_names=output_names)
 
 
-def _not_yet(tuning):
-    if tuning is not None:
-        raise ConfigError(f"tuning={tuning!r}: this version of ember compiles models without tuning; "
-                          "pass tuning=None")
+def _tuning_database(tuning, model, example_inputs, tgt, *, dynamic_batch, quantization, sparsity):
+    """Tune first when ``tuning`` has a budget, then open its database for ``lower``; (None, None) without tuning."""
+    if tuning is None:
+        return None, None
+    from ..config import Tuning
+
+    if not isinstance(tuning, Tuning):
+        raise ConfigError(f"tuning={tuning!r}: pass ember.Tuning(database=DIR, apply_only=True) to use tuned "
+                          "records, or ember.Tuning(trials=N, database=DIR) to tune first")
+    from ..schedules.apply import open_for_compile
+
+    info = {"database": None, "tuned_now": None}
+    if not tuning.apply_only:
+        from ..schedules.tune import tune
+
+        report = tune(model, tgt, tuning, example_inputs=example_inputs, dynamic_batch=dynamic_batch,
+                      quantization=quantization, sparsity=sparsity)
+        info["tuned_now"] = {k: v for k, v in report.to_json().items() if k != "tasks"}
+    db = open_for_compile(tuning, tgt)
+    info["database"] = str(db.path)
+    info["records"] = len(db)
+    return db, info
 
 
 def _transform_params(mod, params):
@@ -85,8 +103,10 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
 
     from ..passes.compress import compress
 
-    _not_yet(tuning)
     name, tgt = resolve(target)
+    tuning_db, tuning_info = _tuning_database(tuning, model, example_inputs, tgt, dynamic_batch=dynamic_batch,
+                                              quantization=quantization, sparsity=sparsity)
+    tuning_stats = {}
     t0 = time.perf_counter()
     imported = import_model(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names,
                             output_names=output_names)
@@ -99,7 +119,7 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     try:
         # For CUDA targets: real device code (an nvcc fatbin for the target's arch), even without a GPU or driver.
         with cuda_build_environment(tgt, name) as cuda, tgt:
-            ex = tvm.compile(mod, tgt, relax_pipeline=lower(tgt))
+            ex = tvm.compile(mod, tgt, relax_pipeline=lower(tgt, tuning_db, tuning_stats))
     except EmberError:
         raise
     except Exception as e:
@@ -125,6 +145,8 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
         "compression": compression,
+        "tuning": None if tuning_info is None else {**tuning_info, **{k: v for k, v in tuning_stats.items()
+                                                                      if k != "tuned"}},
         "compile_seconds": {"import": round(t1 - t0, 3), "weights": round(t2 - t1, 3),
                             "codegen": round(t3 - t2, 3)},
     }

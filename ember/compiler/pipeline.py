@@ -55,10 +55,23 @@ def _lower_to_vm():
     ]
 
 
-def lower(target: tvm.target.Target) -> tvm.transform.Pass:
+def fuse_pass(target=None, fusion: bool = True) -> tvm.transform.Pass:
+    """Legalize + fuse alone: the module as ``lower`` has it right before scheduling (what tuning extracts from)."""
+    return tvm.transform.Sequential(_legalize_and_fuse(), name="ember.fuse")
+
+
+def lower(target: tvm.target.Target, tuning_database=None, tuning_stats: dict | None = None) -> tvm.transform.Pass:
+    """``tuning_database``: a MetaSchedule database; kernels it has records for take their tuned schedule, the
+    others keep ember's rules (the rule pass skips functions already marked ``tirx.is_scheduled``).
+    ``tuning_stats`` (a dict) receives how many kernels came from the database."""
     from ..schedules import schedule_pass
 
-    return tvm.transform.Sequential(_legalize_and_fuse() + [schedule_pass(target)] + _lower_to_vm(),
+    tuned = []
+    if tuning_database is not None:
+        from ..schedules.apply import apply_database_pass
+
+        tuned = [apply_database_pass(tuning_database, target, tuning_stats)]
+    return tvm.transform.Sequential(_legalize_and_fuse() + tuned + [schedule_pass(target)] + _lower_to_vm(),
                                     name="ember.lower")
 
 
