@@ -48,7 +48,7 @@ _REUSED = "ember-reused:"
 
 # -- the front half of ember.compile, up to the fused kernels ---------------------------------------------------
 def fused_module(mod_or_model, target, *, example_inputs=None, dynamic_batch=False, quantization=None,
-                 sparsity=None, precision=None, fusion=True) -> tvm.IRModule:
+                 sparsity=None, precision=None) -> tvm.IRModule:
     """The Relax module as ``ember.compile`` has it right before scheduling (legalized and fused).
 
     Mirrors ``ember.compiler.build.compile_model`` step for step (import, compression, precision, ``prepare``,
@@ -60,7 +60,7 @@ def fused_module(mod_or_model, target, *, example_inputs=None, dynamic_batch=Fal
     from ..passes.compress import compress
 
     if isinstance(mod_or_model, tvm.IRModule):
-        mod = prepare(mod_or_model, fusion=fusion)
+        mod = prepare(mod_or_model)
         # Weight transforms need the weights; a bare IRModule has none here, so keep main (and its kernels).
         mod = tvm.IRModule({gv: f for gv, f in mod.functions.items()
                             if not isinstance(f, tvm.relax.Function) or gv.name_hint == "main"})
@@ -72,9 +72,9 @@ def fused_module(mod_or_model, target, *, example_inputs=None, dynamic_batch=Fal
             from ..passes.precision import apply_precision  # pylint: disable=import-outside-toplevel
 
             imported, _ = apply_precision(imported, precision)
-        mod, _ = _transform_params(prepare(imported.mod, fusion=fusion), imported.params)
+        mod, _ = _transform_params(prepare(imported.mod), imported.params)
     with target:
-        return fuse_pass(target, fusion)(mod)
+        return fuse_pass(target)(mod)
 
 
 def extract_tasks(fused: tvm.IRModule, target) -> list:
