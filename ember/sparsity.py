@@ -40,6 +40,11 @@ def _layers(model, include_conv: bool, layers=None, skip=()):
     return found
 
 
+def _weight_name(module_name: str) -> str:
+    """The parameter name of a layer's weight ("weight" when the model is the layer itself)."""
+    return f"{module_name}.weight" if module_name else "weight"
+
+
 def apply_masks(model, masks) -> None:
     """Zero every masked weight in place (``masks``: {parameter name: bool tensor})."""
     import torch
@@ -54,7 +59,7 @@ def apply_masks(model, masks) -> None:
 
 def prune_magnitude(model, sparsity: float = 0.5, *, include_conv: bool = True, layers=None, skip=()):
     """Unstructured magnitude pruning of each Linear (and Conv2d) weight to ``sparsity``; returns the masks."""
-    masks = {f"{name}.weight": magnitude_mask(mod.weight, sparsity)
+    masks = {_weight_name(name): magnitude_mask(mod.weight, sparsity)
              for name, mod in _layers(model, include_conv, layers, skip)}
     apply_masks(model, masks)
     return masks
@@ -63,7 +68,7 @@ def prune_magnitude(model, sparsity: float = 0.5, *, include_conv: bool = True, 
 def prune_nm(model, n: int, m: int, *, include_conv: bool = True, layers=None, skip=()):
     """N:M pruning (the ``n`` largest |w| of every ``m`` along the reduction axis) of each Linear (and Conv2d)
     weight, in place; returns the masks for :func:`finetune`."""
-    masks = {f"{name}.weight": nm_mask(mod.weight, n, m) for name, mod in _layers(model, include_conv, layers, skip)}
+    masks = {_weight_name(name): nm_mask(mod.weight, n, m) for name, mod in _layers(model, include_conv, layers, skip)}
     apply_masks(model, masks)
     return masks
 
@@ -71,14 +76,14 @@ def prune_nm(model, n: int, m: int, *, include_conv: bool = True, layers=None, s
 def check_nm(model, n: int, m: int, masks=None) -> dict:
     """{parameter name: whether it is n:m sparse} for the masked parameters (default: every Linear/Conv2d weight)."""
     params = dict(model.named_parameters())
-    names = list(masks) if masks is not None else [f"{nm}.weight" for nm, _ in _layers(model, True)]
+    names = list(masks) if masks is not None else [_weight_name(nm) for nm, _ in _layers(model, True)]
     return {name: is_nm(params[name], n, m) for name in names}
 
 
 def sparsity_report(model, masks=None) -> list[dict]:
     """Per weight: shape and the fraction of zeros."""
     params = dict(model.named_parameters())
-    names = list(masks) if masks is not None else [f"{nm}.weight" for nm, _ in _layers(model, True)]
+    names = list(masks) if masks is not None else [_weight_name(nm) for nm, _ in _layers(model, True)]
     out = []
     for name in names:
         p = params[name]
