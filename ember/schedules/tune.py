@@ -362,6 +362,8 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
     cores = int(tgt.attrs["num-cores"])
     workers = tuning.workers or cores
     register_intrinsics(tgt)
+    # First, before any slow work: an unreachable tracker or unknown device key fails here, in a sentence.
+    inner_runner = _runner(tuning, workers)
 
     t0 = time.monotonic()
     deadline = t0 + 60.0 * float(tuning.minutes) if tuning.minutes is not None else None
@@ -371,7 +373,6 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
     if not extracted:
         raise EmberError("the model has no kernels to tune (every kernel is already scheduled)")
 
-    inner_runner = _runner(tuning, workers)  # before the database: an unreachable tracker fails here, cleanly
     db = TuningDatabase(database_dir(tuning.database, tgt), tgt, writable=True)
     report = TuneReport(database=str(db.path), target=str(tgt), records_before=len(db),
                         tasks=[TaskResult(t.task_name, float(t.weight)) for t in extracted])
