@@ -179,6 +179,14 @@ def cmd_inspect(a):
     path = os.path.abspath(a.artifact)
     art_dir, _keep = _open(path)
     m = read_manifest(art_dir, path)
+    if getattr(a, "kernels", False):
+        from .compiler.kernel_report import format_report
+
+        if a.json:
+            print(json.dumps(m.get("kernels"), indent=2))
+        else:
+            print(format_report(m.get("kernels") or {}))
+        return
     if a.json:
         print(json.dumps(m, indent=2))
         return
@@ -283,6 +291,8 @@ def build_parser():
     i = sub.add_parser("inspect", help="show what an artifact holds", description="Print an artifact's manifest.")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the raw manifest")
+    i.add_argument("--kernels", action="store_true", help="list the kernels the model launches per inference, the "
+                   "ops each fused and the bytes each moves, next to TVM's default pipeline (with --json: raw)")
     i.set_defaults(fn=cmd_inspect)
 
     t = sub.add_parser("targets", help="list named targets")

@@ -94,7 +94,8 @@ def _transform_params(mod, params):
 
 
 def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=False, input_names=None,
-                  output_names=None, quantization=None, sparsity=None, tuning=None, verbose=False):
+                  output_names=None, quantization=None, sparsity=None, tuning=None, verbose=False,
+                  fusion=True):
     import tvm
 
     from ..runtime.module import CompiledModel
@@ -113,13 +114,19 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     imported, compression = compress(imported, quantization=quantization, sparsity=sparsity, target=tgt,
                                      example_inputs=example_inputs, verbose=verbose)
     t1 = time.perf_counter()
-    mod = prepare(imported.mod)
+    mod = prepare(imported.mod, fusion=fusion)
     mod, weights = _transform_params(mod, imported.params)
     t2 = time.perf_counter()
+    # fusion=False (internal: benchmarks, before/after) compiles with TVM's default FuseOps only.
+    from .kernel_report import default_pipeline_report
+
+    kernels_after: dict = {}
+    kernels_before = default_pipeline_report(mod)
     try:
         # For CUDA targets: real device code (an nvcc fatbin for the target's arch), even without a GPU or driver.
         with cuda_build_environment(tgt, name) as cuda, tgt:
-            ex = tvm.compile(mod, tgt, relax_pipeline=lower(tgt, tuning_db, tuning_stats))
+            ex = tvm.compile(mod, tgt, relax_pipeline=lower(tgt, tuning_db, tuning_stats, fusion=fusion,
+                                                            kernel_report=kernels_after))
     except EmberError:
         raise
     except Exception as e:
@@ -145,6 +152,7 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],
         "compression": compression,
+        "kernels": {"ember": kernels_after, "tvm_default": kernels_before, "fusion": bool(fusion)},
         "tuning": None if tuning_info is None else {**tuning_info, **{k: v for k, v in tuning_stats.items()
                                                                       if k != "tuned"}},
         "compile_seconds": {"import": round(t1 - t0, 3), "weights": round(t2 - t1, 3),

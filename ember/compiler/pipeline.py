@@ -19,8 +19,11 @@ from tvm import relax
 TRANSFORM_PARAMS = "main_transform_params"
 
 
-def prepare(mod: tvm.IRModule) -> tvm.IRModule:
-    seq = tvm.transform.Sequential([
+def prepare(mod: tvm.IRModule, fusion: bool = True) -> tvm.IRModule:
+    """``fusion=False`` skips ember's BatchNorm folding (TVM's default pipeline, for before/after comparisons)."""
+    from ..passes.fold_bn import FoldBatchNorm
+
+    seq = tvm.transform.Sequential(([FoldBatchNorm] if fusion else []) + [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
         relax.transform.LiftTransformParams(),
@@ -28,12 +31,24 @@ def prepare(mod: tvm.IRModule) -> tvm.IRModule:
     return seq(mod)
 
 
-def _legalize_and_fuse():
-    return [
+def _legalize_and_fuse(target=None, fusion: bool = False, kernel_groups: dict | None = None):
+    """``fusion`` (needs ``target``): ember's fusion passes (ember.passes.fusion) before TVM's FuseOps.
+    ``kernel_groups`` (a dict) receives which ops each fused kernel holds, for the kernel report."""
+    ember_fusion, record = [], []
+    if fusion and target is not None:
+        from ..passes.fusion import fusion_passes
+
+        ember_fusion = fusion_passes(target)
+    if kernel_groups is not None:
+        from .kernel_report import record_groups_pass
+
+        record = [record_groups_pass(kernel_groups)]
+    return ember_fusion + [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
+        *record,
         relax.transform.FuseTIR(),
         relax.transform.DeadCodeElimination(),
     ]
@@ -57,13 +72,17 @@ def _lower_to_vm():
 
 def fuse_pass(target=None, fusion: bool = True) -> tvm.transform.Pass:
     """Legalize + fuse alone: the module as ``lower`` has it right before scheduling (what tuning extracts from)."""
-    return tvm.transform.Sequential(_legalize_and_fuse(), name="ember.fuse")
+    return tvm.transform.Sequential(_legalize_and_fuse(target, fusion), name="ember.fuse")
 
 
-def lower(target: tvm.target.Target, tuning_database=None, tuning_stats: dict | None = None) -> tvm.transform.Pass:
+def lower(target: tvm.target.Target, tuning_database=None, tuning_stats: dict | None = None, *,
+          fusion: bool = True, kernel_report: dict | None = None) -> tvm.transform.Pass:
     """``tuning_database``: a MetaSchedule database; kernels it has records for take their tuned schedule, the
     others keep ember's rules (the rule pass skips functions already marked ``tirx.is_scheduled``).
-    ``tuning_stats`` (a dict) receives how many kernels came from the database."""
+    ``tuning_stats`` (a dict) receives how many kernels came from the database.
+    ``fusion=False`` turns ember's fusion passes off (TVM's default FuseOps only: the baseline of the kernel
+    report and of benchmarks/fusion_bench.py). ``kernel_report`` (a dict) receives the kernel report
+    (ember.compiler.kernel_report) of the module as it is lowered."""
     from ..schedules import schedule_pass
 
     tuned = []
@@ -71,8 +90,14 @@ def lower(target: tvm.target.Target, tuning_database=None, tuning_stats: dict | 
         from ..schedules.apply import apply_database_pass
 
         tuned = [apply_database_pass(tuning_database, target, tuning_stats)]
-    return tvm.transform.Sequential(_legalize_and_fuse() + tuned + [schedule_pass(target)] + _lower_to_vm(),
-                                    name="ember.lower")
+    groups = {} if kernel_report is not None else None
+    report = []
+    if kernel_report is not None:
+        from .kernel_report import report_pass
+
+        report = [report_pass(groups, kernel_report)]
+    return tvm.transform.Sequential(_legalize_and_fuse(target, fusion, groups) + tuned + [schedule_pass(target)]
+                                    + report + _lower_to_vm(), name="ember.lower")
 
 
 def lower_unscheduled() -> tvm.transform.Pass:

@@ -1,0 +1,346 @@
+"""Fused attention kernels (TIR), one per target family, generated for the shapes of one attention site.
+
+Both compute, for every batch ``b``, head ``h`` and query row ``i``::
+
+    s[j]    = (Q[b, h, i, :] . K[b, h, j, :]) * scale + mask[b, h, i, j]      (mask optional, broadcastable)
+    out[i]  = sum_j softmax(s)[j] * V[b, h, j, :]
+
+with **online softmax** over blocks of keys (running max ``m``, running sum ``l``, output rescaled by
+``exp(m_old - m_new)`` whenever the max grows), so no ``seq x seq`` score matrix is ever allocated: the largest
+temporary is one block of scores.
+
+* CPU (:func:`cpu_attention`): the outer loop runs over ``(batch, head, block of BR query rows)`` in parallel.
+  Per task it copies a block of ``BC`` keys transposed into a ``D x BC`` scratch buffer, so the score loop
+  ``s[j] += q[d] * Kt[d, j]`` is a contiguous, vectorized FMA over keys; the value product ``o[d] += p[j] *
+  V[j, d]`` is vectorized over the head dimension. Accumulation is float32 for every input dtype.
+* CUDA (:func:`cuda_attention`): flash-attention style. One thread block per ``(block of query rows, batch x
+  head)``, one thread per query row (its q row and output accumulator live in registers), key/value tiles staged
+  in shared memory by all threads cooperatively; every block of ``BC`` scores is computed, max-reduced and
+  exponentiated in registers before the output is rescaled once per tile.
+
+Layouts: Q/K/V/out are 4-D in either ``bshd`` (what a linear layer's output reshaped to heads is, so reading it
+costs no transpose) or ``bhsd``. The mask, when present, is 4-D with every dimension either 1 (broadcast) or full.
+The batch dimension may be symbolic (a dynamic-batch model); the other dimensions are compile-time constants.
+
+The kernels are written as TVMScript text filled in per site (index expressions differ by layout and
+broadcasting) and parsed; they are marked ``tirx.is_scheduled`` because they carry their own schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tvm
+
+# Lowest finite float32: the initial running max. Using it instead of -inf keeps exp(m_old - m_new) finite
+# when a whole key block is masked with -inf (exp(-inf - (-inf)) would be NaN).
+_LOWEST = -3.4028234663852886e38
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    batch: int | None  # None: symbolic (dynamic batch)
+    heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: str  # of Q, K, V and the output
+    q_layout: str = "bhsd"  # "bshd" or "bhsd"
+    k_layout: str = "bhsd"
+    v_layout: str = "bhsd"
+    out_layout: str = "bhsd"
+    scale: float = 1.0
+    mask_shape: tuple | None = None  # 4 ints, each 1 or the full extent; None: no mask
+    mask_dtype: str = "float32"
+    mask_batch_symbolic: bool = False  # the mask's batch dim is the (symbolic) batch
+
+    def shape(self, layout: str, seq: int):
+        b = "B" if self.batch is None else str(self.batch)
+        return (f"({b}, {self.heads}, {seq}, {self.head_dim})" if layout == "bhsd"
+                else f"({b}, {seq}, {self.heads}, {self.head_dim})")
+
+    def ops(self) -> list:
+        """The graph ops this kernel replaces (for the kernel report)."""
+        ops = ["matmul(q,k)", "multiply(scale)"]
+        if self.mask_shape is not None:
+            ops.append("add(mask)")
+        return ops + ["softmax", "matmul(p,v)"]
+
+
+def _index(name: str, layout: str, b: str, h: str, s: str, d: str) -> str:
+    return f"{name}[{b}, {h}, {s}, {d}]" if layout == "bhsd" else f"{name}[{b}, {s}, {h}, {d}]"
+
+
+def _mask_index(spec: AttentionSpec, b: str, h: str, i: str, j: str) -> str:
+    mb, mh, mi, mj = spec.mask_shape
+    bsym = spec.mask_batch_symbolic
+    idx = [b if (bsym or mb != 1) else "0", h if mh != 1 else "0", i if mi != 1 else "0", j if mj != 1 else "0"]
+    return f"Mk[{', '.join(idx)}]"
+
+
+def _mask_shape_text(spec: AttentionSpec) -> str:
+    mb = "B" if spec.mask_batch_symbolic else str(spec.mask_shape[0])
+    return f"({mb}, {spec.mask_shape[1]}, {spec.mask_shape[2]}, {spec.mask_shape[3]})"
+
+
+def _pick_block(extent: int, preferred: int) -> int:
+    """A block size <= preferred, the largest divisor of ``extent`` >= preferred / 2 if any (no tail)."""
+    if extent <= preferred:
+        return extent
+    for t in range(preferred, preferred // 2 - 1, -1):
+        if extent % t == 0:
+            return t
+    return preferred
+
+
+def _signature(spec: AttentionSpec) -> tuple[str, str]:
+    params = ["q_h: T.handle", "k_h: T.handle", "v_h: T.handle"]
+    if spec.mask_shape is not None:
+        params.append("m_h: T.handle")
+    params.append("o_h: T.handle")
+    lines = []
+    if spec.batch is None:
+        lines.append("B = T.int64()")
+    lines += [
+        f"Q = T.match_buffer(q_h, {spec.shape(spec.q_layout, spec.q_len)}, \"{spec.dtype}\")",
+        f"K = T.match_buffer(k_h, {spec.shape(spec.k_layout, spec.kv_len)}, \"{spec.dtype}\")",
+        f"V = T.match_buffer(v_h, {spec.shape(spec.v_layout, spec.kv_len)}, \"{spec.dtype}\")",
+    ]
+    if spec.mask_shape is not None:
+        lines.append(f"Mk = T.match_buffer(m_h, {_mask_shape_text(spec)}, \"{spec.mask_dtype}\")")
+    lines.append(f"O = T.match_buffer(o_h, {spec.shape(spec.out_layout, spec.q_len)}, \"{spec.dtype}\")")
+    return ", ".join(params), "\n".join("    " + ln for ln in lines)
+
+
+def _subst(src: str, names: dict) -> str:
+    """Replace whole-word names by parenthesized index expressions (the kernels derive batch, head and block
+    offsets from the loop variables; writing them inline keeps every block's read/write regions in terms of
+    loop variables only)."""
+    import re
+
+    for name, expr in names.items():
+        src = re.sub(rf"\b{name}\b", f"({expr})", src)
+    return src
+
+
+def _regions(spec: AttentionSpec) -> tuple[str, str]:
+    """``T.reads(...)`` / ``T.writes(...)`` for a kernel's one opaque block: whole input and output buffers.
+    (Stated explicitly: inference would also list the block's own scratch buffers, which is ill-formed.)"""
+
+    def full(name, shape_text):
+        dims = [d.strip() for d in shape_text.strip("()").split(",")]
+        return f"{name}[{', '.join('0:' + d for d in dims)}]"
+
+    reads = [full("Q", spec.shape(spec.q_layout, spec.q_len)), full("K", spec.shape(spec.k_layout, spec.kv_len)),
+             full("V", spec.shape(spec.v_layout, spec.kv_len))]
+    if spec.mask_shape is not None:
+        reads.append(full("Mk", _mask_shape_text(spec)))
+    return f"T.reads({', '.join(reads)})", f"T.writes({full('O', spec.shape(spec.out_layout, spec.q_len))})"
+
+
+def _parse(src: str) -> tvm.tirx.PrimFunc:
+    from tvm.script import from_source
+    from tvm.script import tirx as T
+
+    func = from_source(src, extra_vars={"T": T})
+    if isinstance(func, tvm.IRModule):
+        func = func["main"]
+    return func
+
+
+def _fast_math(func):
+    """Use the CPU rules' vectorizable exp when it is available (LLVM would call libm's expf per element)."""
+    try:
+        from ..schedules.cpu.fast_math import rewrite_transcendentals  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return func
+    try:
+        return rewrite_transcendentals(func)
+    except Exception:  # pylint: disable=broad-except
+        return func
+
+
+def _row_reductions(bc: int, lanes: int) -> tuple[str, str]:
+    """TVMScript for ``R[0] = max(Mx[i], S[:])`` and ``R[1] = sum(S[:])`` (indented for the CPU kernel)."""
+    pad = "\n" + " " * 20
+    if bc % lanes or bc == lanes:
+        mx = pad.join(["R[0] = Mx[i]", f"for j in T.unroll({bc}):", "    R[0] = T.max(R[0], S[j])"])
+        sm = pad.join(["R[1] = T.float32(0)", f"for j in T.unroll({bc}):", "    R[1] = R[1] + S[j]"])
+        return mx, sm
+    k = bc // lanes
+    vmax = "S[l]"
+    for t in range(1, k):
+        vmax = f"T.max({vmax}, S[{t * lanes} + l])"
+    vsum = " + ".join(f"S[{t * lanes} + l]" for t in range(k))
+    mx = pad.join([f"for l in T.vectorized({lanes}):", f"    P[l] = {vmax}", "R[0] = Mx[i]",
+                   f"for l in T.unroll({lanes}):", "    R[0] = T.max(R[0], P[l])"])
+    sm = pad.join([f"for l in T.vectorized({lanes}):", f"    P[l] = {vsum}", "R[1] = T.float32(0)",
+                   f"for l in T.unroll({lanes}):", "    R[1] = R[1] + P[l]"])
+    return mx, sm
+
+
+def cpu_attention(spec: AttentionSpec, lanes: int = 16) -> tvm.tirx.PrimFunc:
+    """The CPU kernel for ``spec`` (see module doc). ``lanes``: float32 SIMD lanes of the target.
+
+    Per query row the score block and the output row live in small scratch buffers indexed only by unrolled
+    loops, so LLVM keeps them in vector registers: the score loop is ``D`` broadcast-FMAs over ``BC / lanes``
+    vectors, the value loop ``BC`` broadcast-FMAs over ``D / lanes`` vectors. Key-block tails are handled by
+    giving the missing keys a score of float32's lowest value (their probability is exactly 0) and clamping
+    their K/V reads to the last real key, so every loop has a constant trip count and no read is out of bounds.
+    """
+    D, Sq, Sk, H = spec.head_dim, spec.q_len, spec.kv_len, spec.heads
+    BR = _pick_block(Sq, 64)
+    BC = _pick_block(Sk, 4 * lanes if Sk >= 4 * lanes else Sk)
+    NQB = (Sq + BR - 1) // BR
+    NKB = (Sk + BC - 1) // BC
+    q_tail, k_tail = Sq % BR != 0, Sk % BC != 0
+    batch = "B" if spec.batch is None else str(spec.batch)
+    params, header = _signature(spec)
+    reads, writes = _regions(spec)
+    qi = f"T.min(q0 + i, {Sq - 1})" if q_tail else "q0 + i"
+    kj = f"T.min(k0 + j, {Sk - 1})" if k_tail else "k0 + j"
+    f32 = "\"float32\""
+    score = f"S[j] * T.float32({spec.scale!r})"
+    if spec.mask_shape is not None:
+        score += f" + T.Cast({f32}, {_mask_index(spec, 'b', 'h', qi, kj)})"
+    if k_tail:
+        score = f"T.if_then_else(k0 + j < {Sk}, {score}, T.float32({_LOWEST!r}))"
+    write_guard = f"if q0 + i < {Sq}:" if q_tail else "if True:"
+    # The value product keeps U independent accumulator rows (U chains of FMAs instead of one, which would
+    # wait on the FMA latency at every key); the row max and sum first combine whole vectors lane-wise, then
+    # reduce one vector, instead of one BC-long scalar chain.
+    U = 4 if BC % 4 == 0 else 1
+    acc_sum = " + ".join(f"A[{u}, d]" for u in range(U))
+    reduce_max, reduce_sum = _row_reductions(BC, lanes)
+    src = f"""
+@T.prim_func(s_tir=True)
+def main({params}):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+{header}
+    for task in T.parallel({batch} * {H * NQB}):
+        with T.sblock("attention_tile"):
+            {reads}
+            {writes}
+            Qs = T.alloc_buffer(({BR}, {D}), "float32")
+            Kt = T.alloc_buffer(({D}, {BC}), "float32")
+            S = T.alloc_buffer(({BC},), "float32")
+            A = T.alloc_buffer(({U}, {D}), "float32")
+            P = T.alloc_buffer(({lanes},), "float32")
+            Acc = T.alloc_buffer(({BR}, {D}), "float32")
+            Mx = T.alloc_buffer(({BR},), "float32")
+            L = T.alloc_buffer(({BR},), "float32")
+            R = T.alloc_buffer((3,), "float32")
+            for i in range({BR}):
+                for d in T.vectorized({D}):
+                    Qs[i, d] = T.Cast({f32}, {_index("Q", spec.q_layout, "b", "h", qi, "d")})
+                    Acc[i, d] = T.float32(0)
+                Mx[i] = T.float32({_LOWEST!r})
+                L[i] = T.float32(0)
+            for kb in range({NKB}):
+                for j in range({BC}):
+                    for d in range({D}):
+                        Kt[d, j] = T.Cast({f32}, {_index("K", spec.k_layout, "b", "h", kj, "d")})
+                for i in range({BR}):
+                    for j in T.vectorized({BC}):
+                        S[j] = T.float32(0)
+                    for d in T.unroll({D}):
+                        for j in T.vectorized({BC}):
+                            S[j] = S[j] + Qs[i, d] * Kt[d, j]
+                    for j in T.vectorized({BC}):
+                        S[j] = {score}
+                    {reduce_max}
+                    for j in T.vectorized({BC}):
+                        S[j] = T.exp(S[j] - R[0])
+                    {reduce_sum}
+                    R[2] = T.exp(Mx[i] - R[0])
+                    L[i] = L[i] * R[2] + R[1]
+                    Mx[i] = R[0]
+                    for d in T.vectorized({D}):
+                        A[0, d] = Acc[i, d] * R[2]
+                    for u in T.unroll(1, {U}):
+                        for d in T.vectorized({D}):
+                            A[u, d] = T.float32(0)
+                    for j in T.unroll({BC}):
+                        for d in T.vectorized({D}):
+                            A[j % {U}, d] = A[j % {U}, d] + S[j] * T.Cast({f32}, {_index("V", spec.v_layout, "b", "h", kj, "d")})
+                    for d in T.vectorized({D}):
+                        Acc[i, d] = {acc_sum}
+            for i in range({BR}):
+                {write_guard}
+                    for d in T.vectorized({D}):
+                        {_index("O", spec.out_layout, "b", "h", "q0 + i", "d")} = T.Cast("{spec.dtype}", Acc[i, d] / L[i])
+"""
+    src = _subst(src, {"b": f"task // {H * NQB}", "h": f"task % {H * NQB} // {NQB}", "q0": f"task % {NQB} * {BR}",
+                       "k0": f"kb * {BC}"})
+    return _fast_math(_parse(src))
+
+
+def cuda_attention(spec: AttentionSpec, rows: int = 64, keys: int = 32) -> tvm.tirx.PrimFunc:
+    """The CUDA kernel for ``spec``: flash-attention style (see module doc)."""
+    D, Sq, Sk, H = spec.head_dim, spec.q_len, spec.kv_len, spec.heads
+    BR = rows
+    BC = min(keys, Sk)
+    NQB = (Sq + BR - 1) // BR
+    NKB = (Sk + BC - 1) // BC
+    batch = "B" if spec.batch is None else str(spec.batch)
+    params, header = _signature(spec)
+    reads, writes = _regions(spec)
+    f32 = "\"float32\""
+    qi = f"T.min(q0 + tx, {Sq - 1})"
+    kj = f"T.min(k0 + j, {Sk - 1})"
+    score = f"S[j] * T.float32({spec.scale!r})"
+    if spec.mask_shape is not None:
+        score += f" + T.Cast({f32}, {_mask_index(spec, 'b', 'h', qi, kj)})"
+    score = f"T.if_then_else(k0 + j < {Sk}, {score}, T.float32({_LOWEST!r}))"
+    src = f"""
+@T.prim_func(s_tir=True)
+def main({params}):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+{header}
+    for bx in T.thread_binding({NQB}, thread="blockIdx.x"):
+        for by in T.thread_binding({batch} * {H}, thread="blockIdx.y"):
+            for tx in T.thread_binding({BR}, thread="threadIdx.x"):
+                with T.sblock("flash_attention"):
+                    {reads}
+                    {writes}
+                    Ks = T.alloc_buffer(({BC}, {D}), "float32", scope="shared")
+                    Vs = T.alloc_buffer(({BC}, {D}), "float32", scope="shared")
+                    q = T.alloc_buffer(({D},), "float32", scope="local")
+                    acc = T.alloc_buffer(({D},), "float32", scope="local")
+                    S = T.alloc_buffer(({BC},), "float32", scope="local")
+                    st = T.alloc_buffer((4,), "float32", scope="local")
+                    for d in T.unroll({D}):
+                        q[d] = T.Cast({f32}, {_index("Q", spec.q_layout, "b", "h", qi, "d")})
+                        acc[d] = T.float32(0)
+                    st[0] = T.float32({_LOWEST!r})
+                    st[1] = T.float32(0)
+                    for kb in range({NKB}):
+                        for e in range({(BC * D + BR - 1) // BR}):
+                            if e * {BR} + tx < {BC * D}:
+                                Ks[(e * {BR} + tx) // {D}, (e * {BR} + tx) % {D}] = T.Cast({f32}, {_index("K", spec.k_layout, "b", "h", f"T.min(k0 + (e * {BR} + tx) // {D}, {Sk - 1})", f"(e * {BR} + tx) % {D}")})
+                                Vs[(e * {BR} + tx) // {D}, (e * {BR} + tx) % {D}] = T.Cast({f32}, {_index("V", spec.v_layout, "b", "h", f"T.min(k0 + (e * {BR} + tx) // {D}, {Sk - 1})", f"(e * {BR} + tx) % {D}")})
+                        T.tvm_storage_sync("shared")
+                        st[2] = st[0]
+                        for j in range({BC}):
+                            S[j] = T.float32(0)
+                            for d in T.unroll({D}):
+                                S[j] = S[j] + q[d] * Ks[j, d]
+                            S[j] = {score}
+                            st[2] = T.max(st[2], S[j])
+                        st[3] = T.exp(st[0] - st[2])
+                        st[1] = st[1] * st[3]
+                        for d in T.unroll({D}):
+                            acc[d] = acc[d] * st[3]
+                        for j in range({BC}):
+                            S[j] = T.exp(S[j] - st[2])
+                            st[1] = st[1] + S[j]
+                            for d in T.unroll({D}):
+                                acc[d] = acc[d] + S[j] * Vs[j, d]
+                        st[0] = st[2]
+                        T.tvm_storage_sync("shared")
+                    if q0 + tx < {Sq}:
+                        for d in T.unroll({D}):
+                            {_index("O", spec.out_layout, "b", "h", "q0 + tx", "d")} = T.Cast("{spec.dtype}", acc[d] / st[1])
+"""
+    src = _subst(src, {"b": f"by // {H}", "h": f"by % {H}", "q0": f"bx * {BR}", "k0": f"kb * {BC}"})
+    return _parse(src)
