@@ -10,7 +10,9 @@ import numpy as np
 from ..errors import ConfigError, EmberError, ModelLoadError
 from ..frontends.spec import ImportedModel
 from .cuda_aot import cuda_build_environment
-from .targets import device_kind, required_cpu_flags, resolve, target_arch
+from .metal import metal_build_environment
+from .rocm_aot import rocm_build_environment
+from .targets import device_kind, required_cpu_flags, resolve, target_arch, target_os
 
 
 def import_model(model, example_inputs=None, *, dynamic_batch=False, input_names=None,
@@ -124,7 +126,9 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     kernels_before = default_pipeline_report(mod)
     try:
         # For CUDA targets: real device code (an nvcc fatbin for the target's arch), even without a GPU or driver.
-        with cuda_build_environment(tgt, name) as cuda, tgt:
+        # ROCm: AMDGPU code objects linked here (ember.compiler.rocm_aot); Metal: fast intrinsics import.
+        with cuda_build_environment(tgt, name) as cuda, rocm_build_environment(tgt, name) as rocm, \
+                metal_build_environment(tgt, name) as metal, tgt:
             ex = tvm.compile(mod, tgt, relax_pipeline=lower(tgt, tuning_db, tuning_stats, fusion=fusion,
                                                             kernel_report=kernels_after))
     except EmberError:
@@ -145,9 +149,13 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
             "tvm": str(tgt),
             "device": device_kind(tgt),
             "arch": target_arch(tgt),
+            "os": target_os(tgt),
             "cpu_flags": required_cpu_flags(tgt),
             # CUDA: export fills in "device_code" after checking the library ({"device_code": "fatbin", ...}).
             **({"gpu": {"device_code": None, "arch": cuda.arch}} if cuda.active else {}),
+            # ROCm / Metal: likewise filled in by export (code object version, MSL per kernel).
+            **({"gpu": rocm.manifest_entry()} if rocm.active else {}),
+            **({"gpu": metal.manifest_entry()} if metal.active else {}),
         },
         "inputs": [s.to_json() for s in imported.inputs],
         "outputs": [s.to_json() for s in imported.outputs],

@@ -31,13 +31,10 @@ def _write_dir(model, out_dir: str):
     ex = getattr(model, "_executable", None)
     manifest = dict(model.manifest)
     if ex is not None:
-        ex.export_library(os.path.join(out_dir, LIB))
-        gpu = manifest.get("target", {}).get("gpu")
-        if gpu is not None:  # a CUDA artifact: refuse to write one whose kernels are not compiled for the GPU
-            from ..compiler.cuda_aot import check_device_code
+        # Linked for the target's machine (cross compilers for aarch64 / macOS), then its device code checked.
+        from ..compiler.cross import export_library
 
-            manifest["target"] = dict(manifest["target"], gpu=check_device_code(
-                os.path.join(out_dir, LIB), gpu["arch"], manifest["target"].get("name")))
+        manifest["target"] = export_library(ex, os.path.join(out_dir, LIB), manifest.get("target", {}))
     elif src is not None:
         shutil.copy2(os.path.join(src, LIB), os.path.join(out_dir, LIB))
     else:
