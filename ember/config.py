@@ -133,7 +133,8 @@ class Tuning:
     rpc_tracker ("HOST:PORT") and device_key: measure on remote devices registered with TVM's RPC tracker.
     apply_only: use the records in ``database`` without tuning more.
     trials_per_iter: candidates measured per batch (records are fsynced once per batch).
-    builder: "pool" (persistent worker processes, the default) or "inprocess".
+    builder: "pool" (persistent worker processes, the default), "inprocess", or "stock" (MetaSchedule's own
+        LocalBuilder: a new pool per batch, each worker importing every tensor intrinsic; for comparison only).
     workers: build processes (default: the target's cores); with RPC, also the number of parallel remote sessions.
     seed: random seed of the search (None: random).
     """
@@ -170,8 +171,9 @@ class Tuning:
                    "set trials or minutes (the tuning budget), or apply_only=True with a database")
         _check(isinstance(self.trials_per_iter, int) and 1 <= self.trials_per_iter <= 512, type(self),
                "trials_per_iter", self.trials_per_iter, "use an integer in [1, 512]")
-        _check(self.builder in ("pool", "inprocess"), type(self), "builder", self.builder,
-               "use 'pool' (persistent build workers) or 'inprocess'")
+        _check(self.builder in ("pool", "inprocess", "stock"), type(self), "builder", self.builder,
+               "use 'pool' (persistent build workers), 'inprocess', or 'stock' (MetaSchedule's LocalBuilder, "
+               "for comparison)")
         if self.workers is not None:
             _check(isinstance(self.workers, int) and self.workers >= 1, type(self), "workers", self.workers,
                    "use a positive integer")

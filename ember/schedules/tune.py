@@ -183,7 +183,14 @@ class TaskResult:
     trials: int = 0
     valid: int = 0
     reused: int = 0
-    best_ms: float | None = None
+    best_ms: float | None = None   # best tuned kernel so far
+    rules_ms: float | None = None  # ember's rule-based schedule of the same kernel, same runner
+
+    @property
+    def effective_ms(self) -> float | None:
+        """What compile will use: the tuned kernel only where it beats the rules (see tuning_db)."""
+        vals = [v for v in (self.best_ms, self.rules_ms) if v is not None]
+        return min(vals) if vals else None
 
 
 @dataclass
@@ -201,9 +208,16 @@ class TuneReport:
     records_after: int = 0
 
     @property
+    def rules_ms(self) -> float | None:
+        """Σ weight × ember's rule-based kernel latency over the tasks (the untuned model's share)."""
+        if any(t.rules_ms is None for t in self.tasks):
+            return None
+        return sum(t.weight * t.rules_ms for t in self.tasks)
+
+    @property
     def estimated_ms(self) -> float | None:
         """Σ over tasks of weight × best kernel latency (the tuned kernels' share of one model run)."""
-        known = [t.weight * t.best_ms for t in self.tasks if t.best_ms is not None]
+        known = [t.weight * t.effective_ms for t in self.tasks if t.effective_ms is not None]
         return sum(known) if known else None
 
     def to_json(self) -> dict:
@@ -213,6 +227,7 @@ class TuneReport:
                 "phases": {k: round(v, 1) for k, v in self.phases.items()}, "records_before": self.records_before,
                 "records_after": self.records_after,
                 "estimated_ms": None if self.estimated_ms is None else round(self.estimated_ms, 4),
+                "rules_ms": None if self.rules_ms is None else round(self.rules_ms, 4),
                 "tasks": [t.__dict__ for t in self.tasks]}
 
 
@@ -267,9 +282,10 @@ class _Recorder(ms.measure_callback.PyMeasureCallback):
         if self.bar is not None:
             self.bar.update(len(measure_candidates))
             est = self.report.estimated_ms
+            rules = f" (rules {task.rules_ms:.4g})" if task.rules_ms is not None else ""
             self.bar.set_postfix_str(
-                f"{task.name}: best {task.best_ms:.4g} ms" if task.best_ms is not None else f"{task.name}: -",
-                refresh=False)
+                f"{task.name}: best {task.best_ms:.4g} ms{rules}" if task.best_ms is not None
+                else f"{task.name}: -{rules}", refresh=False)
             if est is not None:
                 self.bar.set_description(f"tuning (model ≈{est:.3g} ms, {self.report.valid} valid)", refresh=True)
 
@@ -303,6 +319,41 @@ class _UpdateModel(ms.measure_callback.PyMeasureCallback):
             ctx = task_scheduler.tasks_[task_id].ctx
             self.cost_model.update(ctx, [measure_candidates[i] for i in keep], [runner_results[i] for i in keep])
         self.seconds += time.perf_counter() - t0
+
+
+def _measure_rule_baselines(extracted, tgt, db: TuningDatabase, builder, runner, report: TuneReport) -> None:
+    """Time ember's rule-based schedule of every task not timed before (one build + run each), store it."""
+    from . import schedule_pass  # pylint: disable=import-outside-toplevel
+
+    todo = []
+    for task, t in zip(report.tasks, extracted):
+        mod = t.dispatched[0]
+        known = db.baseline_ms(mod)
+        if known is not None:
+            task.rules_ms = known
+            continue
+        with tgt:
+            sched = schedule_pass(tgt)(mod)
+        todo.append((task, mod, sched))
+    if not todo:
+        return
+    built = builder.build([ms.builder.BuilderInput(sched, tgt) for _, _, sched in todo])
+    run_inputs, ran_for = [], []
+    for (task, mod, sched), b in zip(todo, built):
+        if b.error_msg is None:
+            func = next(iter(sched.functions.values()))
+            run_inputs.append(ms.runner.RunnerInput(b.artifact_path, tgt.kind.name,
+                                                    ms.arg_info.ArgInfo.from_prim_func(func)))
+            ran_for.append((task, mod, b.artifact_path))
+    futures = runner.run(run_inputs) if run_inputs else []
+    for (task, mod, path), fut in zip(ran_for, futures):
+        res = fut.result()
+        ms_ = _mean_ms(res.run_secs) if res.error_msg is None else None
+        if ms_ is not None:
+            db.add_baseline(mod, res.run_secs)
+            task.rules_ms = ms_
+        remove_artifact(str(path))
+    db.sync()
 
 
 # -- the entry point --------------------------------------------------------------------------------------------
@@ -373,48 +424,52 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
     if not extracted:
         raise EmberError("the model has no kernels to tune (every kernel is already scheduled)")
 
+    if tuning.builder == "pool":
+        inner_builder = PersistentBuilder(max_workers=workers)
+    elif tuning.builder == "inprocess":
+        inner_builder = InProcessBuilder()
+    else:  # "stock": MetaSchedule's LocalBuilder as shipped (benchmarks/tune_throughput.py compares against it)
+        inner_builder = ms.builder.LocalBuilder(max_workers=workers)
     db = TuningDatabase(database_dir(tuning.database, tgt), tgt, writable=True)
     report = TuneReport(database=str(db.path), target=str(tgt), records_before=len(db),
                         tasks=[TaskResult(t.task_name, float(t.weight)) for t in extracted])
-    for task, t in zip(report.tasks, extracted):  # the best already in the database counts as "so far"
-        if db.has_workload(t.dispatched[0]):
-            top = db.get_top_k(db.commit_workload(t.dispatched[0]), 1)
-            if top:
-                task.best_ms = _mean_ms(top[0].run_secs)
-
-    logdir = tempfile.mkdtemp(prefix="ember-tune-logs-")
-    loggers = ms.logging.get_loggers_from_work_dir(logdir, [t.task_name for t in extracted])
-    seeds = ms.utils.fork_seed(tuning.seed, n=len(extracted))
-    # Lighter than MetaSchedule's defaults (512 / 4 / 50): on 2 cores the evolutionary search, not the
-    # measurements, bounds throughput; Tuning(extra={...}) restores them for long runs on big machines.
-    search = {"population_size": int(tuning.extra.get("population_size", 256)),
-              "genetic_num_iters": int(tuning.extra.get("genetic_num_iters", 3)),
-              "init_min_unmeasured": int(tuning.extra.get("init_min_unmeasured", 50))}
-    clock = {"search": 0.0}
-    contexts = [ms.TuneContext(mod=t.dispatched[0], target=tgt, space_generator="post-order-apply",
-                               search_strategy=_Deadline(deadline, clock=clock, **search), task_name=t.task_name,
-                               logger=lg, rand_state=seed, num_threads=cores).clone()
-                for t, lg, seed in zip(extracted, loggers, seeds)]
-
-    inner_builder = PersistentBuilder(max_workers=workers) if tuning.builder == "pool" else InProcessBuilder()
     builder = _ReuseBuilder(inner_builder, db)
-    runner = _ReuseRunner(inner_runner, db)
     cost_model = _WarmupXGB(num_tuning_cores=cores, adaptive_training=True, verbose_eval=0,
                             num_warmup_samples=int(tuning.extra.get("num_warmup_samples", 100)))
     update = _UpdateModel(cost_model)
-    max_trials = tuning.trials if tuning.trials is not None else 10 ** 7
+    clock = {"search": 0.0}
     bar = None
-    if progress:
-        from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-        bar = tqdm(total=tuning.trials, unit="trial", desc="tuning", dynamic_ncols=True,
-                   bar_format=None if tuning.trials else "{desc}: {n} trials [{elapsed}, {rate_fmt}] {postfix}")
     # MetaSchedule logs every batch at INFO to the console; the bar says what matters, the logs go to logdir.
     ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
     old_level = ms_log.level
     ms_log.setLevel(logging.WARNING)
     t_tune = time.monotonic()
     try:
+        for task, t in zip(report.tasks, extracted):  # the best already in the database counts as "so far"
+            task.best_ms = db.best_ms(t.dispatched[0])
+        if tuning.builder != "stock" and not tuning.extra.get("skip_baseline", False):
+            # The yardstick: a tuned kernel is used by compile only where it beats this (see tuning_db).
+            _measure_rule_baselines(extracted, tgt, db, inner_builder, inner_runner, report)
+        t_tune = time.monotonic()
+
+        logdir = tempfile.mkdtemp(prefix="ember-tune-logs-")
+        loggers = ms.logging.get_loggers_from_work_dir(logdir, [t.task_name for t in extracted])
+        seeds = ms.utils.fork_seed(tuning.seed, n=len(extracted))
+        # Lighter than MetaSchedule's defaults (512 / 4 / 50): on 2 cores the evolutionary search, not the
+        # measurements, bounds throughput; Tuning(extra={...}) restores them for long runs on big machines.
+        search = {"population_size": int(tuning.extra.get("population_size", 256)),
+                  "genetic_num_iters": int(tuning.extra.get("genetic_num_iters", 3)),
+                  "init_min_unmeasured": int(tuning.extra.get("init_min_unmeasured", 50))}
+        contexts = [ms.TuneContext(mod=t.dispatched[0], target=tgt, space_generator="post-order-apply",
+                                   search_strategy=_Deadline(deadline, clock=clock, **search),
+                                   task_name=t.task_name, logger=lg, rand_state=seed, num_threads=cores).clone()
+                    for t, lg, seed in zip(extracted, loggers, seeds)]
+        max_trials = tuning.trials if tuning.trials is not None else 10 ** 7
+        if progress:
+            from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+            bar = tqdm(total=tuning.trials, unit="trial", desc="tuning", dynamic_ncols=True,
+                       bar_format=None if tuning.trials else "{desc}: {n} trials [{elapsed}, {rate_fmt}] {postfix}")
         scheduler = ms.task_scheduler.TaskScheduler.create("gradient", seed=tuning.seed if tuning.seed is not None
                                                            else -1)
         scheduler.tune(
@@ -424,7 +479,7 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
             max_trials_per_task=max_trials,
             num_trials_per_iter=min(tuning.trials_per_iter, max_trials),
             builder=builder,
-            runner=runner,
+            runner=_ReuseRunner(inner_runner, db),
             measure_callbacks=[_Recorder(db, report, bar, tgt), update],
             database=db,
             cost_model=cost_model,
@@ -432,7 +487,8 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
     finally:
         if bar is not None:
             bar.close()
-        inner_builder.shutdown()
+        if tuning.builder != "stock":
+            inner_builder.shutdown()
         report.records_after = len(db)
         db.close()
         ms_log.setLevel(old_level)

@@ -6,6 +6,7 @@ Layout of a database root (``Tuning(database=ROOT)``, default ``~/.cache/ember/t
     ROOT/<target-slug>-<hash8>/records.jsonl  one JSON object per line, appended in this order:
         {"workload": 0, "shash": "...", "mod": [...]}                    a kernel, before any of its records
         {"record": 0, "cand": "<hash>", "tr": [...]}                     a measurement of workload 0
+        {"baseline": 0, "run_secs": [...]}                               ember's rule schedule of workload 0, timed
     ROOT/<target-slug>-<hash8>/writer.lock    flock held by the one process that appends
 
 Why not MetaSchedule's ``JSONDatabase``: it appends each line with a plain ``std::ofstream`` (no fsync, so a power
@@ -20,6 +21,11 @@ whole database unreadable. Here:
 * each record carries ``cand``, the structural hash of the scheduled kernel it measured, so a resumed run can
   recognize candidates it measured before and reuse the stored times instead of measuring them again
   (MetaSchedule's evolutionary search only remembers what it measured in the current process).
+
+Tuned kernels win only where they were measured faster than ember's rule-based schedule of the same kernel
+(timed by the same runner at the start of tuning, the "baseline" lines): for a kernel whose best record is
+slower, the queries below answer "no record", so ``MetaScheduleApplyDatabase`` leaves it to ember's rules. A
+short tuning run therefore never makes a compiled model slower than the untuned one.
 
 The records live in a MetaSchedule ``MemoryDatabase`` in memory; this class is a ``PyDatabase`` that delegates
 queries to it and appends every commit to the file, so it plugs into ``ms.tune_tasks`` and into
@@ -112,6 +118,7 @@ class TuningDatabase(ms.database.PyDatabase):
         self.workloads: list[ms.database.Workload] = []   # index in file -> Workload
         self._wl_index: dict[int, list[int]] = {}          # structural hash -> indices (collisions resolved by equality)
         self.measured: dict[str, list[float]] = {}  # candidate hash -> run_secs (valid measurements)
+        self.baselines: dict[int, list[float]] = {}  # workload index -> run_secs of ember's rule schedule
         self.torn_lines = 0
         self._fh = None
         self._lock = None
@@ -162,6 +169,8 @@ class TuningDatabase(ms.database.PyDatabase):
                     wl = ms.database.Workload.from_json(obj["mod"])
                     wl = self.mem.commit_workload(wl.mod)
                     self._remember_workload(int(obj["workload"]), wl)
+                elif "baseline" in obj:
+                    self.baselines[int(obj["baseline"])] = [float(v) for v in obj["run_secs"]]
                 elif "record" in obj:
                     idx = int(obj["record"])
                     if idx >= len(self.workloads) or self.workloads[idx] is None:
@@ -230,6 +239,32 @@ class TuningDatabase(ms.database.PyDatabase):
             self.measured[cand] = [float(s) for s in record.run_secs]
         self._append({"record": idx, "cand": cand, "tr": record.as_json()})
 
+    def add_baseline(self, mod: tvm.IRModule, run_secs) -> None:
+        """Record the time of ember's rule-based schedule of workload ``mod`` (what a tuned kernel must beat)."""
+        idx = self.workload_index(mod)
+        self.baselines[idx] = [float(v) for v in run_secs]
+        self._append({"baseline": idx, "run_secs": self.baselines[idx]})
+
+    def baseline_ms(self, mod: tvm.IRModule) -> float | None:
+        idx = self._index_of(mod)
+        secs = self.baselines.get(idx) if idx is not None else None
+        return 1e3 * sum(secs) / len(secs) if secs else None
+
+    def best_ms(self, mod: tvm.IRModule) -> float | None:
+        idx = self._index_of(mod)
+        if idx is None:
+            return None
+        top = self.mem.get_top_k(self.workloads[idx], 1)
+        if not top or top[0].run_secs is None:
+            return None
+        secs = [float(v) for v in top[0].run_secs]
+        return 1e3 * sum(secs) / len(secs)
+
+    def tuned_wins(self, mod: tvm.IRModule) -> bool:
+        """False when ember's rule schedule of ``mod`` measured faster than its best tuned record."""
+        base, best = self.baseline_ms(mod), self.best_ms(mod)
+        return base is None or best is None or best < base
+
     # -- ms.database.PyDatabase interface ------------------------------------------------------------------------
     def has_workload(self, mod: tvm.IRModule) -> bool:
         return self._index_of(mod) is not None
@@ -251,14 +286,15 @@ class TuningDatabase(ms.database.PyDatabase):
     def get_all_tuning_records(self):
         return self.mem.get_all_tuning_records()
 
+    # The queries compile uses: "no record" where ember's rules are faster (see the module docstring).
     def query_tuning_record(self, mod, target, workload_name):
-        return self.mem.query_tuning_record(mod, target, workload_name)
+        return self.mem.query_tuning_record(mod, target, workload_name) if self.tuned_wins(mod) else None
 
     def query_schedule(self, mod, target, workload_name):
-        return self.mem.query_schedule(mod, target, workload_name)
+        return self.mem.query_schedule(mod, target, workload_name) if self.tuned_wins(mod) else None
 
     def query_ir_module(self, mod, target, workload_name):
-        return self.mem.query_ir_module(mod, target, workload_name)
+        return self.mem.query_ir_module(mod, target, workload_name) if self.tuned_wins(mod) else None
 
     def __len__(self) -> int:
         return len(self.mem)
@@ -268,6 +304,7 @@ class TuningDatabase(ms.database.PyDatabase):
         recs = self.get_all_tuning_records()
         valid = [r for r in recs if r.run_secs is not None and all(float(s) < 1e9 for s in r.run_secs)]
         return {"path": str(self.path), "workloads": sum(w is not None for w in self.workloads),
+                "baselines": len(self.baselines),
                 "records": len(recs), "valid_records": len(valid), "torn_lines_ignored": self.torn_lines}
 
 

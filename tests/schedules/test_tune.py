@@ -38,7 +38,10 @@ def tuned(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tuning")
     model, x = small_model()
-    report = tune(model, "host", ember.Tuning(trials=8, trials_per_iter=4, database=str(root), seed=0, extra=FAST),
+    # No rule baseline here, so compile must take the tuned kernel whatever its speed (the numerics under test);
+    # test_rules_win_where_faster covers the baseline.
+    report = tune(model, "host", ember.Tuning(trials=8, trials_per_iter=4, database=str(root), seed=0,
+                                              extra={**FAST, "skip_baseline": True}),
                   example_inputs=(x,), progress=False)
     return root, model, x, report
 
@@ -77,6 +80,26 @@ def test_compile_with_database_uses_tuned_kernel_and_matches_numpy(tuned):
     out = cm(x.numpy())
     ref = numpy_reference(model, x)
     assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.slow
+def test_rules_win_where_faster(tuned, tmp_path):
+    """A tuned kernel slower than ember's rule schedule (as timed at tuning) is not used; numerics unchanged."""
+    from ember.schedules.tuning_db import TuningDatabase, database_dir
+
+    root, model, x, _ = tuned
+    src = database_dir(str(root), _host())
+    shutil.copytree(src, tmp_path / src.name, ignore=shutil.ignore_patterns("writer.lock"))
+    db = TuningDatabase(tmp_path / src.name, _host(), writable=True)
+    wl = next(w for w in db.workloads if w is not None)
+    assert db.tuned_wins(wl.mod)
+    db.add_baseline(wl.mod, [1e-9])  # "the rules run in a nanosecond"
+    assert not db.tuned_wins(wl.mod)
+    db.close()
+    cm = ember.compile(model, (x,), tuning=ember.Tuning(database=str(tmp_path), apply_only=True))
+    assert cm.manifest["tuning"]["tuned_kernels"] == 0
+    ref = numpy_reference(model, x)
+    assert np.abs(cm(x.numpy()) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
 @pytest.mark.slow

@@ -78,6 +78,7 @@ def test_tuning_through_rpc_tracker_on_loopback(tracker, tmp_path):
                                               rpc_tracker=f"127.0.0.1:{tracker}", device_key=KEY, workers=2,
                                               extra=FAST), example_inputs=(x,), progress=False)
     assert report.measured == 4 and report.valid >= 1, report.to_json()
+    assert report.tasks[0].rules_ms is not None  # the rule-schedule baseline was timed remotely too
     db = TuningDatabase(database_dir(str(tmp_path), resolve("host")[1]))
     assert len(db) == 4 and len(db.measured) == report.valid
     assert all(0 < s < 1.0 for secs in db.measured.values() for s in secs)
