@@ -3,10 +3,12 @@
 ``schedule_pass(target)`` returns the module pass the pipeline runs right after ``FuseOps``/``FuseTIR`` and before
 the lowering passes. It applies ember's rules to every PrimFunc that is not yet marked ``tirx.is_scheduled``:
 
-* ``llvm`` targets: ember's CPU rules in :mod:`ember.schedules.cpu` (matmul/conv, elementwise, row reductions,
-  then a catch-all that only parallelizes);
-* GPU targets (cuda, rocm, metal, vulkan, opencl, webgpu): dlight's default GPU rules, so every kernel gets thread
-  bindings (a GPU kernel without them does not run);
+* ``llvm`` targets: float32 ``exp``/``erf``/``tanh`` are first rewritten into vectorizable arithmetic
+  (:mod:`ember.schedules.cpu.fast_math`: LLVM would call libm once per element), then ember's CPU rules in
+  :mod:`ember.schedules.cpu` (matmul/conv, elementwise, row reductions, then a catch-all that only parallelizes);
+* GPU targets (cuda, rocm, metal, vulkan, opencl, webgpu): ember's GPU rules (:mod:`ember.schedules.gpu`: GEMV,
+  tensor-core GEMM) then dlight's default GPU rules, so every kernel gets thread bindings (a GPU kernel without
+  them does not run);
 * anything else: the identity pass.
 
 The pass reads the target from its argument, not from ``Target.current()``, and stamps it on each function it
@@ -29,7 +31,12 @@ def cpu_rules():
 
 
 def gpu_rules():
-    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    # ember's own first where dlight is weak (ember.schedules.gpu): decode-shaped GEMV (batch 1..8, any weight
+    # layout) and fp16 GEMMs on tensor cores (dlight's own check never reaches them for sm_90a); then dlight.
+    from .gpu import GEMV, TensorCoreMatmul  # pylint: disable=import-outside-toplevel
+
+    return [GEMV(), TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+            dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
 def rules_for(target: tvm.target.Target):
@@ -49,14 +56,32 @@ def schedule_pass(target: tvm.target.Target) -> tvm.transform.Pass:
     if not rules:
         return tvm.transform.Sequential([], name="ember.schedule(identity)")
 
+    cpu = target.kind.name == "llvm"
+
     @tvm.transform.module_pass(opt_level=0, name="ember.schedule")
     def _schedule(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if cpu:
+            mod = _fast_math(mod)
         # ApplyDefaultSchedule takes the target from each function's "target" attribute or, failing that, from
         # Target.current(); entering ``target`` here makes the pass independent of the caller's context.
         with target:
             return dl.ApplyDefaultSchedule(*rules)(mod)
 
     return _schedule
+
+
+def _fast_math(mod: tvm.IRModule) -> tvm.IRModule:
+    """Vectorizable exp/erf/tanh in every PrimFunc. Kernels already scheduled (tuned records, hand-written
+    kernels) get it too: the rewrite only replaces expressions, so their loop structure is kept. It runs after
+    the tuning database was applied, whose lookup keys on the kernels as they were extracted."""
+    from .cpu.fast_math import rewrite_transcendentals  # pylint: disable=import-outside-toplevel
+
+    funcs = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc):
+            func = rewrite_transcendentals(func)
+        funcs[gv] = func
+    return tvm.IRModule(funcs, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 __all__ = ["schedule_pass", "rules_for", "cpu_rules", "gpu_rules"]

@@ -14,6 +14,9 @@ import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+# TVM 0.27 models TIR calls as ``tvm.ir.expr.Call`` (there is no ``tirx.Call`` class to match on).
+_CALL = type(tirx.exp(tirx.Var("_probe", "float32")))
+
 _FALLBACK_VECTOR_BITS = 128  # SSE2 / NEON: what every x86-64 and AArch64 CPU has.
 
 
@@ -107,7 +110,7 @@ def has_if_then_else(sch: s_tir.Schedule, block_rv) -> bool:
         if "if_then_else" in str(getattr(node.op, "name", "")):
             found[0] = True
 
-    tvm_ffi.structural_walk(sch.get(block_rv).body, [(tirx.Select, _select), (tirx.Call, _call)], order="post")
+    tvm_ffi.structural_walk(sch.get(block_rv).body, [(tirx.Select, _select), (_CALL, _call)], order="post")
     return found[0]
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import tvm
+import tvm_ffi
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
@@ -62,6 +63,7 @@ _L2_PANEL_BYTES = 256 * 1024
 @dataclass
 class _Contraction:
     outer: list  # spatial iter vars that are neither M nor N, in block order
+    outer_a: list  # those of ``outer`` that only A reads (a conv's output rows, a batch flattened into A)
     m: object  # the M iter var, or None (A reads no spatial var of its own: GEMV-like x[k] * W[k, n])
     n: object  # the N iter var: the innermost output index
     reductions: list  # reduction iter vars, in block order
@@ -163,7 +165,9 @@ def _analyze(block: tirx.Stmt) -> _Contraction | None:
     # (tirx Vars compare by identity of the underlying object: use same_as, never Python ``is``.)
     outer = [v for v in spatial if not v.same_as(n) and (m is None or not v.same_as(m))]
     n = [v for v in spatial if v.same_as(n)][0]
-    return _Contraction(outer=outer, m=m, n=n, reductions=reductions, dtype=str(store.buffer.dtype))
+    outer_a = [v for v in outer if v in a_vars and v not in b_vars]
+    return _Contraction(outer=outer, outer_a=outer_a, m=m, n=n, reductions=reductions,
+                        dtype=str(store.buffer.dtype))
 
 
 def _pick_tile(extent: int | None, preferred: int, lo: int) -> int:
@@ -179,7 +183,7 @@ def _pick_tile(extent: int | None, preferred: int, lo: int) -> int:
     return preferred
 
 
-def _register_tile(m_ext, n_ext, lanes: int, regs: int, has_m: bool) -> tuple[int, int]:
+def _register_tile(m_ext, n_ext, lanes: int, regs: int, has_m: bool, panel: int | None = None) -> tuple[int, int]:
     """Choose the register tile (MR rows x NR columns, NR = a whole number of vectors).
 
     Accumulators (MR x NR/lanes vector registers) may use 3/4 of the register file: 12 of AVX2's 16, 24 of
@@ -187,10 +191,12 @@ def _register_tile(m_ext, n_ext, lanes: int, regs: int, has_m: bool) -> tuple[in
     we prefer ones whose MR divides M and NR divides N (no bounds-checked tail tile), then the most accumulators
     (more independent FMA chains hide the FMA latency), then the wider NR (fewer broadcasts per FMA).
     A constant N narrower than the tile is taken whole; a symbolic extent gets a predicated tail.
+    ``panel``: the weight is packed in panels of this many columns (ember.passes.layout); NR is then the panel.
     """
     budget = max(regs * 3 // 4, 1)
     best = None
-    for n_vecs in (4, 3, 2, 1):
+    vec_choices = (4, 3, 2, 1) if panel is None else (panel // lanes,)
+    for n_vecs in vec_choices:
         nr = n_vecs * lanes
         if n_ext is not None and n_ext < nr:
             continue
@@ -214,6 +220,25 @@ def _register_tile(m_ext, n_ext, lanes: int, regs: int, has_m: bool) -> tuple[in
     if has_m and m_ext is not None and m_ext <= mr:
         mr = m_ext
     return mr, nr
+
+
+def panel_width(m_ext, n_ext: int, target: Target, dtype: str = "float32") -> int:
+    """The register tile width NR this rule picks for an [M, K] x [K, N] product on ``target``: the width
+    ember.passes.layout packs dense weights to, so each register tile reads one contiguous panel."""
+    _, nr = _register_tile(m_ext, n_ext, vector_lanes(target, dtype), num_vector_registers(target), True)
+    return nr
+
+
+def _packed_panel(block: tirx.Stmt, n_var) -> int | None:
+    """The panel width P when the block reads some operand at ``[n // P, ..., n % P]`` (a packed weight)."""
+    found = []
+
+    def _mod(node):
+        if isinstance(node.a, tirx.Var) and node.a.same_as(n_var) and isinstance(node.b, tirx.IntImm):
+            found.append(int(node.b.value))
+
+    tvm_ffi.structural_walk(block.body, (tirx.FloorMod, _mod), order="post")
+    return found[0] if len(set(found)) == 1 else None
 
 
 class Matmul(ScheduleRule):
@@ -278,7 +303,11 @@ class Matmul(ScheduleRule):
         regs = num_vector_registers(target)
         n_ext = extent_of[info.n]
         m_ext = extent_of[info.m] if info.m is not None else 1
-        mr, nr = _register_tile(m_ext if info.m is not None else None, n_ext, lanes, regs, info.m is not None)
+        panel = _packed_panel(block_stmt, info.n)
+        if panel is not None and (panel % lanes or (n_ext is not None and n_ext % panel)):
+            panel = None  # not a panel this rule could have asked for; tile as usual
+        mr, nr = _register_tile(m_ext if info.m is not None else None, n_ext, lanes, regs, info.m is not None,
+                                panel)
 
         k_total = 1
         for r in info.reductions:
@@ -292,8 +321,13 @@ class Matmul(ScheduleRule):
             n_o, n_i = None, n_loop
         else:
             n_o, n_i = sch.split(n_loop, factors=[None, nr])
-            # L2 panel blocking of N: only worth it when several row tiles reuse the panel.
-            if n_ext is not None and (m_ext is None or m_ext > mr):
+            # L2 panel blocking of N: only worth it when several row tiles reuse the panel -- tiles of M, and
+            # every index of the axes only A reads (a conv's output rows: without the blocking, a 3x3x512x512
+            # conv on a 7x7 image would stream all 9 MB of weights from memory once per output row).
+            reuse = 1
+            for v in info.outer_a:
+                reuse = reuse * extent_of[v] if (reuse is not None and extent_of[v] is not None) else None
+            if n_ext is not None and (m_ext is None or reuse is None or reuse * (-(-m_ext // mr)) > 1):
                 nb_tiles = max(_L2_PANEL_BYTES // max(k_total * elem_bytes * nr, 1), 1)
                 n_tiles = (n_ext + nr - 1) // nr
                 if nb_tiles < n_tiles:
@@ -308,11 +342,16 @@ class Matmul(ScheduleRule):
         else:
             m_o, m_i = None, None
 
-        outer_loops = [loop_of[v] for v in info.outer]
+        # Axes both operands read (a batch-matmul's batch) go outside the N panel blocks; axes only A reads go
+        # inside them, next to M, so each B panel is reused by all of them while it sits in L2.
+        outer_b = [loop_of[v] for v in info.outer if not any(v.same_as(a) for a in info.outer_a)]
+        outer_a = [loop_of[v] for v in info.outer if any(v.same_as(a) for a in info.outer_a)]
+
         red_loops = [loop_of[v] for v in info.reductions]
-        order = list(outer_loops)
+        order = list(outer_b)
         if n_blocked is not None:
             order.append(n_blocked)
+        order += outer_a
         if m_o is not None:
             order.append(m_o)
         if n_o is not None:

@@ -1,0 +1,255 @@
+"""CPU data layouts chosen before legalization, so weight re-layouts run once at compile time.
+
+``layout_pass(target)`` runs in ``pipeline.prepare`` before ``LiftTransformParams``: every transform of a weight
+it inserts (a transpose, a reshape into blocks) depends on weights alone, is lifted into
+``main_transform_params`` and is computed once when the model is compiled; the artifact stores the weights
+already in the new layout. For non-CPU targets it is the identity.
+
+1. **conv2d → NHWC activations, HWIO weights** (:func:`conv_to_nhwc`, TVM's ``ConvertLayout``)::
+
+       y = conv2d(x, w)                                 # x: NCHW, w: OIHW
+   becomes
+       xt = layout_transform(x, NCHW -> NHWC)           # once, at the model input
+       wt = layout_transform(w, OIHW -> HWIO)           # weight-only: lifted, computed at compile time
+       y  = conv2d(xt, wt, data_layout="NHWC", kernel_layout="HWIO")
+       ... BN / ReLU / residual adds / pooling stay in NHWC; one transform back where NCHW is needed
+
+   Why: with the output channels innermost, a conv is a GEMM whose N axis is the channel axis (64..512 wide in
+   a ResNet) for every layer, and both the weight row ``w[ky, kx, c, :]`` and the output ``y[n, y, x, :]`` are
+   contiguous along it. In NCHW the contiguous output axis is the image width, only 7 or 14 pixels in the deep
+   layers -- too narrow to fill AVX-512 registers.
+
+2. **dense weights packed into column panels** (:class:`PackDenseWeights`)::
+
+       y = matmul(x, w)                                  # x: [..., K], w: [K, N] a weight
+   becomes
+       wp = permute_dims(reshape(w, [K, N/NR, NR]), [1, 0, 2])     # [N/NR, K, NR]: lifted, compile time
+       y  = call_tir(packed_dense, (x, wp))              # y[..., n] = sum_k x[..., k] * wp[n // NR, k, n % NR]
+
+   NR is the register tile width the CPU matmul rule picks for the target (two or more SIMD vectors); the rule
+   recognises the ``n // NR, n % NR`` read and tiles N by exactly NR, so the K x NR panel each register tile
+   streams through is contiguous in memory (one sequential read instead of K rows ``4 N`` bytes apart).
+   Epilogues (bias, GELU, residual add) still fuse: the kernel is annotated output-elementwise-fusable like a
+   matmul. Only matmuls whose second operand comes from a weight (a parameter after ``num_input``, possibly
+   through transposes/reshapes) and whose N is a multiple of NR are packed.
+
+3. **conv2d weights packed the same way** (same class): after 1, an NHWC conv with a weight ``w[ky, kx, c, o]``
+   becomes ``call_tir(packed_conv2d_nhwc, (x, wp))`` with ``wp = w`` as ``[O/NR, KH, KW, C, NR]``: the panel a
+   register tile of output channels reads is contiguous (``KH*KW*C*NR`` floats) instead of ``KH*KW*C`` rows
+   ``4 O`` bytes apart -- for a 3x3x512x512 layer that is 144 pages instead of 2304 per panel, which was the
+   difference between 12 and ~100 GFLOP/s per core. Padding is a separate stage inside the same kernel.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from ..schedules.cpu.common import is_cpu
+
+PACK_DENSE = True
+PACK_CONV = True
+
+# TVM's op pattern kinds (include/tvm/relax/op_attr_types.h): kOutEWiseFusable lets FuseOps attach the
+# elementwise ops that follow (bias, activation, residual add) to the kernel, as it does for matmul.
+_OUT_EWISE_FUSABLE = 4
+
+
+def conv_to_nhwc() -> tvm.transform.Pass:
+    """conv2d in NHWC with HWIO weights (see module docstring, 1)."""
+    return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})
+
+
+def dense_panel_width(target, m, n: int, dtype: str = "float32") -> int:
+    """NR: the register tile width the CPU matmul rule picks for this product on ``target`` (m: rows, None if
+    symbolic)."""
+    from ..schedules.cpu.matmul import panel_width  # pylint: disable=import-outside-toplevel
+
+    return panel_width(m, n, target, dtype)
+
+
+def layout_pass(target, *, nhwc: bool = True, pack_dense: bool | None = None,
+                pack_conv: bool | None = None) -> tvm.transform.Pass:
+    """The layout passes for ``target``: the rewrites chosen on CPUs, the identity elsewhere.
+    ``pack_dense`` / ``pack_conv`` default to the module switches PACK_DENSE / PACK_CONV."""
+    if target is None or not is_cpu(target):
+        return tvm.transform.Sequential([], name="ember.layout(identity)")
+    pack_dense = PACK_DENSE if pack_dense is None else pack_dense
+    pack_conv = PACK_CONV if pack_conv is None else pack_conv
+    passes = [conv_to_nhwc()] if nhwc else []
+    if pack_dense or pack_conv:
+        passes.append(PackDenseWeights(target, dense=pack_dense, conv=pack_conv))
+    return tvm.transform.Sequential(passes, name="ember.layout")
+
+
+# ------------------------------------------------------------------------------------------------ dense packing
+def _packed_dense_te(x: te.Tensor, wp: te.Tensor, n: int, nr: int, out_dtype: str):
+    k = te.reduce_axis((0, wp.shape[1]), name="k")
+
+    def body(*idx):
+        j = idx[-1]
+        a = x[(*idx[:-1], k)]
+        b = wp[j // nr, k, j % nr]
+        if str(a.dtype) != out_dtype:
+            a, b = a.astype(out_dtype), b.astype(out_dtype)
+        return te.sum(a * b, axis=k)
+
+    return te.compute((*x.shape[:-1], n), body, name="packed_dense")
+
+
+def _packed_conv2d_nhwc_te(x: te.Tensor, wp: te.Tensor, f: int, nr: int, strides, dilation, padding,
+                           out_dtype: str):
+    """y[n, oy, ox, o] = sum_{ky, kx, c} pad(x)[n, oy*sh + ky*dh, ox*sw + kx*dw, c] * wp[o // NR, ky, kx, c, o % NR]"""
+    from tvm import topi  # pylint: disable=import-outside-toplevel
+
+    _, kh, kw, c, _ = (int(d) for d in wp.shape)
+    pt, pl, pb, pr = padding
+    if any(padding):
+        x = topi.nn.pad(x, [0, pt, pl, 0], [0, pb, pr, 0], name="pad")
+    n, ph, pw, _ = x.shape
+    oh = (int(ph) - dilation[0] * (kh - 1) - 1) // strides[0] + 1
+    ow = (int(pw) - dilation[1] * (kw - 1) - 1) // strides[1] + 1
+    ry = te.reduce_axis((0, kh), name="ry")
+    rx = te.reduce_axis((0, kw), name="rx")
+    rc = te.reduce_axis((0, c), name="rc")
+
+    def body(b, oy, ox, o):
+        a = x[b, oy * strides[0] + ry * dilation[0], ox * strides[1] + rx * dilation[1], rc]
+        w = wp[o // nr, ry, rx, rc, o % nr]
+        if str(a.dtype) != out_dtype:
+            a, w = a.astype(out_dtype), w.astype(out_dtype)
+        return te.sum(a * w, axis=[ry, rx, rc])
+
+    return te.compute((n, oh, ow, f), body, name="packed_conv2d_nhwc")
+
+
+def _static_int(e):
+    return int(e.value) if isinstance(e, tirx.IntImm) else None
+
+
+@mutator
+class _PackDense(PyExprMutator):
+    def __init__(self, mod, nr_of, dense=True, conv=True):
+        super().__init__(mod)
+        self.nr_of = nr_of
+        self.dense, self.conv = dense, conv
+        self.weights = set()
+        self.packed = 0
+        self.kernels = {}  # (x shape, n, nr, dtypes) -> GlobalVar: one PrimFunc per distinct shape, not per layer
+
+    def visit_function_(self, func):  # noqa: D401  (mutator hook)
+        num_input = func.attrs.get("num_input", None) if func.attrs is not None else None
+        if num_input is not None:
+            self.weights = {p for p in list(func.params)[int(num_input):]}
+        return super().visit_function_(func)
+
+    def _from_weight(self, expr, depth=0) -> bool:
+        """Whether ``expr`` is a weight, possibly through layout-only ops (transpose, reshape, cast)."""
+        if depth > 8:
+            return False
+        if isinstance(expr, relax.Var) and any(expr.same_as(w) for w in self.weights):
+            return True
+        if isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            return bound is not None and self._from_weight(bound, depth + 1)
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in (
+                "relax.permute_dims", "relax.reshape", "relax.astype", "relax.layout_transform"):
+            return self._from_weight(expr.args[0], depth + 1)
+        return False
+
+    def _emit_kernel(self, key, te_func, args, te_args, out_shape, out_dtype, name):
+        """call_tir of ``te_func``: one PrimFunc per distinct ``key`` (shape), marked output-elementwise-fusable."""
+        gv = self.kernels.get(key)
+        if gv is None:
+            out = self.builder_.call_te(te_func, *args, *te_args, primfunc_name_hint=name)
+            gv = out.args[0]
+            # mark it like a matmul/conv for FuseOps (AnnotateTIROpPattern keeps an existing op_pattern)
+            self.builder_.update_func(gv, self.builder_.get()[gv].with_attr("op_pattern", _OUT_EWISE_FUSABLE))
+            self.kernels[key] = gv
+            return out
+        return relax.call_tir(gv, list(args), relax.TensorType(out_shape, out_dtype))
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.conv2d" and self.conv:
+            return self._conv2d(call)
+        if not (isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.matmul") or not self.dense:
+            return call
+        x, w = call.args
+        xs, ws = x.ty, w.ty
+        if not isinstance(ws, relax.TensorType) or ws.ndim != 2 or not isinstance(xs, relax.TensorType):
+            return call
+        if xs.ndim < 1 or ws.shape is None or xs.shape is None:
+            return call
+        k, n = (_static_int(d) for d in ws.shape.values)
+        if k is None or n is None or _static_int(xs.shape.values[-1]) != k:
+            return call
+        out_dtype = str(call.attrs.out_dtype) if call.attrs.out_dtype else str(xs.dtype)
+        if out_dtype in ("", "void"):
+            out_dtype = str(xs.dtype)
+        if "float" not in out_dtype or not self._from_weight(w):
+            return call
+        m = 1
+        for d in xs.shape.values[:-1]:
+            m = m * _static_int(d) if (m is not None and _static_int(d) is not None) else None
+        nr = self.nr_of(m, n, out_dtype)
+        if n % nr or n <= nr:
+            return call
+        wp = self.builder_.emit(relax.op.permute_dims(relax.op.reshape(w, [k, n // nr, nr]), [1, 0, 2]))
+        self.packed += 1
+        key = ("dense", str(xs.shape), str(xs.dtype), str(ws.dtype), n, nr, out_dtype)
+        return self._emit_kernel(key, _packed_dense_te, (x, wp), (n, nr, out_dtype),
+                                 list(xs.shape.values[:-1]) + [n], out_dtype, "packed_dense")
+
+    def _conv2d(self, call):
+        """NHWC/HWIO conv2d with a weight -> call_tir(packed_conv2d_nhwc, (x, wp)) (see module docstring, 3)."""
+        attrs = call.attrs
+        x, w = call.args
+        xs, ws = x.ty, w.ty
+        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NHWC", "HWIO", "NHWC"):
+            return call
+        if int(attrs.groups) != 1 or ws.shape is None or xs.shape is None or xs.ndim != 4:
+            return call
+        kh, kw, c, f = (_static_int(d) for d in ws.shape.values)
+        ih, iw, ic = (_static_int(d) for d in xs.shape.values[1:])
+        if None in (kh, kw, c, f, ih, iw, ic) or ic != c:
+            return call
+        out_dtype = str(attrs.out_dtype) if str(attrs.out_dtype) not in ("", "void") else str(xs.dtype)
+        if "float" not in out_dtype or not self._from_weight(w):
+            return call
+        strides = [int(v) for v in attrs.strides]
+        dilation = [int(v) for v in attrs.dilation]
+        padding = [int(v) for v in attrs.padding]  # top, left, bottom, right
+        oh = (ih + padding[0] + padding[2] - dilation[0] * (kh - 1) - 1) // strides[0] + 1
+        ow = (iw + padding[1] + padding[3] - dilation[1] * (kw - 1) - 1) // strides[1] + 1
+        nr = self.nr_of(ow, f, out_dtype)
+        if f % nr or f <= nr:
+            return call
+        wp = self.builder_.emit(relax.op.permute_dims(relax.op.reshape(w, [kh, kw, c, f // nr, nr]), [3, 0, 1, 2, 4]))
+        self.packed += 1
+        geom = (tuple(strides), tuple(dilation), tuple(padding))
+        key = ("conv2d", str(xs.shape), str(xs.dtype), str(ws.shape), nr, out_dtype, geom)
+        out_shape = [xs.shape.values[0], oh, ow, f]
+        return self._emit_kernel(key, _packed_conv2d_nhwc_te, (x, wp), (f, nr, strides, dilation, padding, out_dtype),
+                                 out_shape, out_dtype, "packed_conv2d_nhwc")
+
+
+@tvm.transform.module_pass(opt_level=0, name="ember.PackDenseWeights")
+class PackDenseWeights:
+    """Pack the weights of dense layers into NR-wide column panels (see module docstring, 2)."""
+
+    def __init__(self, target, dense: bool = True, conv: bool = True):
+        self.target = target
+        self.dense, self.conv = dense, conv
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        packer = _PackDense(mod, lambda m, n, dtype: dense_panel_width(self.target, m, n, dtype), self.dense,
+                            self.conv)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                packer.builder_.update_func(gv, packer.visit_expr(func))
+        return packer.builder_.get()
+
+
+__all__ = ["layout_pass", "conv_to_nhwc", "PackDenseWeights", "dense_panel_width"]
