@@ -116,7 +116,7 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     imported, compression = compress(imported, quantization=quantization, sparsity=sparsity, target=tgt,
                                      example_inputs=example_inputs, verbose=verbose)
     t1 = time.perf_counter()
-    mod = prepare(imported.mod, fusion=fusion)
+    mod = prepare(imported.mod, fusion=fusion, target=tgt)
     mod, weights = _transform_params(mod, imported.params)
     t2 = time.perf_counter()
     # fusion=False (internal: benchmarks, before/after) compiles with TVM's default FuseOps only.

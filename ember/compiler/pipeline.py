@@ -19,12 +19,16 @@ from tvm import relax
 TRANSFORM_PARAMS = "main_transform_params"
 
 
-def prepare(mod: tvm.IRModule, fusion: bool = True) -> tvm.IRModule:
-    """``fusion=False`` skips ember's BatchNorm folding (TVM's default pipeline, for before/after comparisons)."""
+def prepare(mod: tvm.IRModule, fusion: bool = True, target=None) -> tvm.IRModule:
+    """``fusion=False`` skips ember's BatchNorm folding (TVM's default pipeline, for before/after comparisons).
+    ``target``: CPU targets get ember's layouts (ember.passes.layout: NHWC convs, packed dense/conv weights),
+    chosen here so the weight re-layouts are lifted and run once at compile time."""
     from ..passes.fold_bn import FoldBatchNorm
+    from ..passes.layout import layout_pass
 
     seq = tvm.transform.Sequential(([FoldBatchNorm] if fusion else []) + [
         relax.transform.DecomposeOpsForInference(),
+        layout_pass(target),
         relax.transform.CanonicalizeBindings(),
         relax.transform.LiftTransformParams(),
     ])
