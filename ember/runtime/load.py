@@ -26,7 +26,7 @@ def host_cpu_flags() -> set[str] | None:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):  # x86: "flags"; AArch64 Linux: "Features"
                     return set(line.split(":", 1)[1].split())
     except OSError:
         return None
@@ -78,6 +78,13 @@ def verify(art_dir: str, manifest: dict, where: str, device: str, cpu_flags=None
     if tgt.get("arch") and tgt["arch"] != machine:
         raise ArtifactError(f"{where}: compiled for {tgt['arch']} CPUs (target '{tgt['name']}'), this machine is "
                             f"{machine}; recompile with a target for this machine (e.g. --target host)")
+    system = platform.system().lower()
+    if tgt.get("os") and tgt["os"] != system:
+        raise ArtifactError(f"{where}: compiled for {tgt['os']} (target '{tgt['name']}'), this machine runs "
+                            f"{system}; recompile with a target for this machine (e.g. --target host)")
+    if tgt.get("device") in ("rocm", "metal") and not (tgt.get("gpu") or {}).get("device_code"):
+        raise ArtifactError(f"{where}: the manifest records no checked {tgt['device']} kernels; re-export it "
+                            "with this version of ember")
     if tgt.get("device") == "cuda":
         code = (tgt.get("gpu") or {}).get("device_code")
         if code not in ("fatbin", "cubin"):
