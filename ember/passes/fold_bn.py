@@ -167,8 +167,11 @@ def FoldBatchNorm(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # pylint: disable=i
     mod = mod.clone()
     for gv, f in updates.items():
         mod.update_func(gv, f)
-    # Drop the now-dead conv/BN bindings before anything else looks at the graph.
-    return relax.transform.DeadCodeElimination()(mod)
+    # Drop the now-dead conv/BN bindings; evaluate the parts that read only constants (torch.export makes the
+    # running statistics constants, not parameters): LiftTransformParams lifts what depends on parameters but
+    # leaves constant-only expressions in main, where they would otherwise run at every inference.
+    mod = relax.transform.DeadCodeElimination()(mod)
+    return relax.transform.FoldConstant()(mod)
 
 
 def count_batch_norms(mod: tvm.IRModule) -> int:
