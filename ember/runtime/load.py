@@ -74,14 +74,14 @@ def verify(art_dir: str, manifest: dict, where: str, device: str, cpu_flags=None
         raise ArtifactError(f"{where}: compiled for target '{tgt['name']}' which runs on '{tgt['device']}', but "
                             f"device='{device}' was asked; load it with device='{tgt['device']}' or recompile "
                             f"with --target for {device}")
-    machine = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
-    if tgt.get("arch") and tgt["arch"] != machine:
-        raise ArtifactError(f"{where}: compiled for {tgt['arch']} CPUs (target '{tgt['name']}'), this machine is "
-                            f"{machine}; recompile with a target for this machine (e.g. --target host)")
     system = platform.system().lower()
     if tgt.get("os") and tgt["os"] != system:
         raise ArtifactError(f"{where}: compiled for {tgt['os']} (target '{tgt['name']}'), this machine runs "
                             f"{system}; recompile with a target for this machine (e.g. --target host)")
+    machine = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+    if tgt.get("arch") and tgt["arch"] != machine:
+        raise ArtifactError(f"{where}: compiled for {tgt['arch']} CPUs (target '{tgt['name']}'), this machine is "
+                            f"{machine}; recompile with a target for this machine (e.g. --target host)")
     if tgt.get("device") in ("rocm", "metal") and not (tgt.get("gpu") or {}).get("device_code"):
         raise ArtifactError(f"{where}: the manifest records no checked {tgt['device']} kernels; re-export it "
                             "with this version of ember")
