@@ -124,6 +124,13 @@ def _packed_conv2d_nhwc_te(x: te.Tensor, wp: te.Tensor, f: int, nr: int, strides
     return te.compute((n, oh, ow, f), body, name="packed_conv2d_nhwc")
 
 
+def _out_dtype(attrs, x_type) -> str:
+    """The op's out_dtype attribute, or the input dtype where it is unset (None / "" / "void")."""
+    dt = getattr(attrs, "out_dtype", None)
+    dt = "" if dt is None else str(dt)
+    return str(x_type.dtype) if dt in ("", "void", "None") else dt
+
+
 def _static_int(e):
     return int(e.value) if isinstance(e, tirx.IntImm) else None
 
@@ -185,9 +192,7 @@ class _PackDense(PyExprMutator):
         k, n = (_static_int(d) for d in ws.shape.values)
         if k is None or n is None or _static_int(xs.shape.values[-1]) != k:
             return call
-        out_dtype = str(call.attrs.out_dtype) if call.attrs.out_dtype else str(xs.dtype)
-        if out_dtype in ("", "void"):
-            out_dtype = str(xs.dtype)
+        out_dtype = _out_dtype(call.attrs, xs)
         if "float" not in out_dtype or not self._from_weight(w):
             return call
         m = 1
@@ -215,7 +220,7 @@ class _PackDense(PyExprMutator):
         ih, iw, ic = (_static_int(d) for d in xs.shape.values[1:])
         if None in (kh, kw, c, f, ih, iw, ic) or ic != c:
             return call
-        out_dtype = str(attrs.out_dtype) if str(attrs.out_dtype) not in ("", "void") else str(xs.dtype)
+        out_dtype = _out_dtype(attrs, xs)
         if "float" not in out_dtype or not self._from_weight(w):
             return call
         strides = [int(v) for v in attrs.strides]

@@ -163,6 +163,32 @@ def test_conv2d(n, c, hw, f, ks, stride, pad):
     _check(Matmul(), conv_kernel(n, c, hw, f, ks, stride, pad))
 
 
+def conv_nhwc_kernel(n, hw, c, f, ksize, stride, pad):
+    """What ember's layout pass makes of a conv whose channels fit one panel: NHWC data, HWIO weights."""
+    out_hw = (hw + 2 * pad - ksize) // stride + 1
+    mod = relax_graph([("x", (n, hw, hw, c)), ("w", (ksize, ksize, c, f)), ("b", (f,)), ("r", (n, out_hw, out_hw, f))],
+                      lambda x, w, b, r: op.nn.relu(op.add(op.add(op.nn.conv2d(
+                          x, w, strides=stride, padding=pad, data_layout="NHWC", kernel_layout="HWIO"), b), r)))
+    return the_kernel(mod, "conv2d")
+
+
+@pytest.mark.parametrize("n,hw,c,f,ks,stride,pad", [
+    (2, 17, 3, 16, 3, 1, 1),
+    (1, 13, 7, 48, 3, 2, 1),  # prime sizes, stride 2
+    (1, 7, 64, 64, 3, 1, 1),  # a deep-layer shape: 7x7 output, N = channels
+    (1, 9, 24, 40, 1, 1, 0),  # 1x1, N not a multiple of the vector
+])
+def test_conv2d_nhwc(n, hw, c, f, ks, stride, pad):
+    _check(Matmul(), conv_nhwc_kernel(n, hw, c, f, ks, stride, pad))
+
+
+def test_batched_dense_prime_sizes():
+    """A-only outer axes (a batch flattened into A) around a prime-sized dense: M 13, K 29, N 37."""
+    mod = relax_graph([("x", (3, 13, 29)), ("w", (29, 37)), ("b", (37,))],
+                      lambda x, w, b: op.add(op.matmul(x, w), b))
+    _check(Matmul(), the_kernel(mod, "matmul"))
+
+
 def test_conv2d_plain():
     _check(Matmul(), conv_kernel(1, 8, 15, 16, 3, 1, 1, epilogue=False))
 
