@@ -72,11 +72,15 @@ def _eval_batches(imported, cfg, example_inputs):
 def _plans(cfg, sites, ref, data, taps_per_batch, outs_ref, verbose):
     plans, extra = {}, {}
     if isinstance(cfg, WeightOnly):
-        for s in sites:
+        for i, s in enumerate(sites):
             plans[s.name] = {"scheme": "weight_only", "bits": cfg.bits, "group": cfg.group_size,
                              "symmetric": cfg.symmetric}
             if s.kind == "embedding" and cfg.group_size != -1 and s.k % cfg.group_size:
                 plans[s.name]["group"] = -1  # a table row not divisible by the group: one scale per row
+            if cfg.calibration is not None and s.kind == "matmul":
+                plans[s.name]["gptq_x"] = np.concatenate([ref.site_input(t, i, s.k) for t in taps_per_batch])
+        if cfg.calibration is not None:
+            extra["weight_rounding"] = "GPTQ error compensation on the calibration data"
     elif isinstance(cfg, Int8Dynamic):
         for s in sites:
             plans[s.name] = {"scheme": "int8", "per_token": cfg.granularity == "token", "static": False,

@@ -63,7 +63,7 @@ class Emitter:
 
     def _weight_only(self, bb, site, x2, m, plan, bias):
         bits, group, sym = plan["bits"], plan["group"], plan["symmetric"]
-        arrays, deq = qmath.weight_only_pack(self._weight_kn(site), bits, group, sym)
+        arrays, deq = qmath.weight_only_pack(self._weight_kn(site), bits, group, sym, plan.get("gptq_x"))
         self.dequantized[site.name] = deq
         args = [x2] + [self._param(f"{site.name}.{k}", a) for k, a in arrays.items()]
         if bias is not None:

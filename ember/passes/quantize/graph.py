@@ -36,6 +36,10 @@ def sinfo(expr):
     return getattr(expr, "struct_info", None) or getattr(expr, "ty", None)
 
 
+def dtype_of(expr) -> str:
+    return str(getattr(sinfo(expr), "dtype", ""))
+
+
 def static_shape(expr):
     """Static int shape of a tensor expression, or None."""
     si = sinfo(expr)
@@ -83,7 +87,7 @@ def find_sites(func: relax.Function, param_names: list[str], embeddings: bool) -
         uses[v] = uses.get(v, 0) + 1
 
     def fp32_weight(v):
-        return isinstance(v, relax.Var) and v in weights and getattr(sinfo(v), "dtype", "") == "float32"
+        return isinstance(v, relax.Var) and v in weights and dtype_of(v) == "float32"
 
     sites: list[Site] = []
     by_matmul = {}
@@ -92,7 +96,7 @@ def find_sites(func: relax.Function, param_names: list[str], embeddings: bool) -
             continue
         if value.op.same_as(_MATMUL) and len(value.args) == 2:
             x, w = value.args
-            if getattr(sinfo(x), "dtype", "") != "float32" or getattr(sinfo(x), "ndim", 0) < 2:
+            if dtype_of(x) != "float32" or getattr(sinfo(x), "ndim", 0) < 2:
                 continue
             xshape = getattr(sinfo(x), "shape", None)
             if xshape is None or not hasattr(xshape.values[-1], "value"):
@@ -120,7 +124,7 @@ def find_sites(func: relax.Function, param_names: list[str], embeddings: bool) -
             shape = static_shape(value.args[0])
             if shape is None or len(shape) != 2 or (axis is not None and int(axis) != 0):
                 continue
-            if "int" not in getattr(sinfo(value.args[1]), "dtype", ""):
+            if "int" not in dtype_of(value.args[1]):
                 continue
             w = value.args[0]
             sites.append(Site("embedding", param_names[weights[w]], weights[w], False, shape[1], shape[0],

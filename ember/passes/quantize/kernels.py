@@ -321,12 +321,14 @@ def int8_matmul(k: int, n: int, lanes: int, has_bias: bool, target):
     sch.reverse_compute_at(epi, ib, preserve_unit_loops=True)
     sch.unroll(ii)
     sch.unroll(jo_i)
-    init = sch.decompose_reduction(blk, kor)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if vnni_lanes(target) == lanes:
-        sch.tensorize(ji, vnni_intrinsic(lanes))
-    else:
+    use_vnni = vnni_lanes(target) == lanes
+    if not use_vnni:  # int32 multiply-adds vectorized over the output channels (annotated before decomposing)
+        sch.reorder(kir, ji)
         sch.unroll(kir)
         sch.vectorize(ji)
+    init = sch.decompose_reduction(blk, kor)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if use_vnni:
+        sch.tensorize(ji, vnni_intrinsic(lanes))
     _vectorize_inner(sch, sch.get_loops(epi)[-1], vector_lanes(target, "float32"))
     return _finish(sch, "ember_int8_matmul")

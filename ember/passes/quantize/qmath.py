@@ -25,30 +25,54 @@ def _groups(k: int, group: int) -> int:
     return 1 if group == -1 else k // group
 
 
-def quantize_groups(w: np.ndarray, bits: int, group: int, symmetric: bool, axis: int):
+_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _codes(wg, lo, hi, bits, symmetric):
+    """Codes, scale, zero for groups ``wg[..., g]`` with range [lo, hi] (symmetric: hi = absmax, lo unused)."""
+    qmax = (1 << bits) - 1
+    if symmetric:
+        half = 1 << (bits - 1)
+        scale = np.where(hi > 0, hi / (half - 1), 1.0).astype(np.float32)
+        scale = scale.astype(np.float16).astype(np.float32)  # what the artifact stores
+        zero = np.full(scale.shape, float(half), np.float32)
+    else:
+        scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
+        scale = np.maximum(scale.astype(np.float16).astype(np.float32), np.float32(6.1e-5))
+        zero = np.clip(np.round(-lo / scale), 0, qmax).astype(np.float32)
+    q = np.clip(np.round(wg / scale[..., None]) + zero[..., None], 0, qmax).astype(np.uint8)
+    return q, scale, zero
+
+
+def quantize_groups(w: np.ndarray, bits: int, group: int, symmetric: bool, axis: int, search: bool = True):
     """Quantize ``w`` (2-D) in groups of ``group`` along ``axis``; returns (codes uint8, scale f32, zero f32).
 
-    scale/zero have the shape of ``w`` with ``axis`` shrunk to the number of groups.
+    scale/zero have the shape of ``w`` with ``axis`` shrunk to the number of groups. ``search``: per group, try
+    ranges shrunk by the factors in ``_SHRINK`` and keep the one with the least squared error (clipping a rare
+    outlier often buys a finer step for the other weights); deterministic.
     """
     w = np.asarray(w, dtype=np.float32)
     wa = np.moveaxis(w, axis, -1)  # [..., K]
     k = wa.shape[-1]
     g = k if group == -1 else group
     wg = wa.reshape(wa.shape[:-1] + (k // g, g))
-    qmax = (1 << bits) - 1
     if symmetric:
-        half = 1 << (bits - 1)
-        amax = np.abs(wg).max(axis=-1)
-        scale = np.where(amax > 0, amax / (half - 1), 1.0).astype(np.float32)
-        scale = scale.astype(np.float16).astype(np.float32)  # what the artifact stores
-        zero = np.full(scale.shape, float(half), np.float32)
+        lo0, hi0 = None, np.abs(wg).max(axis=-1)
     else:
-        lo = np.minimum(wg.min(axis=-1), 0.0)
-        hi = np.maximum(wg.max(axis=-1), 0.0)
-        scale = np.where(hi > lo, (hi - lo) / qmax, 1.0).astype(np.float32)
-        scale = scale.astype(np.float16).astype(np.float32)
-        zero = np.clip(np.round(-lo / scale), 0, qmax).astype(np.float32)
-    q = np.clip(np.round(wg / scale[..., None]) + zero[..., None], 0, qmax).astype(np.uint8)
+        lo0, hi0 = np.minimum(wg.min(axis=-1), 0.0), np.maximum(wg.max(axis=-1), 0.0)
+    best = None
+    for f in (_SHRINK if search else (1.0,)):
+        q, scale, zero = _codes(wg, None if lo0 is None else lo0 * f, hi0 * f, bits, symmetric)
+        err = (((q.astype(np.float32) - zero[..., None]) * scale[..., None] - wg) ** 2).sum(-1)
+        if best is None:
+            best = [q, scale, zero, err]
+            continue
+        better = err < best[3]
+        best[0] = np.where(better[..., None], q, best[0])
+        best[1] = np.where(better, scale, best[1])
+        best[2] = np.where(better, zero, best[2])
+        best[3] = np.where(better, err, best[3])
+    q, scale, zero = best[0], best[1], best[2]
     q = np.moveaxis(q.reshape(wa.shape), -1, axis)
     return q, np.moveaxis(scale, -1, axis), np.moveaxis(zero, -1, axis)
 
@@ -78,12 +102,16 @@ def unpack_int4(p: np.ndarray, n: int) -> np.ndarray:
     return out[..., :n]
 
 
-def weight_only_pack(w_kn: np.ndarray, bits: int, group: int, symmetric: bool):
+def weight_only_pack(w_kn: np.ndarray, bits: int, group: int, symmetric: bool, x=None):
     """A matmul weight ``[K, N]`` → the arrays the weight-only kernel reads, plus the dequantized weight.
 
+    ``x``: the layer's calibration inputs ``[rows, K]``; when given, GPTQ rounding (:func:`gptq_quantize`).
     Returns (arrays: dict name → ndarray in kernel argument order, dequantized fp32 ``[K, N]``).
     """
-    q, s, z = quantize_groups(w_kn, bits, group, symmetric, axis=0)
+    if x is not None:
+        q, s, z = gptq_quantize(w_kn, x, bits, group, symmetric)
+    else:
+        q, s, z = quantize_groups(w_kn, bits, group, symmetric, axis=0)
     deq = dequantize_groups(q, s, z, group, axis=0)
     arrays = {"qweight": pack_int4(q) if bits == 4 else q, "scales": s.astype(np.float16)}
     if not symmetric:
@@ -152,3 +180,52 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     if not ok.any():
         return 1.0
     return float(np.mean(num[ok] / den[ok]))
+
+
+# -- GPTQ-style error compensation -------------------------------------------------------------------------
+def gptq_quantize(w_kn: np.ndarray, x: np.ndarray, bits: int, group: int, symmetric: bool,
+                  damp: float = 0.01, block: int = 128):
+    """Group-wise quantization of a matmul weight ``[K, N]`` that compensates each column's rounding error on the
+    not-yet-quantized columns, weighted by the layer inputs ``x`` ``[rows, K]`` (GPTQ, Frantar et al. 2022).
+
+    Returns (codes uint8 [K, N], scale f32 [K/g, N], zero f32 [K/g, N]) in the same format as
+    :func:`quantize_groups` with ``axis=0``, so the kernels and the packer are unchanged. Deterministic (no random
+    ordering; columns in natural order).
+    """
+    W = np.asarray(w_kn, np.float64).T.copy()  # [N, K]: rows are output channels
+    n, k = W.shape
+    g = k if group == -1 else group
+    X = np.asarray(x, np.float64).reshape(-1, k)
+    H = 2.0 * X.T @ X / max(X.shape[0], 1)
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += np.eye(k) * damp * float(np.mean(np.diag(H)))
+    try:
+        Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper triangular
+    except np.linalg.LinAlgError:
+        return quantize_groups(w_kn, bits, group, symmetric, axis=0)
+    block = g if g >= block else block // g * g  # groups never straddle blocks
+    Q = np.zeros((n, k), np.uint8)
+    S = np.zeros((n, k // g), np.float32)
+    Z = np.zeros((n, k // g), np.float32)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        W1 = W[:, b0:b1].copy()
+        E = np.zeros_like(W1)
+        Hb = Hinv[b0:b1, b0:b1]
+        for j in range(b1 - b0):
+            col = b0 + j
+            if col % g == 0:  # this group's scale, from the weights as compensated so far
+                grp = W1[:, j:j + g].astype(np.float32)
+                _, s, z = quantize_groups(grp, bits, -1, symmetric, axis=1)
+                S[:, col // g], Z[:, col // g] = s[:, 0], z[:, 0]
+            s, z = S[:, col // g].astype(np.float64), Z[:, col // g].astype(np.float64)
+            qmax = (1 << bits) - 1
+            q = np.clip(np.round(W1[:, j] / s) + z, 0, qmax)
+            Q[:, col] = q.astype(np.uint8)
+            err = (W1[:, j] - (q - z) * s) / Hb[j, j]
+            W1[:, j:] -= np.outer(err, Hb[j, j:])
+            E[:, j] = err
+        W[:, b1:] -= E @ Hinv[b0:b1, b1:]
+    return Q.T.copy(), S.T.copy(), Z.T.copy()
