@@ -31,9 +31,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Children print one JSON line last. They measure themselves: RSS via psutil, peak via ru_maxrss.
+# Children print one JSON line last. They measure themselves: RSS via psutil, peak via /proc (VmHWM).
 CHILD_PRELUDE = r"""
-import importlib.abc, json, os, resource, sys, threading, time
+import importlib.abc, json, os, sys, threading, time
 if os.environ.get("EMBER_BENCH_HIDE_TORCH") == "1":
     class NoTorch(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
@@ -43,7 +43,10 @@ if os.environ.get("EMBER_BENCH_HIDE_TORCH") == "1":
 import numpy as np, psutil
 proc = psutil.Process()
 mib = lambda: proc.memory_info().rss / 2**20
-peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def peak():
+    # VmHWM, not ru_maxrss: Linux carries the parent's peak into a forked child's ru_maxrss across exec.
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 def median_ms(fn, warmup, repeat, min_s):
     for _ in range(warmup):
         fn()

@@ -2,12 +2,17 @@
 //
 //   ember_run ARTIFACT_DIR [--input NAME=FILE.npy]... [--dim NAME=SIZE]... [--device cpu]
 //             [--output-dir DIR] [--warmup 5] [--repeat 30] [--min-seconds 0.5] [--seed 0] [--json]
+//             [--threads N --iterations 20]
 //
 // Inputs not given with --input are random (floats ~ N(0, 1), integers in [0, 100), as `ember bench` makes them);
 // their symbolic dimensions take the size given by --dim (default 1). Outputs are printed and, with
 // --output-dir, written as DIR/<output name>.npy. The latency is the median over the timed runs of "main" on
 // inputs already on the device (the same measure as ember's Python CompiledModel.benchmark).
+// --threads N: afterwards N threads, each with its own Session over the one shared Model, run the same inputs
+// --iterations times at once and every result is compared with the first run's outputs (exit 1 on a mismatch).
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -17,6 +22,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <tvm/ffi/error.h>
@@ -41,11 +47,14 @@ struct Options {
   double min_seconds = 0.5;
   uint64_t seed = 0;
   bool json = false;
+  int threads = 0;
+  int iterations = 20;
 };
 
 const char* kUsage =
     "usage: ember_run ARTIFACT_DIR [--input NAME=FILE.npy]... [--dim NAME=SIZE]... [--device cpu|cuda|rocm|metal]\n"
-    "                 [--output-dir DIR] [--warmup N] [--repeat N] [--min-seconds S] [--seed N] [--json]\n";
+    "                 [--output-dir DIR] [--warmup N] [--repeat N] [--min-seconds S] [--seed N] [--json]\n"
+    "                 [--threads N] [--iterations N]\n";
 
 std::pair<std::string, std::string> SplitEq(const std::string& flag, const std::string& v) {
   size_t eq = v.find('=');
@@ -88,6 +97,10 @@ Options Parse(int argc, char** argv) {
       o.seed = std::stoull(value());
     } else if (a == "--json") {
       o.json = true;
+    } else if (a == "--threads") {
+      o.threads = std::stoi(value());
+    } else if (a == "--iterations") {
+      o.iterations = std::max(1, std::stoi(value()));
     } else if (!a.empty() && a[0] == '-') {
       throw std::runtime_error("unknown option " + a + "\n" + kUsage);
     } else if (o.artifact.empty()) {
@@ -169,6 +182,45 @@ std::pair<double, double> ResidentMiB() {
   return {rss, hwm};
 }
 
+// Runs `threads` Sessions at once (released together), each `iterations` times on the same device inputs, and
+// counts results that differ from `expected` (relative 1e-5 for floats, exact otherwise).
+int CheckConcurrent(const std::shared_ptr<const Model>& model, const std::vector<tvm::ffi::Tensor>& inputs,
+                    const std::vector<NpyArray>& expected, int threads, int iterations) {
+  std::atomic<int> bad{0}, ready{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&]() {
+      try {
+        Session session(model);  // per thread: a VM; the weights stay the Model's
+        ready++;
+        while (ready.load() < threads) std::this_thread::yield();
+        for (int i = 0; i < iterations; ++i) {
+          std::vector<tvm::ffi::Tensor> outs = session.Run(inputs);
+          session.Sync();
+          for (size_t k = 0; k < outs.size(); ++k) {
+            NpyArray got = Model::ToHost(outs[k]);
+            bool same = got.shape == expected[k].shape && got.data.size() == expected[k].data.size();
+            if (same && got.dtype == "float32") {
+              auto* a = reinterpret_cast<const float*>(got.data.data());
+              auto* b = reinterpret_cast<const float*>(expected[k].data.data());
+              for (int64_t j = 0; j < got.numel() && same; ++j)
+                same = std::fabs(a[j] - b[j]) <= 1e-5f * std::max(1.0f, std::fabs(b[j]));
+            } else if (same) {
+              same = got.data == expected[k].data;
+            }
+            if (!same) bad++;
+          }
+        }
+      } catch (const std::exception& e) {
+        std::cerr << "ember_run: thread failed: " << e.what() << "\n";
+        bad++;
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  return bad.load();
+}
+
 int Run(const Options& o) {
   using Clock = std::chrono::steady_clock;
   auto ms = [](Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
@@ -215,6 +267,16 @@ int Run(const Options& o) {
       std::cout << "output " << name << ": " << host.dtype << ShapeStr(host.shape) << " first values "
                 << FirstValues(host, 6) << "\n";
     if (!o.output_dir.empty()) ember_example::SaveNpy(o.output_dir + "/" + name + ".npy", host);
+  }
+
+  if (o.threads > 0) {
+    std::vector<NpyArray> expected;
+    for (const auto& t : outputs) expected.push_back(Model::ToHost(t));
+    int bad = CheckConcurrent(model, inputs, expected, o.threads, o.iterations);
+    if (!o.json)
+      std::cout << o.threads << " threads x " << o.iterations << " runs, one Session each over the shared Model: "
+                << (bad ? std::to_string(bad) + " wrong results" : "all outputs equal the single-thread run") << "\n";
+    if (bad) return 1;
   }
 
   for (int i = 0; i < o.warmup; ++i) session.Run(inputs);

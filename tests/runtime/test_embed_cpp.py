@@ -121,6 +121,19 @@ def test_random_inputs_take_dim_sizes(ember_run, mlp_artifacts, tmp_path):
 
 
 @pytest.mark.slow
+def test_eight_cpp_threads_share_one_model(ember_run, tmp_path):
+    """C++: one Model (library + weights) shared by 8 threads, one Session (VM) each, all results right."""
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    x, ids = torch.randn(2, 8), torch.randint(0, 50, (2, 5))
+    art = ember.compile(model, (x, ids), dynamic_batch=True).export(tmp_path / "a")
+    res = _run(ember_run, art, "--dim", "batch=5", "--threads", "8", "--iterations", "50", "--repeat", "1",
+               "--min-seconds", "0")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "8 threads x 50 runs, one Session each over the shared Model: all outputs equal" in res.stdout
+
+
+@pytest.mark.slow
 def test_two_inputs_by_name_int64_and_tuple_outputs(ember_run, tmp_path):
     torch.manual_seed(0)
     model = TwoHeads().eval()
