@@ -35,7 +35,7 @@ import itertools
 import numpy as np
 import tvm
 from tvm import relax
-from tvm.relax.dpl import is_op, wildcard
+from tvm.relax.dpl import GlobalVarPattern, is_op, wildcard
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .attention_kernels import AttentionSpec, cpu_attention, cuda_attention
@@ -478,8 +478,11 @@ def _view(x):
 
 def epilogue_patterns() -> list:
     """(name, pattern, annotations, check) tuples for FuseOpsByPattern, longest chains first."""
+    # ember.passes.layout (CPU) has already turned weight matmuls/convs into call_tir of packed-weight kernels
+    # (``packed_dense``, ``packed_conv2d_nhwc``): those are matmul/conv cores too.
+    packed = is_op("relax.call_tir")(GlobalVarPattern(), wildcard())
     cores = {
-        "matmul": is_op("relax.matmul")(wildcard(), wildcard()),
+        "matmul": is_op("relax.matmul")(wildcard(), wildcard()) | packed,
         "conv2d": is_op("relax.nn.conv2d")(wildcard(), wildcard()),
         "conv1d": is_op("relax.nn.conv1d")(wildcard(), wildcard()),
     }
@@ -502,12 +505,23 @@ def epilogue_patterns() -> list:
                 if on:
                     p = make(p)
             label = "_".join([core_name] + [n for n in names if n != "view"])
-            out.append((f"ember.{label}", p, {}, _only_used_inside))
+            out.append((f"ember.{label}", p, {"core": core}, _epilogue_check))
     norm_x = is_op("relax.add")(wildcard(), wildcard())
     out.append(("ember.add_layer_norm", is_op("relax.nn.layer_norm")(norm_x, wildcard(), wildcard()), {},
                 _only_used_inside))
     out.append(("ember.add_rms_norm", is_op("relax.nn.rms_norm")(norm_x, wildcard()), {}, _only_used_inside))
     return out
+
+
+_PACKED_CORES = ("packed_dense", "packed_conv")
+
+
+def _epilogue_check(ctx) -> bool:
+    core = ctx.annotated_expr.get("core") if hasattr(ctx.annotated_expr, "get") else None
+    if core is not None and _op_name(core) == "relax.call_tir":
+        if not core.args[0].name_hint.startswith(_PACKED_CORES):
+            return False  # some other TIR kernel: not known to be a contraction with a tileable epilogue
+    return _only_used_inside(ctx)
 
 
 def _only_used_inside(ctx) -> bool:
