@@ -53,3 +53,12 @@ __all__ = [
     "ArtifactError", "TargetError", "ConfigError", "WeightOnly", "Int8Dynamic", "Int8Static", "Mixed", "NM",
     "Tuning",
 ]
+
+
+def __getattr__(name):
+    # Submodules reachable as attributes without importing them up front: ``ember.quantization.DynamicQuantizer``.
+    if name in ("quantization",):
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'ember' has no attribute {name!r}")

@@ -70,11 +70,12 @@ def random_inputs(specs, dims=None, seed=0):
 def cmd_compile(a):
     import ember
 
-    from .config import parse_sparsity
+    from .config import parse_quantization, parse_sparsity
 
     sparsity = parse_sparsity(getattr(a, "sparsity", None))
+    quantization = parse_quantization(getattr(a, "quantize", None))
     tuning = ember.Tuning(database=a.tuning_db, apply_only=True) if getattr(a, "tuning_db", None) else None
-    if a.model in BUNDLED and (sparsity is not None or tuning is not None):
+    if a.model in BUNDLED and (sparsity is not None or tuning is not None or quantization is not None):
         import torch
 
         from .models import minilm
@@ -82,7 +83,8 @@ def cmd_compile(a):
         ids = torch.ones((a.batch, a.seq), dtype=torch.int64)
         cm = ember.compile(minilm.load_encoder(), (ids, torch.ones_like(ids)), target=a.target,
                            dynamic_batch=a.dynamic_batch, input_names=["input_ids", "attention_mask"],
-                           output_names=["embedding"], sparsity=sparsity, tuning=tuning)
+                           output_names=["embedding"], sparsity=sparsity, tuning=tuning,
+                           quantization=quantization)
         cm.manifest["source"] = minilm.NAME
     elif a.model in BUNDLED:
         from .models import minilm
@@ -91,7 +93,7 @@ def cmd_compile(a):
                                        dynamic_batch=a.dynamic_batch)
     else:
         cm = ember.compile(a.model, target=a.target, dynamic_batch=a.dynamic_batch, sparsity=sparsity,
-                           tuning=tuning)
+                           tuning=tuning, quantization=quantization)
     path = cm.export(a.output, overwrite=a.force)
     tun = cm.manifest.get("tuning")
     if tun:
@@ -102,6 +104,11 @@ def cmd_compile(a):
         print(f"  input  {s.describe()}")
     for s in cm.outputs:
         print(f"  output {s.describe()}")
+    qr = (cm.manifest.get("compression") or {}).get("quantization")
+    if qr:
+        from .passes.quantize.report import format_report
+
+        print(format_report(qr))
     sp = (cm.manifest.get("compression") or {}).get("sparsity")
     if sp:
         print(f"  sparsity {sp['scheme']}: {len(sp['layers'])} layers packed, {sp['dense_bytes'] / 2**20:.2f} MiB -> "
@@ -241,6 +248,8 @@ def build_parser():
     c.add_argument("--batch", type=int, default=1, help="bundled model only: example batch size (default 1)")
     c.add_argument("--seq", type=int, default=128, help="bundled model only: sequence length (default 128)")
     c.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    c.add_argument("--quantize", metavar="SCHEME", help="int8 (dynamic W8A8), int4-dynamic, int4-g32 / int8-g128 "
+                   "(weight-only, group size after -g), int8-weight (per channel); prints an accuracy report")
     c.add_argument("--sparsity", metavar="N:M", help="N:M sparsity of every linear/matmul weight, e.g. 2:4 or "
                    "1:16: weights are pruned by magnitude where not already N:M (prune + fine-tune first with "
                    "ember.sparsity for accuracy), packed, and run by ember's sparse kernel")

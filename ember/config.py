@@ -29,15 +29,19 @@ class WeightOnly:
     """Weight-only quantization of linear/matmul weights, group-wise along the reduction axis.
 
     bits: 4 or 8. group_size: weights per scale (must divide the reduction dimension; -1: one group per row).
-    symmetric: scales only (True) or scales and zero points (False).
+    symmetric: scales only (True) or scales and zero points (False; one more bit of range, usually more accurate
+        at 4 bits). calibration: optional input batches (as for :class:`Int8Static`); when given, each layer's
+        rounding error is compensated on these inputs (GPTQ) and the report is measured on them.
     """
 
     bits: int = 4
     group_size: int = 32
     symmetric: bool = True
+    calibration: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         _check(self.bits in (4, 8), type(self), "bits", self.bits, "ember quantizes weights to 4 or 8 bits")
+        _check(isinstance(self.symmetric, bool), type(self), "symmetric", self.symmetric, "use True or False")
         _check(isinstance(self.group_size, int) and (self.group_size == -1 or self.group_size >= 2), type(self),
                "group_size", self.group_size, "use an integer ≥ 2 that divides the reduction dimension, or -1")
 
@@ -210,6 +214,9 @@ def parse_quantization(text: str | None):
         return Int8Dynamic()
     if t == "int4-dynamic":
         return Int8Dynamic(activation_bits=4)
+    symmetric = not t.endswith("-asym")  # int4-g32-asym: zero points too (more accurate at 4 bits)
+    if not symmetric:
+        t = t[: -len("-asym")]
     if t.startswith(("int4", "int8")) and ("-g" in t or t.endswith("-weight")):
         bits = int(t[3])
         group = -1 if t.endswith("-weight") else t.split("-g", 1)[1]
@@ -217,9 +224,9 @@ def parse_quantization(text: str | None):
             group = int(group)
         except ValueError:
             raise ConfigError(f"--quantize {text!r}: the group size after -g must be a number, e.g. int4-g32") from None
-        return WeightOnly(bits=bits, group_size=group)
+        return WeightOnly(bits=bits, group_size=group, symmetric=symmetric)
     raise ConfigError(f"--quantize {text!r}: use int8 (dynamic), int4-dynamic, int4-gGROUP / int8-gGROUP "
-                      "(weight-only, e.g. int4-g32) or int8-weight (per channel)")
+                      "(weight-only, e.g. int4-g32; add -asym for zero points) or int8-weight (per channel)")
 
 
 def parse_sparsity(text: str | None):

@@ -23,6 +23,7 @@ class Emitter:
         self.target = target
         self.new_params, self.new_arrays = [], []
         self._funcs = {}
+        self._memo = []
         self.dequantized = {}  # site name -> the fp32 weight the kernel effectively uses (for the report)
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -40,6 +41,16 @@ class Emitter:
             self._funcs[key] = gv
         return gv
 
+    def _shared(self, key, x, make):
+        """One value per (key, input): q, k and v projections read the same x, so they share its reshape and
+        its run-time quantization instead of computing them three times."""
+        for k, v, val in self._memo:
+            if k == key and v.same_as(x):
+                return val
+        val = make()
+        self._memo.append((key, x, val))
+        return val
+
     def _weight_kn(self, site):
         w = self.imported.params[site.weight_index]
         return np.ascontiguousarray(w.T if site.transposed else w, dtype=np.float32)
@@ -50,7 +61,7 @@ class Emitter:
         if site.kind == "embedding":
             return self._embedding(bb, site, x, plan)
         m, dims = leading_rows(x)
-        x2 = bb.emit(relax.op.reshape(x, [m, site.k]))
+        x2 = self._shared(("reshape", site.k), x, lambda: bb.emit(relax.op.reshape(x, [m, site.k])))
         bias = None
         if site.bias_index is not None:
             bias = self._param(self.imported.param_names[site.bias_index] + ".fused",
@@ -81,17 +92,20 @@ class Emitter:
         wsum = np.zeros(-(-site.n // lanes) * lanes, np.int32)
         wsum[: site.n] = q.astype(np.int32).sum(axis=0)
         qmax = (1 << (plan["act_bits"] - 1)) - 1
-        qargs = [x2]
-        if plan["static"]:
-            qargs.append(self._param(f"{site.name}.act_clip", np.array([plan["clip"]], np.float32)))
         qkey = ("ember_quant_act", site.k, qmax, int(plan["per_token"]), int(plan["static"]), rt)
         qgv = self._func(bb, qkey, lambda: kernels.quantize_activations(site.k, qmax, plan["per_token"],
                                                                         plan["static"], rt, self.target))
         kp = -(-site.k // 4) * 4
         codes_sinfo = relax.TensorType([(m + rt - 1) // rt, rt, kp], "uint8")
-        qx = bb.emit(relax.call_tir(qgv, qargs, [codes_sinfo, relax.TensorType([m], "float32")]))
-        codes = bb.emit(relax.TupleGetItem(qx, 0))
-        xs = bb.emit(relax.TupleGetItem(qx, 1))
+
+        def quantize():
+            qargs = [x2]
+            if plan["static"]:
+                qargs.append(self._param(f"{site.name}.act_clip", np.array([plan["clip"]], np.float32)))
+            qx = bb.emit(relax.call_tir(qgv, qargs, [codes_sinfo, relax.TensorType([m], "float32")]))
+            return bb.emit(relax.TupleGetItem(qx, 0)), bb.emit(relax.TupleGetItem(qx, 1))
+
+        codes, xs = self._shared(qkey + (plan["clip"],), x2, quantize)
         args = [codes, self._param(f"{site.name}.int8", qmath.vnni_pack(q, lanes)),
                 self._param(f"{site.name}.wsum", wsum), xs, self._param(f"{site.name}.wscale", ws)]
         if bias is not None:

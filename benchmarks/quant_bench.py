@@ -1,0 +1,212 @@
+"""Quantization benchmark: real all-MiniLM-L6-v2 on real sentences, and a CNN trained here on sklearn digits.
+
+MiniLM (batch 1, seq 128): mean-pooled embedding cosine vs fp32 PyTorch over real stdlib docstring sentences,
+latency and parameter bytes on disk for
+  ember fp32 | ember INT8 dynamic | ember INT8 static (calibrated) | ember INT4-g32 weight-only (GPTQ, asym)
+  ONNX Runtime fp32 | ONNX Runtime dynamic INT8 (onnxruntime.quantization.quantize_dynamic on the exported ONNX)
+Calibration data: other stdlib sentences (disjoint from the evaluation ones) packed into full 128-token sequences.
+
+Digits: a small CNN trained in this script (fixed seed) on sklearn's 8x8 digits; top-1 on the held-out split for
+torch fp32, ember fp32 and ember static INT8 (calibrated on training images). ember's quantizer covers
+linear/matmul layers: the CNN's convolutions stay fp32, its two classifier layers are INT8.
+
+    flock /tmp/ember-bench.lock nice -n 5 .venv/bin/python benchmarks/quant_bench.py [--eval 32] [--out results/]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+
+def _cos_rows(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def _dir_bytes(path, prefix="params"):
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.startswith(prefix))
+
+
+def _time(fn, warmup=5, repeat=40):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(ts))
+
+
+def calibration_sequences(tok, sentences, n, seq_len=128):
+    """Real sentences concatenated until they fill ``seq_len`` tokens: every calibration token is real text."""
+    from ember.models import minilm as M
+
+    out, text = [], ""
+    for s in sentences:
+        text = (text + " " + s).strip()
+        if len(tok(text)["input_ids"]) >= seq_len:
+            out.append(M.tokenize(tok, [text], seq_len))
+            text = ""
+            if len(out) == n:
+                break
+    return out
+
+
+def bench_minilm(n_eval: int, n_calib: int, tmp: str) -> dict:
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import ember
+    from ember.compiler.build import compile_model
+    from ember.models import minilm as M
+    from ember.models.corpus import stdlib_sentences
+
+    enc, tok = M.load_encoder(), M.load_tokenizer()
+    sentences = stdlib_sentences(400)
+    evals = sentences[:n_eval]
+    calib = calibration_sequences(tok, sentences[n_eval:], n_calib)
+    ids, mask = M.tokenize(tok, evals)
+    with torch.no_grad():
+        ref = np.concatenate([enc(torch.from_numpy(ids[i:i + 1]), torch.from_numpy(mask[i:i + 1])).numpy()
+                              for i in range(n_eval)])
+    fp32_bytes = sum(p.numel() * 4 for p in enc.parameters())
+    example = (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1]))
+    rows = {}
+
+    def run_ember(label, quantization):
+        t = time.perf_counter()
+        cm = compile_model(enc, example, quantization=quantization, input_names=["input_ids", "attention_mask"],
+                           output_names=["embedding"])
+        secs = time.perf_counter() - t
+        emb = np.concatenate([cm(ids[i:i + 1], mask[i:i + 1]) for i in range(n_eval)])
+        path = cm.export(os.path.join(tmp, label.replace(" ", "_")))
+        cos = _cos_rows(emb, ref)
+        rows[label] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                       "latency_ms": _time(lambda: cm(ids[:1], mask[:1])),
+                       "param_bytes": _dir_bytes(path), "compile_s": round(secs, 1)}
+        q = cm.manifest["compression"].get("quantization") if cm.manifest.get("compression") else None
+        if q:
+            rows[label]["report_end_to_end"] = q["end_to_end"]
+        print(label, rows[label], flush=True)
+
+    run_ember("ember fp32", None)
+    run_ember("ember INT8 dynamic", ember.Int8Dynamic())
+    run_ember("ember INT8 static", ember.Int8Static(calibration=calib, method="percentile", percentile=99.99))
+    run_ember("ember INT4-g32 (GPTQ, asym)", ember.WeightOnly(4, 32, symmetric=False, calibration=calib))
+    run_ember("ember INT4-g32 (round to nearest, asym)", ember.WeightOnly(4, 32, symmetric=False))
+
+    onnx_path = os.path.join(tmp, "minilm.onnx")
+    torch.onnx.export(enc, example, onnx_path, input_names=["input_ids", "attention_mask"],
+                      output_names=["embedding"], opset_version=17, dynamo=False)
+    q_path = os.path.join(tmp, "minilm.int8.onnx")
+    quantize_dynamic(onnx_path, q_path, weight_type=QuantType.QInt8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    for label, path in (("ONNX Runtime fp32", onnx_path), ("ONNX Runtime dynamic INT8", q_path)):
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        emb = np.concatenate([sess.run(None, {"input_ids": ids[i:i + 1], "attention_mask": mask[i:i + 1]})[0]
+                              for i in range(n_eval)])
+        cos = _cos_rows(emb, ref)
+        feed = {"input_ids": ids[:1], "attention_mask": mask[:1]}
+        rows[label] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                       "latency_ms": _time(lambda: sess.run(None, feed)), "param_bytes": os.path.getsize(path)}
+        print(label, rows[label], flush=True)
+    # Latency ratios measured back to back once more (load on this shared machine drifts over minutes).
+    return {"fp32_param_bytes": fp32_bytes, "eval_sentences": n_eval, "calibration_sequences": len(calib),
+            "rows": rows}
+
+
+def bench_digits(tmp: str) -> dict:
+    import torch
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from torch import nn
+
+    import ember
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) / 16.0)[:, None]
+    y = digits.target.astype(np.int64)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        perm = torch.randperm(len(xt), generator=g)
+        for i in range(0, len(xt), 64):
+            b = perm[i:i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[b]), yt[b]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc_torch = float((model(torch.from_numpy(xte)).argmax(1).numpy() == yte).mean())
+    batch = 64
+    calib = [(xtr[i:i + batch],) for i in range(0, 32 * 16, batch)][:8]
+    res = {"test_images": len(yte), "torch_fp32_top1": acc_torch}
+
+    def top1(cm):
+        preds = []
+        for i in range(0, len(xte), batch):
+            xb = xte[i:i + batch]
+            preds.append(np.asarray(cm(xb)).argmax(1))
+        return float((np.concatenate(preds) == yte).mean())
+
+    ex = (torch.from_numpy(xtr[:batch]),)
+    cm32 = ember.compile(model, ex, dynamic_batch=True)
+    res["ember_fp32_top1"] = top1(cm32)
+    cm8 = ember.compile(model, ex, dynamic_batch=True,
+                        quantization=ember.Int8Static(calibration=calib, method="minmax"))
+    res["ember_int8_static_top1"] = top1(cm8)
+    rep = cm8.manifest["compression"]["quantization"]
+    res["int8_layers"] = [e["layer"] for e in rep["layers"]]
+    res["drop_points"] = round(100 * (res["torch_fp32_top1"] - res["ember_int8_static_top1"]), 2)
+    print("digits", res, flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--eval", type=int, default=32, help="evaluation sentences (default 32)")
+    ap.add_argument("--calib", type=int, default=16, help="calibration sequences of 128 tokens (default 16)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--skip-minilm", action="store_true")
+    args = ap.parse_args()
+    out = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+           "cpus": os.cpu_count(), "load_before": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_minilm:
+            out["minilm"] = bench_minilm(args.eval, args.calib, tmp)
+        out["digits"] = bench_digits(tmp)
+    out["load_after"] = os.getloadavg()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"quant_{out['date']}.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+    if "minilm" in out:
+        rows = out["minilm"]["rows"]
+        ort8 = rows["ONNX Runtime dynamic INT8"]["latency_ms"]
+        print(f"\n| engine | cosine mean (min) | latency ms | x ORT INT8 | params MB | x fp32 |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for k, r in rows.items():
+            print(f"| {k} | {r['cos_mean']:.4f} ({r['cos_min']:.4f}) | {r['latency_ms']:.1f} | "
+                  f"{r['latency_ms'] / ort8:.2f} | {r['param_bytes'] / 1e6:.1f} | "
+                  f"{r['param_bytes'] / out['minilm']['fp32_param_bytes']:.3f} |")
+    print(f"\ndigits: {out['digits']}\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
