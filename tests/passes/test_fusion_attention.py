@@ -104,20 +104,20 @@ def test_dynamic_batch_attention():
             assert_close(cm(xs.numpy(), ms.numpy()), m(xs, ms).numpy(), rtol=1e-5, atol=1e-6)
 
 
-def _attention_module(seq, heads=2, dh=64):
+def _attention_module(seq, heads=2, dh=64, dtype="float32"):
     """Relax attention at seq ``seq`` with a key-padding mask: q/k/v in (b, s, h, d), as a linear layer gives."""
     bb = relax.BlockBuilder()
-    q = relax.Var("q", relax.TensorType((1, seq, heads, dh), "float32"))
-    k = relax.Var("k", relax.TensorType((1, seq, heads, dh), "float32"))
-    v = relax.Var("v", relax.TensorType((1, seq, heads, dh), "float32"))
-    mask = relax.Var("mask", relax.TensorType((1, 1, 1, seq), "float32"))
+    q = relax.Var("q", relax.TensorType((1, seq, heads, dh), dtype))
+    k = relax.Var("k", relax.TensorType((1, seq, heads, dh), dtype))
+    v = relax.Var("v", relax.TensorType((1, seq, heads, dh), dtype))
+    mask = relax.Var("mask", relax.TensorType((1, 1, 1, seq), dtype))
     with bb.function("main", [q, k, v, mask]):
         with bb.dataflow():
             qh = bb.emit(relax.op.permute_dims(q, [0, 2, 1, 3]))
             kt = bb.emit(relax.op.permute_dims(k, [0, 2, 3, 1]))
             vh = bb.emit(relax.op.permute_dims(v, [0, 2, 1, 3]))
             s = bb.emit(relax.op.matmul(qh, kt))
-            s = bb.emit(relax.op.multiply(s, relax.const(dh ** -0.5, "float32")))
+            s = bb.emit(relax.op.multiply(s, relax.const(dh ** -0.5, dtype)))
             s = bb.emit(relax.op.add(s, mask))
             p = bb.emit(relax.op.nn.softmax(s, axis=-1))
             o = bb.emit(relax.op.matmul(p, vh))
