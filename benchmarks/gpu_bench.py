@@ -1,0 +1,433 @@
+"""ember vs PyTorch on one NVIDIA GPU: fp16 GEMM, decode GEMVs and the MiniLM architecture, in one run.
+
+Step 1, on the build machine (no GPU needed; CUDA compiled ahead of time, see ember/compiler/cuda_aot.py):
+    python benchmarks/gpu_bench.py prepare --out gpu_artifacts [--target cuda-sm90]
+compiles each kernel twice (ember's GPU rules, and dlight's defaults as the baseline ember had before) and the
+MiniLM-architecture encoder in fp16 (random weights, vocabulary cut to 1024: the weights then fit one device-tool
+call; the architecture, hence the kernels and their cost, is the real one) for batch 1 and 32, seq 128.
+
+Step 2, on the GPU machine, with TVM's runtime only (shared/gpu/README.md):
+    python benchmarks/gpu_bench.py run gpu_artifacts --out $OUT [--no-compile-torch]
+checks every kernel and model against PyTorch on the same GPU and times:
+  kernels: ember, dlight, torch (cuBLAS), each with CUDA events around 200 back-to-back calls;
+  models:  ember (fp16, CUDA graph), ember without CUDA graph (batch 1), torch eager fp16, torch.compile
+           max-autotune-no-cudagraphs and reduce-overhead (CUDA graphs); median wall time of one call + sync.
+Writes gpu_bench.json and gpu_bench.png (when matplotlib is there; else `python benchmarks/gpu_bench.py plot
+gpu_bench.json` makes it anywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MINILM_CONFIG = dict(vocab_size=1024, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, max_position_embeddings=512)
+SEQ = 128
+SHARED_PARAMS = "minilm_fp16.params.bin"  # identical in every MiniLM artifact: carried once
+
+# name -> (kind, dict): y[b, n] = sum_k x[b, k] * w[n, k] ("nt", nn.Linear's layout) or w[k, n] ("nn").
+KERNELS = {
+    "gemm_4096^3_nt": ("gemm", dict(m=4096, n=4096, k=4096, layout="nt")),
+    "gemm_4096^3_nn": ("gemm", dict(m=4096, n=4096, k=4096, layout="nn")),
+    "gemv_4096x4096_b1": ("gemv", dict(m=1, n=4096, k=4096, layout="nt")),
+    "gemv_4096x11008_b1": ("gemv", dict(m=1, n=4096, k=11008, layout="nt")),
+    "gemv_11008x4096_b1": ("gemv", dict(m=1, n=11008, k=4096, layout="nt")),
+    "gemv_4096x4096_b4": ("gemv", dict(m=4, n=4096, k=4096, layout="nt")),
+    "gemv_4096x4096_b1_nn": ("gemv", dict(m=1, n=4096, k=4096, layout="nn")),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Build machine
+# ----------------------------------------------------------------------------------------------------------------
+def matmul_func(m, n, k, layout, dtype="float16"):
+    from tvm import te
+
+    x = te.placeholder((m, k), dtype, name="x")
+    if layout == "nt":
+        w = te.placeholder((n, k), dtype, name="w")
+    else:
+        w = te.placeholder((k, n), dtype, name="w")
+    r = te.reduce_axis((0, k), "k")
+    if layout == "nt":
+        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="y")
+    else:
+        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="y")
+    return te.create_prim_func([x, w, y]).with_attr("global_symbol", "main")
+
+
+def compile_kernel(func, target, rules):
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    from ember.compiler.cuda_aot import cuda_build_environment
+
+    mod = tvm.IRModule({"main": func})
+    with target:
+        mod = dl.ApplyDefaultSchedule(*rules)(mod)
+    with cuda_build_environment(target, str(target)), target:
+        return tvm.compile(mod, target)
+
+
+def dlight_rules():
+    from tvm.s_tir import dlight as dl
+
+    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+def minilm(batch):
+    """The MiniLM-L6 architecture (random weights, seeded: the same on both machines) and its inputs."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(**MINILM_CONFIG), add_pooling_layer=False).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(0, MINILM_CONFIG["vocab_size"], (batch, SEQ), generator=g)
+    mask = torch.ones(batch, SEQ, dtype=torch.int64)
+    mask[:, SEQ - 16:] = 0 if batch > 1 else 1  # some padding at batch 32: the mask is really used
+    return Encoder(bert).eval(), (ids, mask)
+
+
+MODELS = {  # name -> (batch, cuda_graph)
+    "minilm_fp16_b1": (1, True),
+    "minilm_fp16_b1_nograph": (1, False),
+    "minilm_fp16_b32": (32, True),
+}
+
+
+def prepare(a):
+    import tvm
+
+    from ember.compiler.targets import resolve
+    from ember.schedules import gpu_rules
+
+    os.makedirs(a.out, exist_ok=True)
+    _, target = resolve(a.target)
+    only = set(a.only.split(",")) if a.only else None
+    index = {"target": a.target, "kernels": {}, "models": {}}
+    for name, (kind, cfg) in KERNELS.items():
+        if only and name not in only:
+            continue
+        variants = [("ember", gpu_rules()), ("dlight", dlight_rules())]
+        if kind == "gemm":  # which tile config is best is measured, not guessed: every config, plus dlight's
+            from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
+
+            from ember.schedules.gpu.tensor_core import CONFIGS, TensorCoreMatmul
+
+            variants += [(f"tc_{c}", [TensorCoreMatmul(cfg)]) for c, cfg in CONFIGS.items()]
+            variants += [("dlight_tensorcore", [MatmulTensorization()])]
+        for variant, rules in variants:
+            t0 = time.perf_counter()
+            try:
+                lib = compile_kernel(matmul_func(**cfg), target, rules)
+            except Exception as e:  # pylint: disable=broad-except
+                print(f"{name} [{variant}]: does not compile ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})", flush=True)
+                continue
+            path = f"{name}.{variant}.so"
+            lib.export_library(os.path.join(a.out, path))
+            print(f"{name} [{variant}]: {time.perf_counter() - t0:.1f} s", flush=True)
+            index["kernels"].setdefault(name, {"kind": kind, **cfg})[variant] = path
+    if not a.skip_models:
+        import ember
+
+        for name, (batch, graph) in MODELS.items():
+            if only and name not in only:
+                continue
+            model, args = minilm(batch)
+            t0 = time.perf_counter()
+            cm = ember.compile(model, args, target=a.target, precision="fp16", cuda_graph=graph)
+            art = os.path.join(a.out, name)
+            cm.export(art, overwrite=True)
+            # The weights are the same in every MiniLM artifact: keep one copy (device-tool calls carry 64 MiB).
+            shutil.move(os.path.join(art, "params.bin"), os.path.join(a.out, SHARED_PARAMS))
+            np.savez(os.path.join(a.out, name + ".inputs.npz"), *[t.numpy() for t in args])
+            index["models"][name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": name}
+            print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    old = os.path.join(a.out, "index.json")
+    if os.path.exists(old) and only:
+        prev = json.load(open(old))
+        prev["kernels"].update(index["kernels"])
+        prev["models"].update(index["models"])
+        index = prev
+    with open(old, "w") as f:
+        json.dump(index, f, indent=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU machine
+# ----------------------------------------------------------------------------------------------------------------
+def _events_us(fn, iters=200, warmup=20):
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / iters)
+    return best
+
+
+def _wall_ms(fn, repeat=200, warmup=20):
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def run_kernels(d, index, results):
+    import torch
+    import tvm
+
+    from ember.runtime.load import _load_device_runtime
+
+    _load_device_runtime("cuda")
+    dev = tvm.cuda(0)
+    for name, info in index["kernels"].items():
+        m, n, k, layout = info["m"], info["n"], info["k"], info["layout"]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
+        w = torch.randn(*((n, k) if layout == "nt" else (k, n)), device="cuda", dtype=torch.float16, generator=g)
+        x = x * 0.1
+        if layout == "nt":
+            tfn = lambda: torch.matmul(x, w.t())  # noqa: E731 - nn.Linear's call
+        else:
+            tfn = lambda: torch.matmul(x, w)  # noqa: E731
+        ref = (x.float() @ (w.float().t() if layout == "nt" else w.float()))
+        row = {"kernel": name, **{key: info[key] for key in ("kind", "m", "n", "k", "layout")}}
+        row["torch_us"] = _events_us(tfn)
+        with torch.inference_mode():
+            row["torch_max_err"] = float((tfn().float() - ref).abs().max())
+        row["scale"] = float(ref.abs().max())
+        for variant in [v for v in info if v.endswith(".so") is False and isinstance(info[v], str)
+                        and info[v].endswith(".so")]:
+            try:
+                lib = tvm.runtime.load_module(os.path.join(d, info[variant]))
+                f = lib["main"]
+                y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+                args = [tvm.runtime.from_dlpack(t) for t in (x, w, y)]
+                f(*args)
+                torch.cuda.synchronize()
+                err = float((y.float() - ref).abs().max())
+                row[f"{variant}_max_err"] = err
+                row[f"{variant}_ok"] = bool(err <= max(4 * row["torch_max_err"], 2e-2 * row["scale"]))
+                row[f"{variant}_us"] = _events_us(lambda: f(*args))
+                te = lib.time_evaluator("main", dev, number=50, repeat=5)
+                row[f"{variant}_us_time_evaluator"] = float(np.median(te(*args).results) * 1e6)
+            except Exception as e:  # report every kernel, failures included
+                row[f"{variant}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        flops, byts = 2 * m * n * k, 2 * (m * k + n * k + m * n)
+        for key in [k_[:-3] for k_ in list(row) if k_.endswith("_us")]:
+            if f"{key}_us" in row:
+                row[f"{key}_tflops"] = flops / row[f"{key}_us"] / 1e6
+                row[f"{key}_gbps"] = byts / row[f"{key}_us"] / 1e3
+        if "ember_us" in row:
+            row["ember_vs_torch"] = row["torch_us"] / row["ember_us"]  # > 1: ember faster
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def run_models(d, index, results, compile_torch, deadline):
+    import torch
+
+    import ember
+
+    shared = os.path.join(d, SHARED_PARAMS)
+    for name, info in index["models"].items():
+        art = os.path.join(d, info["dir"])
+        if os.path.exists(shared) and not os.path.exists(os.path.join(art, "params.bin")):
+            shutil.copy(shared, os.path.join(art, "params.bin"))
+        model, args = minilm(info["batch"])
+        t_args = [a.cuda() for a in args]
+        row = {"model": name, "batch": info["batch"], "seq": info["seq"], "cuda_graph": info["cuda_graph"]}
+        try:
+            model32 = model.cuda().float()
+            half = copy.deepcopy(model32).half()
+            with torch.inference_mode():
+                ref = model32(*t_args).float()
+                ref16 = half(*t_args).float()
+            keep = t_args[1].bool().unsqueeze(-1)  # padded positions are not compared (undefined-ish)
+            row["scale"] = float(ref.abs().max())
+            row["torch_fp16_max_err"] = float(((ref16 - ref) * keep).abs().max())
+            m = ember.load(art, device="cuda")
+            ours = m(*t_args).float()
+            row["ember_max_err"] = float(((ours - ref) * keep).abs().max())
+            # CUDA graphs replay captured kernels: a second, different input must give its own answer.
+            other = [torch.randint(0, MINILM_CONFIG["vocab_size"], t_args[0].shape, device="cuda"), t_args[1]]
+            with torch.inference_mode():
+                ref_b = model32(*other).float()
+            ours_b = m(*other).float()
+            row["ember_max_err_second_input"] = float(((ours_b - ref_b) * keep).abs().max())
+            tol = max(4 * row["torch_fp16_max_err"], 1e-2 * row["scale"])
+            row["ember_ok"] = bool(row["ember_max_err"] <= tol and row["ember_max_err_second_input"] <= tol)
+            row["ember_ms"] = m.benchmark(*t_args, repeat=200).median_ms
+            with torch.inference_mode():
+                row["torch_eager_ms"] = _wall_ms(lambda: half(*t_args))
+            if compile_torch and not name.endswith("nograph"):
+                for mode in ("max-autotune-no-cudagraphs", "reduce-overhead"):
+                    if time.time() > deadline:
+                        row[f"torch_compile_{mode}_ms"] = None
+                        row.setdefault("notes", []).append(f"torch.compile {mode} skipped: time budget")
+                        continue
+                    torch._dynamo.reset()
+                    t0 = time.perf_counter()
+                    cm = torch.compile(half, mode=mode)
+                    with torch.inference_mode():
+                        for _ in range(3):
+                            cm(*t_args)
+                        row[f"torch_compile_{mode}_compile_s"] = round(time.perf_counter() - t0, 1)
+                        row[f"torch_compile_{mode}_ms"] = _wall_ms(lambda: cm(*t_args))
+        except Exception as e:  # report every model, failures included
+            import traceback
+
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+
+def run(a):
+    import torch
+
+    t_start = time.time()
+    index = json.load(open(os.path.join(a.dir, "index.json")))
+    kernels, models = [], []
+    if not a.models_only:
+        run_kernels(a.dir, index, kernels)
+    if not a.kernels_only:
+        run_models(a.dir, index, models, not a.no_compile_torch, t_start + a.budget_s)
+    info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "target": index["target"],
+            "command": " ".join(sys.argv), "kernels": kernels, "models": models}
+    os.makedirs(a.out, exist_ok=True)
+    out = os.path.join(a.out, "gpu_bench.json")
+    with open(out, "w") as f:
+        json.dump(info, f, indent=2)
+    print_table(info)
+    try:
+        plot(info, os.path.join(a.out, "gpu_bench.png"))
+    except ImportError:
+        print("matplotlib missing: make the chart elsewhere with `gpu_bench.py plot gpu_bench.json`")
+
+
+def print_table(info):
+    print(f"\n{info['gpu']}  torch {info['torch']}")
+    print(f"{'kernel':24s} {'torch us':>9s} {'ember us':>9s} {'dlight us':>9s} {'ember/torch':>11s}  ok")
+    for r in info["kernels"]:
+        print(f"{r['kernel']:24s} {r['torch_us']:9.1f} {r.get('ember_us', float('nan')):9.1f} "
+              f"{r.get('dlight_us', float('nan')):9.1f} {100 * r.get('ember_vs_torch', 0):10.0f}%  "
+              f"{r.get('ember_ok')} {r.get('ember_error', '')}")
+    print(f"\n{'model':24s} {'ember':>8s} {'eager':>8s} {'tc-maxat':>8s} {'tc-cudag':>8s}  ok (ms)")
+    for r in info["models"]:
+        def f(key):
+            v = r.get(key)
+            return f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'-':>8s}"
+        print(f"{r['model']:24s} {f('ember_ms')} {f('torch_eager_ms')} "
+              f"{f('torch_compile_max-autotune-no-cudagraphs_ms')} {f('torch_compile_reduce-overhead_ms')}  "
+              f"{r.get('ember_ok')} {r.get('error', '')}")
+
+
+def plot(info, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    ks = [r for r in info["kernels"] if "ember_us" in r]
+    names = [r["kernel"] for r in ks]
+    xs = np.arange(len(names))
+    for i, (key, label) in enumerate((("torch_us", "torch (cuBLAS)"), ("ember_us", "ember"),
+                                      ("dlight_us", "dlight defaults"))):
+        vals = [r["torch_us"] / r[key] if r.get(key) else 0 for r in ks]
+        axes[0].bar(xs + (i - 1) * 0.27, vals, 0.27, label=label)
+    axes[0].set_xticks(xs, names, rotation=30, ha="right", fontsize=8)
+    axes[0].set_ylabel("speed relative to torch (higher is better)")
+    axes[0].axhline(1.0, color="k", lw=0.6)
+    axes[0].set_title("fp16 kernels")
+    axes[0].legend(fontsize=8)
+    ms = info["models"]
+    cols = (("ember_ms", "ember"), ("torch_eager_ms", "torch eager"),
+            ("torch_compile_max-autotune-no-cudagraphs_ms", "torch.compile max-autotune"),
+            ("torch_compile_reduce-overhead_ms", "torch.compile reduce-overhead"))
+    xs = np.arange(len(ms))
+    for i, (key, label) in enumerate(cols):
+        vals = [r.get(key) or 0 for r in ms]
+        axes[1].bar(xs + (i - 1.5) * 0.2, vals, 0.2, label=label)
+    axes[1].set_xticks(xs, [r["model"] for r in ms], fontsize=8)
+    axes[1].set_ylabel("ms per call (lower is better)")
+    axes[1].set_title(f"MiniLM architecture, fp16, seq {SEQ}")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"{info['gpu']} — {info['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--out", required=True)
+    p.add_argument("--target", default="cuda-sm90")
+    p.add_argument("--only", default="", help="comma-separated kernel/model names (default: all)")
+    p.add_argument("--skip-models", action="store_true")
+    r = sub.add_parser("run")
+    r.add_argument("dir")
+    r.add_argument("--out", default=".")
+    r.add_argument("--no-compile-torch", action="store_true")
+    r.add_argument("--kernels-only", action="store_true")
+    r.add_argument("--models-only", action="store_true")
+    r.add_argument("--budget-s", type=float, default=480, help="skip torch.compile modes after this many seconds")
+    q = sub.add_parser("plot")
+    q.add_argument("json")
+    q.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.cmd == "prepare":
+        prepare(a)
+    elif a.cmd == "run":
+        run(a)
+    else:
+        info = json.load(open(a.json))
+        plot(info, a.out or a.json.replace(".json", ".png"))
+
+
+if __name__ == "__main__":
+    main()
