@@ -30,8 +30,8 @@ already in the new layout. For non-CPU targets it is the identity.
    recognises the ``n // NR, n % NR`` read and tiles N by exactly NR, so the K x NR panel each register tile
    streams through is contiguous in memory (one sequential read instead of K rows ``4 N`` bytes apart).
    Epilogues (bias, GELU, residual add) still fuse: the kernel is annotated output-elementwise-fusable like a
-   matmul. Only matmuls whose second operand comes from a weight (a parameter after ``num_input``, possibly
-   through transposes/reshapes) and whose N is a multiple of NR are packed.
+   matmul. Only matmuls whose second operand is computed from weights and constants alone (a parameter after
+   ``num_input``, its transpose, a weight with BatchNorm folded in) and whose N is a multiple of NR are packed.
 
 3. **conv2d weights packed the same way** (same class): after 1, an NHWC conv with a weight ``w[ky, kx, c, o]``
    becomes ``call_tir(packed_conv2d_nhwc, (x, wp))`` with ``wp = w`` as ``[O/NR, KH, KW, C, NR]``: the panel a
@@ -47,6 +47,9 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..schedules.cpu.common import is_cpu
+
+# Relax leaves that are compile-time values (TVM 0.27 names: tvm.ir.expr.Constant, ShapeExpr, prim_value()).
+_LEAF_CONSTANTS = (tvm.ir.expr.Constant, type(relax.ShapeExpr([1])), type(relax.prim_value(1)))
 
 PACK_DENSE = True
 PACK_CONV = True
@@ -152,17 +155,21 @@ class _PackDense(PyExprMutator):
         return super().visit_function_(func)
 
     def _from_weight(self, expr, depth=0) -> bool:
-        """Whether ``expr`` is a weight, possibly through layout-only ops (transpose, reshape, cast)."""
-        if depth > 8:
+        """Whether ``expr`` is computed from weights and constants alone (a weight, its transpose, a weight with
+        BatchNorm folded in, ...): then its re-layout is lifted to compile time with the rest."""
+        if depth > 32:
             return False
-        if isinstance(expr, relax.Var) and any(expr.same_as(w) for w in self.weights):
+        if isinstance(expr, _LEAF_CONSTANTS):
             return True
         if isinstance(expr, relax.Var):
+            if any(expr.same_as(w) for w in self.weights):
+                return True
             bound = self.lookup_binding(expr)
             return bound is not None and self._from_weight(bound, depth + 1)
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in (
-                "relax.permute_dims", "relax.reshape", "relax.astype", "relax.layout_transform"):
-            return self._from_weight(expr.args[0], depth + 1)
+        if isinstance(expr, relax.Tuple):
+            return all(self._from_weight(f, depth + 1) for f in expr.fields)
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            return bool(expr.args) and all(self._from_weight(a, depth + 1) for a in expr.args)
         return False
 
     def _emit_kernel(self, key, te_func, args, te_args, out_shape, out_dtype, name):
