@@ -176,3 +176,17 @@ def test_convnet_matches_torch(dynamic):
             ref = model(xb).numpy()
         out = cm(xb.numpy())
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
+
+
+@pytest.mark.slow
+def test_avx2_target_matches_torch():
+    """The same rules and layouts for an AVX2-only CPU (narrower panels, 16 registers) -- this machine runs
+    AVX2 code too, so the artifact's numerics are checked, not just its compilation."""
+    avx2 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "num-cores": 2})
+    assert dense_panel_width(avx2, 128, 384) in (8, 16, 24, 32)  # whole 8-lane ymm vectors, at most 4
+    model = _net()
+    x = torch.randn(1, 3, 31, 31)
+    cm = ember.compile(model, (x,), target=avx2)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(cm(x.numpy()), ref, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(ref).max())))
