@@ -21,14 +21,18 @@ Why the schedule looks the way it does
 --------------------------------------
 The inner kernel is the classic outer-product register tile: for each k, broadcast ``MR`` scalars of A, load
 ``NR / lanes`` vectors of B, and do ``MR * NR / lanes`` fused multiply-adds into accumulators that stay in
-vector registers for the whole K loop. ``NR`` is two vectors wide (read from the target's ISA: 16 fp32 on
-AVX2, 32 on AVX-512) and ``MR`` is sized so the accumulators use ~3/4 of the register file (6 rows on AVX2's
-16 registers), leaving room for the B vectors and the broadcast; ``MR`` prefers a divisor of M so no tile
-needs a bounds check. The accumulator is a ``local`` buffer of ``MR x NR`` indexed only by the unrolled row
+vector registers for the whole K loop. ``NR`` is one to four vectors wide (read from the target's ISA: 8 fp32
+lanes on AVX2, 16 on AVX-512) and ``MR`` is sized so the accumulators use ~3/4 of the register file (12 of
+AVX2's 16 registers, 24 of AVX-512's 32), leaving room for the B vectors and the broadcast; the shape prefers
+an ``MR`` dividing M and an ``NR`` dividing N so no tile needs a bounds check. When B is a weight that
+ember.passes.layout packed into ``[N/NR, K, NR]`` panels (read as ``B[n // NR, k, n % NR]``), NR is exactly the
+panel width (:func:`panel_width` is how the layout pass asked for it), so each tile's K x NR panel is one
+contiguous stream instead of K rows far apart (a TLB miss every few rows for a deep conv layer). The accumulator is a ``local`` buffer of ``MR x NR`` indexed only by the unrolled row
 and the vector lane, so LLVM promotes it to registers. The reduction axes sit between the tile loops and the
 register loops; for large K x N panels the N axis is first blocked so one panel of B (``K x NB``) stays in
-L2 while every row tile of A streams past it. The outer tiles are fused with the batch axes into a
-single parallel loop over the target's cores. The epilogue is computed per register tile right after the
+L2 while every row tile of A streams past it; axes only A reads (a conv's output rows, a batch flattened
+into A) iterate inside those N blocks too, so a conv's weights are streamed once, not once per output row.
+The outer tiles are fused with the batch axes into a single parallel loop over the target's cores. The epilogue is computed per register tile right after the
 K loop, while the tile is still hot, so the fused ``matmul + bias + gelu`` writes each output once.
 
 Sizes that are not multiples of the tile are split with a predicate (TVM's ``split`` adds the bounds check),
