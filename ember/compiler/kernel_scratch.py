@@ -26,7 +26,8 @@ from __future__ import annotations
 import tvm
 from tvm import s_tir, tirx
 
-NEEDS_IT = ("rocm", "metal")
+# CUDA refuses them too ("Cannot allocate global memory when targeting CUDA").
+NEEDS_IT = ("cuda", "rocm", "metal", "vulkan", "opencl", "webgpu")
 
 
 def _blocks(sch: s_tir.Schedule, parent=None) -> list:

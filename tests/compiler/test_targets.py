@@ -30,3 +30,34 @@ def test_unknown_target():
         resolve("gpu")
     with pytest.raises(TargetError, match="invalid TVM target"):
         resolve({"kind": "no-such-kind"})
+
+
+def test_rocm_arm_metal_targets():
+    from ember.compiler.targets import describe, target_os
+
+    _, gfx942 = resolve("rocm-gfx942")
+    assert str(gfx942.kind.name) == "rocm" and str(gfx942.attrs["mcpu"]) == "gfx942"
+    assert target_arch(gfx942) == "x86_64" and target_os(gfx942) == "linux"
+    assert str(resolve("rocm-gfx90a")[1].attrs["mcpu"]) == "gfx90a"
+    _, arm = resolve("arm64")
+    assert str(arm.attrs["mtriple"]) == "aarch64-linux-gnu" and target_arch(arm) == "aarch64"
+    assert required_cpu_flags(arm) == ["asimd"]
+    assert required_cpu_flags(resolve("arm64-dotprod")[1]) == ["asimd", "asimddp"]
+    assert int(arm.attrs["num-cores"]) == 4  # cross target: a fixed count, not this machine's
+    _, mtl = resolve("metal")
+    assert str(mtl.kind.name) == "metal" and int(mtl.attrs["thread_warp_size"]) == 32
+    assert (target_arch(mtl), target_os(mtl)) == ("aarch64", "darwin")
+    assert "arm64-apple-macos" in str(mtl.host)
+    lines = describe()
+    for name in ("rocm-gfx90a", "rocm-gfx942", "arm64", "arm64-dotprod", "metal"):
+        assert any(line.split()[0] == name for line in lines)
+
+
+def test_cli_lists_every_target():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "ember.cli", "targets"], capture_output=True, text=True,
+                         timeout=300).stdout
+    for name in TARGETS:
+        assert any(line.split()[0] == name for line in out.splitlines() if line.strip()), name
