@@ -1,19 +1,20 @@
-"""Kernel-internal scratch buffers in registers, for the ROCm and Metal code generators.
+"""Kernel-internal scratch buffers in registers, for the GPU code generators.
 
 A schedule may leave an intermediate buffer in the default ("global") scope although every access to it lies
 inside one GPU kernel — e.g. a matmul result that a fused epilogue (bias add) reads right after a cross-thread
 reduction, when the rule moved the epilogue into the kernel but did not give the result a scope. TVM then
-allocates the buffer *inside* the kernel, and the backends disagree on what that means:
+allocates the buffer *inside* the kernel, which no backend accepts:
 
-* CUDA C prints it as a plain array in the kernel — a per-thread array in registers/local memory — and the kernel
-  works (that is how such schedules get validated on NVIDIA GPUs);
-* ROCm (LLVM AMDGPU) refuses it: "Can only allocate shared or local memory inside kernel";
-* Metal prints ``device float buf[N];`` in the kernel body, which is not valid Metal: the artifact would fail on
-  the Mac when the driver compiles the source.
+* CUDA: "Cannot allocate global memory when targeting CUDA";
+* ROCm (LLVM AMDGPU): "Can only allocate shared or local memory inside kernel";
+* Metal: prints ``device float buf[N];`` in the kernel body, which is not valid Metal — the artifact would only
+  fail on the Mac, when the driver compiles the source.
 
-This pass gives such buffers the "local" scope, i.e. exactly the per-thread semantics CUDA already compiles them
-with. A buffer shared by two kernels (or touched outside any kernel) stays global: it is a real device buffer
-that TVM allocates around the launches.
+This pass gives such buffers the "local" scope (per-thread registers), which is what dlight's own rules do for
+a reduction result an epilogue reads: the cross-thread reduction hands its result to every thread of the group,
+so each thread's copy holds the same value (the lowered kernels write it from the broadcast ``red_result``). A
+buffer shared by two kernels (or touched outside any kernel) stays global: it is a real device buffer that TVM
+allocates around the launches.
 
     # before                                       # after
     C = T.sblock_alloc_buffer((4, 10))             C = T.sblock_alloc_buffer((4, 10), scope="local")
@@ -83,7 +84,7 @@ def scratch_to_local(func: tirx.PrimFunc) -> tirx.PrimFunc:
 
 
 def scratch_to_local_pass(target) -> tvm.transform.Pass:
-    """Module pass for the pipeline, after scheduling: identity unless the target is ROCm or Metal."""
+    """Module pass for the pipeline, after scheduling: identity unless the target is a GPU."""
     kind = str(target.kind.name)
 
     @tvm.transform.module_pass(opt_level=0, name="ember.kernel_scratch_to_local")
