@@ -98,8 +98,12 @@ def test_weight_only_matmul_kernel(bits, group, sym, bias, mkn):
     w = RNG.standard_normal((k, n)).astype(np.float32)
     b = RNG.standard_normal(n).astype(np.float32)
     arrays, deq = qmath.weight_only_pack(w, bits, group, sym)
+    rt = kernels.wo_row_tile(n, TARGET)
+    (tiles,) = _run(kernels.pad_rows(k, rt, TARGET), x, outs=[((-(-m // rt), rt, k), "float32")])
+    np.testing.assert_array_equal(tiles.reshape(-1, k)[:m], x)
+    assert not tiles.reshape(-1, k)[m:].any()
     func = kernels.weight_only_matmul(k, n, bits, group, sym, bias, TARGET)
-    (y,) = _run(func, x, *arrays.values(), *([b] if bias else []), outs=[((m, n), "float32")])
+    (y,) = _run(func, tiles, *arrays.values(), *([b] if bias else []), outs=[((m, n), "float32")])
     np.testing.assert_allclose(y, x @ deq + (b if bias else 0), rtol=1e-4, atol=1e-4)
 
 

@@ -76,7 +76,11 @@ class Emitter:
         bits, group, sym = plan["bits"], plan["group"], plan["symmetric"]
         arrays, deq = qmath.weight_only_pack(self._weight_kn(site), bits, group, sym, plan.get("gptq_x"))
         self.dequantized[site.name] = deq
-        args = [x2] + [self._param(f"{site.name}.{k}", a) for k, a in arrays.items()]
+        rt = kernels.wo_row_tile(site.n, self.target)
+        pgv = self._func(bb, ("ember_pad_rows", site.k, rt), lambda: kernels.pad_rows(site.k, rt, self.target))
+        tiles = self._shared(("pad", rt), x2, lambda: bb.emit(relax.call_tir(
+            pgv, [x2], relax.TensorType([(m + rt - 1) // rt, rt, site.k], "float32"))))
+        args = [tiles] + [self._param(f"{site.name}.{k}", a) for k, a in arrays.items()]
         if bias is not None:
             args.append(bias)
         key = ("ember_wo_matmul", bits, site.k, site.n, group, int(sym), int(bias is not None))

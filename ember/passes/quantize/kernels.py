@@ -84,45 +84,70 @@ def _decode(q, scales, zeros, bits: int, group: int, k_axis_first: bool):
     return deq
 
 
-def weight_only_matmul(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool, target):
-    """``x[m, K] @ deq(qweight)[K, N] (+ bias)`` → ``[m, N]`` fp32. Arguments: x, qweight, scales, [zeros], [bias]."""
-    g = k if group == -1 else group
+def wo_row_tile(n: int, target) -> int:
+    """Rows per register tile of the weight-only matmul (accumulators: rows x NR/lanes vectors ≤ 3/4 of the file)."""
+    lanes = vector_lanes(target, "float32")
+    nr = _tile_cols(n, lanes)
+    return max(min(num_vector_registers(target) * 3 // 4 // max(nr // lanes, 1), 8), 1)
+
+
+def pad_rows(k: int, row_tile: int, target):
+    """x[m, K] → [ceil(m/R), R, K], the last tile's extra rows zero: the matmul then needs no bounds check."""
     m = _rows()
+    rt = _i64(row_tile)
     x = te.placeholder((m, _i64(k)), "float32", name="x")
+    xp = te.compute(((m + rt - 1) // rt, rt, _i64(k)),
+                    lambda b, r, c: tirx.Select(b * rt + r < m, x[tirx.min(b * rt + r, m - 1), c],
+                                                tirx.const(0.0, "float32")), name="padded")
+    sch = s_tir.Schedule(te.create_prim_func([x, xp]))
+    b, r, c = sch.get_loops(sch.get_sblock("padded"))
+    sch.parallel(b)
+    _vectorize_inner(sch, c, vector_lanes(target, "float32"))
+    return _finish(sch, "ember_pad_rows")
+
+
+def weight_only_matmul(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool, target):
+    """``x @ deq(qweight)[K, N] (+ bias)`` → ``[m, N]`` fp32, x given as row tiles ``[ceil(m/R), R, K]``
+    (:func:`pad_rows`, R = :func:`wo_row_tile`). Arguments: xtiles, qweight, scales, [zeros], [bias].
+
+    Whole register tiles keep the K loop free of bounds checks when ``m`` is symbolic, so the accumulators stay
+    in registers (2.3x faster than a predicated tail on MiniLM's shapes).
+    """
+    g = k if group == -1 else group
+    lanes = vector_lanes(target, "float32")
+    nr = _tile_cols(n, lanes)
+    mr = wo_row_tile(n, target)
+    m = _rows()
+    mb = tirx.Var("mb", "int64")
+    tile = _i64(mr)
+    x = te.placeholder((mb, tile, _i64(k)), "float32", name="xtiles")
     qw = te.placeholder((_i64(k), _i64((n + 1) // 2 if bits == 4 else n)), "uint8", name="qweight")
     sc = te.placeholder((_i64(k // g), _i64(n)), "float16", name="scales")
     zp = None if symmetric else te.placeholder((_i64(k // g), _i64(n)), "uint8", name="zeros")
     wd = te.compute((_i64(k), _i64(n)), _decode(qw, sc, zp, bits, g, True), name="dequant")
     r = te.reduce_axis((_i64(0), _i64(k)), name="k")
-    y = te.compute((m, _i64(n)), lambda i, j: te.sum(x[i, r] * wd[r, j], axis=r), name="matmul")
+    y = te.compute((mb, tile, _i64(n)), lambda ib, ii, j: te.sum(x[ib, ii, r] * wd[r, j], axis=r), name="matmul")
     args = [x, qw, sc] + ([zp] if zp is not None else [])
+    b = None
     if has_bias:
         b = te.placeholder((_i64(n),), "float32", name="bias")
-        out = te.compute((m, _i64(n)), lambda i, j: y[i, j] + b[j], name="bias_add")
-        args += [b, out]
-    else:
-        args += [y]
-    sch = s_tir.Schedule(te.create_prim_func(args))
-    lanes = vector_lanes(target, "float32")
-    nr = _tile_cols(n, lanes)
-    mr = max(min(num_vector_registers(target) * 3 // 4 // max(nr // lanes, 1), 8), 1)
+        args.append(b)
+    out = te.compute((m, _i64(n)), (lambda i, j: y[i // tile, i % tile, j] + b[j]) if b is not None
+                     else (lambda i, j: y[i // tile, i % tile, j]), name="store")
+    sch = s_tir.Schedule(te.create_prim_func(args + [out]))
     mm = sch.get_sblock("matmul")
-    i, j, kr = sch.get_loops(mm)
+    ib, ii, j, kr = sch.get_loops(mm)
     j_o, j_i = sch.split(j, factors=[None, nr])
-    i_o, i_i = sch.split(i, factors=[None, mr])
-    sch.reorder(j_o, i_o, kr, i_i, j_i)
+    sch.reorder(j_o, ib, kr, ii, j_i)
     sch.parallel(j_o)
-    if has_bias:
-        sch.set_scope(mm, 0, "local")
-        epi = sch.get_sblock("bias_add")
-    else:
-        epi = sch.cache_write(mm, 0, "local")
-    sch.reverse_compute_at(epi, i_o, preserve_unit_loops=True)
+    sch.set_scope(mm, 0, "local")
+    epi = sch.get_sblock("store")
+    sch.reverse_compute_at(epi, ib, preserve_unit_loops=True)
     # The decoded panel: K x NR values per column tile, reused by every row tile below it.
     sch.compute_at(sch.get_sblock("dequant"), j_o, preserve_unit_loops=True)
     _vectorize_inner(sch, sch.get_loops(sch.get_sblock("dequant"))[-1], lanes)
     _vectorize_inner(sch, j_i, lanes)
-    sch.unroll(i_i)
+    sch.unroll(ii)
     init = sch.decompose_reduction(mm, kr)
     _vectorize_inner(sch, sch.get_loops(init)[-1], lanes)
     _vectorize_inner(sch, sch.get_loops(epi)[-1], lanes)
