@@ -90,15 +90,22 @@ def register_intrinsics(target: tvm.target.Target) -> None:
         importlib.import_module(f"{_INTRIN_PKG}.{name}")
 
 
-def build_and_export(mod: tvm.IRModule, target: tvm.target.Target) -> str:
-    """Compile one scheduled candidate and write it as a .tar the runners know how to load (path returned)."""
+def build_and_export(mod: tvm.IRModule, target: tvm.target.Target, fmt: str = "so") -> str:
+    """Compile one scheduled candidate and write it where a runner can load it (path returned).
+
+    fmt "so": linked here, in the (parallel) build worker, so the (serial) local runner only dlopens it.
+    fmt "tar": object files, linked by the device that loads them (RPC devices may be another architecture)."""
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # pylint: disable=import-outside-toplevel
-    from tvm.support.tar import tar  # pylint: disable=import-outside-toplevel
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
     rt_mod = tvm.driver.build(mod, target=target)
-    path = os.path.join(tempfile.mkdtemp(prefix="ember-ms-"), "kernel.tar")
-    rt_mod.export_library(path, fcompile=tar)
+    path = os.path.join(tempfile.mkdtemp(prefix="ember-ms-"), f"kernel.{fmt}")
+    if fmt == "tar":
+        from tvm.support.tar import tar  # pylint: disable=import-outside-toplevel
+
+        rt_mod.export_library(path, fcompile=tar)
+    else:
+        rt_mod.export_library(path)
     return path
 
 
@@ -107,12 +114,21 @@ def _worker_ready() -> None:
     import tvm.driver  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 
 
+def _worker_ready_pause() -> None:
+    # Long enough that the pool's threads (one worker process each) are all busy at once during warm-up.
+    import time  # pylint: disable=import-outside-toplevel
+
+    time.sleep(0.5)
+
+
 @derived_object
 class PersistentBuilder(ms.builder.PyBuilder):
     """Builds candidates in a pool of worker processes created once and kept across batches."""
 
-    def __init__(self, max_workers: int | None = None, timeout_sec: float = 60.0, recycle_after: int = 500):
+    def __init__(self, max_workers: int | None = None, timeout_sec: float = 60.0, recycle_after: int = 500,
+                 fmt: str = "so"):
         super().__init__()
+        self.fmt = fmt
         self.max_workers = max_workers or max(1, os.cpu_count() or 1)
         self.timeout_sec = timeout_sec
         self.recycle_after = recycle_after
@@ -125,11 +141,18 @@ class PersistentBuilder(ms.builder.PyBuilder):
                                            initializer=_worker_ready, maximum_process_uses=self.recycle_after)
         return self._pool
 
+    def warm_up(self) -> None:
+        """Start every worker now, in the background (each pays its one ``import tvm`` while the caller goes on
+        preparing the model), instead of one by one as the first batches arrive."""
+        pool = self._get_pool()
+        for _ in range(self.max_workers):
+            pool.submit(_worker_ready_pause)
+
     def build(self, build_inputs):
         pool = self._get_pool()
         results = []
         for res in pool.map_with_error_catching(lambda x: build_and_export(*x),
-                                                [(b.mod, b.target) for b in build_inputs]):
+                                                [(b.mod, b.target, self.fmt) for b in build_inputs]):
             if res.status == StatusKind.COMPLETE:
                 results.append(ms.builder.BuilderResult(res.value, None))
             elif res.status == StatusKind.TIMEOUT:
@@ -149,15 +172,16 @@ class PersistentBuilder(ms.builder.PyBuilder):
 class InProcessBuilder(ms.builder.PyBuilder):
     """Builds candidates one by one in the tuning process (no workers; a codegen crash ends the run)."""
 
-    def __init__(self):
+    def __init__(self, fmt: str = "so"):
         super().__init__()
+        self.fmt = fmt
         self.built = 0
 
     def build(self, build_inputs):
         results = []
         for b in build_inputs:
             try:
-                results.append(ms.builder.BuilderResult(build_and_export(b.mod, b.target), None))
+                results.append(ms.builder.BuilderResult(build_and_export(b.mod, b.target, self.fmt), None))
             except Exception as e:  # pylint: disable=broad-except
                 results.append(ms.builder.BuilderResult(None, f"ember builder: {type(e).__name__}: {e}"))
         self.built += len(build_inputs)

@@ -204,6 +204,7 @@ class TuneReport:
     reused: int = 0       # candidates answered from the database without measuring
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # seconds in search / build / cost-model update / the rest
+    notes: list = field(default_factory=list)
     records_before: int = 0
     records_after: int = 0
 
@@ -225,7 +226,7 @@ class TuneReport:
                 "measured": self.measured, "valid": self.valid, "reused": self.reused,
                 "seconds": round(self.seconds, 1),
                 "phases": {k: round(v, 1) for k, v in self.phases.items()}, "records_before": self.records_before,
-                "records_after": self.records_after,
+                "records_after": self.records_after, "notes": self.notes,
                 "estimated_ms": None if self.estimated_ms is None else round(self.estimated_ms, 4),
                 "rules_ms": None if self.rules_ms is None else round(self.rules_ms, 4),
                 "tasks": [t.__dict__ for t in self.tasks]}
@@ -340,9 +341,11 @@ def _measure_rule_baselines(extracted, tgt, db: TuningDatabase, builder, runner,
     built = builder.build([ms.builder.BuilderInput(sched, tgt) for _, _, sched in todo])
     run_inputs, ran_for = [], []
     for (task, mod, sched), b in zip(todo, built):
-        if b.error_msg is None:
+        if b.error_msg is not None:
+            report.notes.append(f"{task.name}: ember's rule schedule did not build: {b.error_msg}")
+        else:
             func = next(iter(sched.functions.values()))
-            run_inputs.append(ms.runner.RunnerInput(b.artifact_path, tgt.kind.name,
+            run_inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu" if tgt.kind.name == "llvm" else tgt.kind.name,
                                                     ms.arg_info.ArgInfo.from_prim_func(func)))
             ran_for.append((task, mod, b.artifact_path))
     futures = runner.run(run_inputs) if run_inputs else []
@@ -352,6 +355,8 @@ def _measure_rule_baselines(extracted, tgt, db: TuningDatabase, builder, runner,
         if ms_ is not None:
             db.add_baseline(mod, res.run_secs)
             task.rules_ms = ms_
+        else:  # tuned kernels of this task then apply unconditionally; say so
+            report.notes.append(f"{task.name}: ember's rule schedule could not be timed: {res.error_msg}")
         remove_artifact(str(path))
     db.sync()
 
@@ -418,18 +423,25 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
 
     t0 = time.monotonic()
     deadline = t0 + 60.0 * float(tuning.minutes) if tuning.minutes is not None else None
-    fused = fused_module(mod_or_model, tgt, example_inputs=example_inputs, dynamic_batch=dynamic_batch,
-                         quantization=quantization, sparsity=sparsity)
-    extracted = extract_tasks(fused, tgt)
-    if not extracted:
-        raise EmberError("the model has no kernels to tune (every kernel is already scheduled)")
-
+    fmt = "tar" if tuning.rpc_tracker else "so"  # remote devices link for themselves
     if tuning.builder == "pool":
-        inner_builder = PersistentBuilder(max_workers=workers)
+        inner_builder = PersistentBuilder(max_workers=workers, fmt=fmt)
+        inner_builder.warm_up()  # workers start while the model is imported and fused below
     elif tuning.builder == "inprocess":
-        inner_builder = InProcessBuilder()
+        inner_builder = InProcessBuilder(fmt=fmt)
     else:  # "stock": MetaSchedule's LocalBuilder as shipped (benchmarks/tune_throughput.py compares against it)
         inner_builder = ms.builder.LocalBuilder(max_workers=workers)
+    try:
+        fused = fused_module(mod_or_model, tgt, example_inputs=example_inputs, dynamic_batch=dynamic_batch,
+                             quantization=quantization, sparsity=sparsity)
+        extracted = extract_tasks(fused, tgt)
+        if not extracted:
+            raise EmberError("the model has no kernels to tune (every kernel is already scheduled)")
+    except BaseException:
+        if tuning.builder != "stock":
+            inner_builder.shutdown()
+        raise
+
     db = TuningDatabase(database_dir(tuning.database, tgt), tgt, writable=True)
     report = TuneReport(database=str(db.path), target=str(tgt), records_before=len(db),
                         tasks=[TaskResult(t.task_name, float(t.weight)) for t in extracted])
