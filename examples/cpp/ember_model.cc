@@ -60,12 +60,13 @@ std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
-// The host CPU's feature flags from /proc/cpuinfo (Linux); empty when unknown, and then nothing is checked.
+// The host CPU's feature flags from /proc/cpuinfo (Linux: "flags" on x86, "Features" on AArch64); empty when
+// unknown, and then nothing is checked.
 std::set<std::string> HostCpuFlags() {
   std::ifstream f("/proc/cpuinfo");
   std::string line;
   while (std::getline(f, line)) {
-    if (line.rfind("flags", 0) == 0) {
+    if (line.rfind("flags", 0) == 0 || line.rfind("Features", 0) == 0) {
       std::stringstream ss(line.substr(line.find(':') + 1));
       std::set<std::string> flags;
       std::string flag;
@@ -74,6 +75,19 @@ std::set<std::string> HostCpuFlags() {
     }
   }
   return {};
+}
+
+// Python's platform.system().lower(), which the manifest's target "os" is written as.
+std::string HostOs() {
+#if defined(__linux__)
+  return "linux";
+#elif defined(__APPLE__)
+  return "darwin";
+#elif defined(_WIN32)
+  return "windows";
+#else
+  return "";
+#endif
 }
 
 std::string HostArch() {
@@ -134,6 +148,7 @@ Manifest Manifest::Read(const std::string& dir) {
   m.target_name = Str(Field(target, "name", path));
   m.device = Str(Field(target, "device", path));
   if (auto arch = target.Get(ffi::String("arch")); arch.has_value() && *arch != nullptr) m.arch = Str(*arch);
+  if (auto os = target.Get(ffi::String("os")); os.has_value() && *os != nullptr) m.os = Str(*os);
   if (auto flags = target.Get(ffi::String("cpu_flags")); flags.has_value() && *flags != nullptr)
     for (const ffi::Any& f : flags->cast<ffi::json::Array>()) m.cpu_flags.push_back(Str(f));
   for (const ffi::Any& s : Field(obj, "inputs", path).cast<ffi::json::Array>()) m.inputs.push_back(ParseSpec(s));
@@ -166,6 +181,9 @@ std::shared_ptr<const Model> Model::Load(const std::string& dir, DLDevice device
   if (m.device != want)
     throw std::runtime_error(dir + ": compiled for target '" + m.target_name + "' which runs on '" + m.device +
                              "', but --device " + want + " was asked; pass --device " + m.device + " or recompile");
+  if (!m.os.empty() && !HostOs().empty() && m.os != HostOs())
+    throw std::runtime_error(dir + ": compiled for " + m.os + " (target '" + m.target_name + "'), this program runs "
+                             "on " + HostOs() + "; recompile with a target for this machine (e.g. --target host)");
   if (!m.arch.empty() && !HostArch().empty() && m.arch != HostArch())
     throw std::runtime_error(dir + ": compiled for " + m.arch + " CPUs, this program runs on " + HostArch() +
                              "; recompile with a target for this machine (ember compile --target ...)");

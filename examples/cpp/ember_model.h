@@ -39,7 +39,7 @@ struct TensorSpec {
 };
 
 struct Manifest {
-  std::string target_name, device, arch;
+  std::string target_name, device, os, arch;
   std::vector<std::string> cpu_flags;
   std::vector<TensorSpec> inputs, outputs;
   std::vector<std::string> param_names;

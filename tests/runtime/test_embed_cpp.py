@@ -185,6 +185,24 @@ def test_truncated_params_refused(ember_run, mlp_artifacts, tmp_path):
     assert res.returncode == 1 and "truncated" in res.stderr, res.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("field,value,message", [
+    ("os", "darwin", "compiled for darwin"),
+    ("arch", "aarch64", "compiled for aarch64 CPUs"),
+    ("cpu_flags", ["avx512_not_a_real_flag"], "CPU features this CPU lacks (avx512_not_a_real_flag)"),
+])
+def test_artifact_for_another_machine_refused(ember_run, mlp_artifacts, tmp_path, field, value, message):
+    """Refused before the library is loaded, as ember.load refuses it (no 'Illegal instruction')."""
+    _, static, _ = mlp_artifacts
+    other = tmp_path / "other"
+    shutil.copytree(static, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["target"][field] = value
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    res = _run(ember_run, other)
+    assert res.returncode == 1 and message in res.stderr, res.stderr
+
+
 def test_embed_info_cli():
     res = _run(sys.executable, "-m", "ember.cli", "embed-info")
     assert res.returncode == 0, res.stderr
