@@ -169,14 +169,15 @@ def bench_digits(threads: int, steps: int) -> dict:
     import ember
     import ember.sparsity as sp
 
-    torch.set_num_threads(threads)
+    # Training runs single-threaded: on a shared 2-core machine a second spinning OpenMP thread only waits.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     xtr, xte, ytr, yte = _digits()
     model = _digits_cnn()
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
     t0 = time.perf_counter()
-    for epoch in range(30):
+    for epoch in range(20):
         model.train()
         perm = torch.randperm(len(xt))
         for i in range(0, len(xt), 64):
@@ -252,7 +253,7 @@ def bench_minilm(threads: int, steps: int, compile_1_16: bool) -> dict:
     from ember.models import minilm
     from ember.models.corpus import stdlib_sentences
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # distillation single-threaded (shared machine); timing below uses ``threads``
     torch.manual_seed(0)
     teacher = minilm.load_encoder()
     tok = minilm.load_tokenizer()
@@ -316,6 +317,7 @@ def bench_minilm(threads: int, steps: int, compile_1_16: bool) -> dict:
                 teacher(tid, tmask)
 
         fns["torch dense"] = torch_dense
+        torch.set_num_threads(threads)
         with bench_lock():
             ms = interleaved_medians(fns, rounds=6, per_round=5, warmup=3)
         results["ember_1_16_batch1_seq128"] = {

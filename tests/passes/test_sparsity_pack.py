@@ -29,11 +29,13 @@ def test_round_trip(n, m, rows, k):
     assert (kept_min >= dropped_max).all()
     assert P.is_nm_sparse(sparse, n, m)
     p = P.pack(sparse, n, m)
-    assert p.values.shape == (groups, n, rows)
+    blocks = -(-rows // P.BLOCK)
+    assert p.values.shape == (blocks, groups, n, P.BLOCK)
     assert p.indices.dtype == np.uint8
-    assert p.indices.shape == ((-(-groups // 2) if m <= 16 else groups), n, rows)
+    assert p.indices.shape == (blocks, (-(-groups // 2) if m <= 16 else groups), n, P.BLOCK)
     np.testing.assert_array_equal(P.unpack(p), sparse)
-    assert p.nbytes < sparse.nbytes or n / m > 0.5
+    if rows % P.BLOCK == 0 and n / m <= 0.5:  # (row padding to a block costs a little on tiny layers)
+        assert p.nbytes < sparse.nbytes
 
 
 def test_groups_with_fewer_nonzeros_and_zero_rows():

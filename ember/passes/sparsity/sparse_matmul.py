@@ -4,20 +4,22 @@ It reads only the packed weights of :mod:`.pack` (values + 4/8-bit indices), so 
 bytes are ``n/m`` of the dense ones: 1:16 does 1/16 of the work. In TVMScript, before scheduling::
 
     @T.prim_func
-    def sparse_matmul(x: T.Buffer((B, K), "float32"), values: T.Buffer((G, n, N), "float32"),
-                      indices: T.Buffer((G2, n, N), "uint8"), y: T.Buffer((B, N), "float32")):
+    def sparse_matmul(x: T.Buffer((B, K), "float32"), values: T.Buffer((NB, G, n, 16), "float32"),
+                      indices: T.Buffer((NB, G2, n, 16), "uint8"), y: T.Buffer((B, N), "float32")):
         for b, j, g, s in T.grid(B, N, G, n):
             with T.block("sparse_matmul"):
                 ...
-                y[b, j] += values[g, s, j] * x[b, g * m + ((indices[g // 2, s, j] >> (g % 2 * 4)) & 15)]
+                y[b, j] += values[j // 16, g, s, j % 16] * x[b, g * m + ((indices[j // 16, g // 2, s, j % 16] >> (g % 2 * 4)) & 15)]
 
 Schedules (the function is returned marked ``tirx.is_scheduled`` so ember's generic rules leave it alone):
 
-* CPU (:func:`schedule_cpu`): output rows are split into SIMD-wide blocks; the block loop is parallel over the
-  cores; for each block the accumulator lives in registers (``cache_write`` to ``local``), the group loop runs
-  over pairs of groups (so the nibble shift is a constant) and the innermost loop over the block's rows is
-  vectorized: one vector load of values, one of index bytes, a gather of x by index, one FMA. A block's packed
-  weights (K/m · n · lanes values) stay in L1 while the batch loop reuses them.
+* x86 with AVX-512 or AVX2 (:func:`_gather_kernel`, written by hand): the loop over 16-row blocks is parallel over
+  the cores; per block and batch row the accumulators live in registers, the group loop runs over pairs of
+  groups (so the nibble shift is a constant), and each step is one vector load of values, one of index bytes, a
+  hardware gather of x by index (``vgatherdps``) and one FMA. A block's packed weights are one contiguous stream
+  that stays in L1/L2 while the batch loop reuses it.
+* other CPUs (:func:`schedule_cpu`): the same loop nest from TE with TVM's vectorizer (the gather becomes scalar
+  loads); ARM and x86 without AVX2 use it.
 * CUDA (:func:`schedule_cuda`): one thread per output row (adjacent threads read adjacent packed bytes, i.e.
   coalesced), ``threads`` rows per thread block, batch rows on ``blockIdx.y``; the accumulator is a register.
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 import tvm
 from tvm import te, tirx
 
-from .pack import index_bits, index_rows, num_groups
+from .pack import BLOCK, index_bits, index_rows, num_blocks, num_groups
 
 KERNEL_NAME = "ember_sparse_matmul"
 
@@ -39,23 +41,24 @@ def _i64(v):
 def sparse_matmul_te(batch, k: int, n_out: int, n: int, m: int, dtype: str = "float32"):
     """The compute definition (TE): returns ``(x, values, indices, y)``; ``batch`` may be an int or a tirx.Var."""
     g = num_groups(k, m)
+    nb = num_blocks(n_out)
     x = te.placeholder((_i64(batch), _i64(k)), dtype, name="x")
-    values = te.placeholder((_i64(g), _i64(n), _i64(n_out)), dtype, name="values")
-    indices = te.placeholder((_i64(index_rows(g, m)), _i64(n), _i64(n_out)), "uint8", name="indices")
+    values = te.placeholder((_i64(nb), _i64(g), _i64(n), _i64(BLOCK)), dtype, name="values")
+    indices = te.placeholder((_i64(nb), _i64(index_rows(g, m)), _i64(n), _i64(BLOCK)), "uint8", name="indices")
     rg = te.reduce_axis((_i64(0), _i64(g)), name="g")
     rs = te.reduce_axis((_i64(0), _i64(n)), name="s")
 
     def column(gi, si, j):
         if index_bits(m) == 4:
-            byte = indices[gi // 2, si, j]
+            byte = indices[j // BLOCK, gi // 2, si, j % BLOCK]
             pos = (byte >> ((gi % 2) * 4).astype("uint8")) & tirx.const(15, "uint8")
         else:
-            pos = indices[gi, si, j]
+            pos = indices[j // BLOCK, gi, si, j % BLOCK]
         return gi * _i64(m) + pos.astype("int64")
 
     y = te.compute(
         (_i64(batch), _i64(n_out)),
-        lambda b, j: te.sum(values[rg, rs, j] * x[b, column(rg, rs, j)], axis=[rg, rs]),
+        lambda b, j: te.sum(values[j // BLOCK, rg, rs, j % BLOCK] * x[b, column(rg, rs, j)], axis=[rg, rs]),
         name="sparse_matmul",
     )
     return x, values, indices, y
@@ -81,7 +84,7 @@ def schedule_cpu(func: tirx.PrimFunc, target, n_out: int, k: int, m: int, dtype:
 
     from ...schedules.cpu.common import num_cores, vector_lanes
 
-    lanes = _row_lanes(n_out, vector_lanes(target, dtype))
+    lanes = _row_lanes(n_out, min(vector_lanes(target, dtype), BLOCK))
     sch = s_tir.Schedule(func)
     blk = sch.get_sblock("sparse_matmul")
     b, j, g, s = sch.get_loops(blk)
@@ -148,18 +151,22 @@ def gather_isa(target, dtype: str) -> str | None:
 def _gather_kernel(k: int, n_out: int, n: int, m: int, isa: str, parallel: bool) -> tirx.PrimFunc:
     """The x86 kernel, written out by hand: TVM's vectorizer turns a load at a non-affine vector index into one
     scalar load per lane (16 loads + 16 inserts), so the gather of x is an explicit ``vgatherdps``: 2.3× faster
-    on 4096×4096 1:16 here (0.82 vs 1.88 ms). Rows that do not fill a vector run in a scalar tail loop."""
+    on 4096×4096 1:16 here (0.82 vs 1.88 ms). One pass over a row block's contiguous packed stream keeps
+    ``BLOCK / lanes`` vector accumulators (1 with AVX-512, 2 with AVX2); a last, partial block stores lane by lane.
+    """
     from tvm.script import tirx as T
 
     lanes = 16 if isa == "avx512" else 8
+    halves = BLOCK // lanes
     vt, it = f"float32x{lanes}", f"int32x{lanes}"
     g_all = num_groups(k, m)
     four_bit = index_bits(m) == 4
     gi_rows = index_rows(g_all, m)
     pairs = g_all // 2 if four_bit else 0
     odd = four_bit and g_all % 2 == 1
-    blocks = n_out // lanes
-    tail0 = blocks * lanes
+    nb = num_blocks(n_out)
+    full = n_out // BLOCK
+    rem = n_out - full * BLOCK
 
     def gather(base, pos):
         if isa == "avx512":
@@ -174,47 +181,56 @@ def _gather_kernel(k: int, n_out: int, n: int, m: int, isa: str, parallel: bool)
     def col(g):  # first column of group g, as a vector
         return T.Broadcast(T.Cast("int32", g * m), lanes)
 
+    def lane(h):
+        return T.Ramp(h * lanes, 1, lanes)
+
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, v_h: T.handle, i_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         batch = T.int64()
         x = T.match_buffer(x_h, (batch, k), "float32")
-        values = T.match_buffer(v_h, (g_all, n, n_out), "float32")
-        indices = T.match_buffer(i_h, (gi_rows, n, n_out), "uint8")
+        values = T.match_buffer(v_h, (nb, g_all, n, BLOCK), "float32")
+        indices = T.match_buffer(i_h, (nb, gi_rows, n, BLOCK), "uint8")
         y = T.match_buffer(y_h, (batch, n_out), "float32")
-        for jb in T.parallel(blocks) if parallel else T.serial(blocks):
+        for jb in T.parallel(nb) if parallel else T.serial(nb):
             for b in range(batch):
-                acc = T.decl_buffer((1,), vt, scope="local")  # per thread: a register, never shared
-                acc[0] = T.Broadcast(T.float32(0), lanes)
+                acc = T.decl_buffer((halves,), vt, scope="local")  # per thread: registers, never shared
+                for h in T.unroll(halves):
+                    acc[h] = T.Broadcast(T.float32(0), lanes)
                 if four_bit:
                     for g2 in range(pairs):
                         for s in range(n):
-                            byte = T.Cast(it, indices[g2, s, T.Ramp(jb * lanes, 1, lanes)])
-                            for p in T.unroll(2):
-                                xv = gather(T.address_of(x[b, 0]), nib(byte, p) + col(g2 * 2 + p))
-                                acc[0] = acc[0] + values[g2 * 2 + p, s, T.Ramp(jb * lanes, 1, lanes)] * xv
+                            for h in T.unroll(halves):
+                                byte = T.Cast(it, indices[jb, g2, s, lane(h)])
+                                for p in T.unroll(2):
+                                    xv = gather(T.address_of(x[b, 0]), nib(byte, p) + col(g2 * 2 + p))
+                                    acc[h] = acc[h] + values[jb, g2 * 2 + p, s, lane(h)] * xv
                     if odd:
                         for s in range(n):
-                            byte = T.Cast(it, indices[pairs, s, T.Ramp(jb * lanes, 1, lanes)])
-                            xv = gather(T.address_of(x[b, 0]), nib(byte, 0) + col(g_all - 1))
-                            acc[0] = acc[0] + values[g_all - 1, s, T.Ramp(jb * lanes, 1, lanes)] * xv
+                            for h in T.unroll(halves):
+                                byte = T.Cast(it, indices[jb, pairs, s, lane(h)])
+                                xv = gather(T.address_of(x[b, 0]), nib(byte, 0) + col(g_all - 1))
+                                acc[h] = acc[h] + values[jb, g_all - 1, s, lane(h)] * xv
                 else:
                     for g in range(g_all):
                         for s in range(n):
-                            pos = T.Cast(it, indices[g, s, T.Ramp(jb * lanes, 1, lanes)])
-                            xv = gather(T.address_of(x[b, 0]), pos + col(g))
-                            acc[0] = acc[0] + values[g, s, T.Ramp(jb * lanes, 1, lanes)] * xv
-                y[b, T.Ramp(jb * lanes, 1, lanes)] = acc[0]
-        for j in range(tail0, n_out):
-            for b in range(batch):
-                y[b, j] = T.float32(0)
-                for g in range(g_all):
-                    for s in range(n):
-                        if four_bit:
-                            y[b, j] = y[b, j] + values[g, s, j] * x[b, g * m + T.bitwise_and(T.shift_right(
-                                T.Cast("int32", indices[g // 2, s, j]), g % 2 * 4), 15)]
-                        else:
-                            y[b, j] = y[b, j] + values[g, s, j] * x[b, g * m + T.Cast("int32", indices[g, s, j])]
+                            for h in T.unroll(halves):
+                                pos = T.Cast(it, indices[jb, g, s, lane(h)])
+                                xv = gather(T.address_of(x[b, 0]), pos + col(g))
+                                acc[h] = acc[h] + values[jb, g, s, lane(h)] * xv
+                if rem == 0:
+                    for h in T.unroll(halves):
+                        y[b, T.Ramp(jb * BLOCK + h * lanes, 1, lanes)] = acc[h]
+                else:
+                    if jb < full:
+                        for h in T.unroll(halves):
+                            y[b, T.Ramp(jb * BLOCK + h * lanes, 1, lanes)] = acc[h]
+                    else:  # the padded last block: only its first rem rows exist
+                        tmp = T.decl_buffer((BLOCK,), "float32", scope="local")
+                        for h in T.unroll(halves):
+                            tmp[lane(h)] = acc[h]
+                        for r in range(rem):
+                            y[b, jb * BLOCK + r] = tmp[r]
 
     return kernel
 
