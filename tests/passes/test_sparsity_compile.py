@@ -103,3 +103,19 @@ def test_cli_compile_with_sparsity(tmp_path):
     loaded = ember.load(str(out))
     assert loaded.manifest["compression"]["sparsity"]["scheme"] == "1:16"
     assert_close(loaded(x.numpy()), model(x).detach().numpy())
+
+
+def test_onnx_gemm_weights_are_packed(tmp_path):
+    """ONNX Gemm/MatMul initializers take the same path as torch Linear weights."""
+    import warnings
+
+    model = _masked_mlp(2, 8, seed=5)
+    x = torch.randn(3, 64)
+    path = str(tmp_path / "mlp.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=False)
+    cm = ember.compile(path, sparsity=ember.NM(2, 8))
+    rep = cm.manifest["compression"]["sparsity"]
+    assert len(rep["layers"]) == 3 and not rep["warnings"]
+    assert_close(cm(x.numpy()), model(x).detach().numpy())
