@@ -63,10 +63,17 @@ std::string ReadFile(const std::string& path) {
 // The host CPU's feature flags from /proc/cpuinfo (Linux: "flags" on x86, "Features" on AArch64); empty when
 // unknown, and then nothing is checked.
 std::set<std::string> HostCpuFlags() {
+  // Only the line of this binary's own architecture: under user-mode emulation (qemu-aarch64 on x86) the file
+  // describes the host CPU, whose x86 flags say nothing about the emulated one.
+#if defined(__aarch64__)
+  const char* kCpuinfoKey = "Features";
+#else
+  const char* kCpuinfoKey = "flags";
+#endif
   std::ifstream f("/proc/cpuinfo");
   std::string line;
   while (std::getline(f, line)) {
-    if (line.rfind("flags", 0) == 0 || line.rfind("Features", 0) == 0) {
+    if (line.rfind(kCpuinfoKey, 0) == 0) {
       std::stringstream ss(line.substr(line.find(':') + 1));
       std::set<std::string> flags;
       std::string flag;
