@@ -19,7 +19,6 @@ the manifest's ``target`` entry is returned with what was found, so an artifact 
 from __future__ import annotations
 
 import glob
-import os
 import platform
 import shutil
 import subprocess

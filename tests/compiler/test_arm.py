@@ -172,3 +172,23 @@ def test_manifest_and_loader_refuse_on_x86(tmp_path):
     if platform.machine() in ("x86_64", "AMD64"):
         with pytest.raises(ArtifactError, match="aarch64"):
             ember.load(art)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("EMBER_SLOW_TARGETS") != "1",
+                    reason="MiniLM on aarch64 takes ~1.5 min (compile + qemu): set EMBER_SLOW_TARGETS=1")
+def test_minilm_runs_under_qemu(minilm, runner, aarch64_runtime, tmp_path):
+    """The real all-MiniLM-L6-v2 on real sentences, cross-compiled for arm64, equals PyTorch and the x86 build."""
+    import ember
+
+    encoder, tokenizer, sentences = minilm
+    batch = tokenizer(sentences[:2], padding="max_length", max_length=128, truncation=True, return_tensors="pt")
+    args = (batch["input_ids"], batch["attention_mask"])
+    art = ember.compile(encoder, args, target="arm64").export(tmp_path / "art")
+    (arm,) = run_on_aarch64(runner, aarch64_runtime, art, [a.numpy() for a in args], tmp_path)
+    with torch.no_grad():
+        ref = encoder(*args)
+    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
+    x86 = ember.compile(encoder, args, target="host")(*[a.numpy() for a in args])
+    assert_close(arm, ref, rtol=1e-4, atol=1e-5, what="MiniLM aarch64 vs torch")
+    assert_close(arm, x86, rtol=1e-4, atol=1e-5, what="MiniLM aarch64 vs x86")

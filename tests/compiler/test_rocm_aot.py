@@ -7,6 +7,7 @@ function the host code launches. Needs Debian's rocm-device-libs and lld-16 (`ma
 
 import json
 import re
+import struct
 
 import pytest
 import torch
@@ -46,8 +47,8 @@ def _code_objects(lib: bytes) -> list[bytes]:
     while i >= 0:
         if len(lib) > i + 64 and elf.header(lib[i:])["machine"] == 224:
             # The code object ends where its section headers end.
-            shoff, = __import__("struct").unpack_from("<Q", lib, i + 40)
-            shentsize, shnum = __import__("struct").unpack_from("<HH", lib, i + 58)
+            shoff, = struct.unpack_from("<Q", lib, i + 40)
+            shentsize, shnum = struct.unpack_from("<HH", lib, i + 58)
             found.append(lib[i:i + shoff + shentsize * shnum])
         i = lib.find(b"\x7fELF", i + 4)
     return found
@@ -62,7 +63,8 @@ def _host_functions(lib: bytes) -> set[str]:
 @pytest.mark.parametrize("key,arch", [("mlp-gfx942", "gfx942"), ("cnn-gfx90a", "gfx90a")])
 def test_code_object_holds_the_arch_and_every_kernel(artifacts, key, arch):
     path = artifacts[key]
-    lib = (path / "model.so").read_bytes() if hasattr(path, "read_bytes") else open(f"{path}/model.so", "rb").read()
+    with open(f"{path}/model.so", "rb") as f:
+        lib = f.read()
     objs = _code_objects(lib)
     assert len(objs) == 1, f"expected one AMDGPU code object, found {len(objs)}"
     co = objs[0]
