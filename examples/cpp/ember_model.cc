@@ -13,6 +13,10 @@
 #include <stdexcept>
 #include <sys/stat.h>
 
+#if !defined(_WIN32)
+#include <dlfcn.h>
+#endif
+
 namespace ffi = tvm::ffi;
 
 namespace ember_example {
@@ -117,6 +121,18 @@ const char* DeviceName(DLDeviceType t) {
   }
 }
 
+// libtvm_runtime holds the CPU device only; the CUDA device API is the wheel's sidecar libtvm_runtime_cuda, which
+// registers itself when loaded. dlopen searches this binary's rpath (the wheel's lib folder, or $ORIGIN).
+void LoadDeviceRuntime(DLDevice device) {
+  if (device.device_type != kDLCUDA) return;
+#if !defined(_WIN32)
+  if (ffi::Function::GetGlobal("device_api.cuda").has_value()) return;
+  if (!dlopen("libtvm_runtime_cuda.so", RTLD_NOW | RTLD_GLOBAL))
+    throw std::runtime_error(std::string("cannot load TVM's CUDA runtime (libtvm_runtime_cuda.so next to "
+                                         "libtvm_runtime): ") + dlerror() + "; is the NVIDIA driver installed?");
+#endif
+}
+
 ffi::Function Global(const char* name) {
   auto f = ffi::Function::GetGlobal(name);
   if (!f.has_value())
@@ -212,6 +228,7 @@ std::shared_ptr<const Model> Model::Load(const std::string& dir, DLDevice device
                                std::to_string(kv.second) + "; the artifact was changed or truncated — re-export it");
   }
 
+  LoadDeviceRuntime(device);
   // model.so holds the Relax VM executable and every kernel; libtvm_runtime registers its loader.
   model->lib_ = ffi::Module::LoadFromFile(dir + "/model.so");
 
@@ -333,7 +350,7 @@ void Session::Sync() const {
   DLDevice dev = model_->device();
   if (dev.device_type == kDLCPU) return;
   static ffi::Function sync = Global("runtime.Device_StreamSync");
-  sync(dev, static_cast<void*>(nullptr));
+  sync(dev, static_cast<int64_t>(0));  // (device, stream handle as an integer; 0 = the default stream)
 }
 
 }  // namespace ember_example
