@@ -71,15 +71,22 @@ class Int8Static:
 
     calibration: a sequence of input batches (each a tuple of arrays/tensors in the model's input order, or a
         dict by input name). method: how ranges are chosen from the observed values: "minmax", "percentile"
-        (``percentile`` of |x|), "mse" or "entropy". granularity: activation scales per "tensor" or "token".
+        (``percentile`` of |x|), "mse" or "entropy". granularity: activation scales per "tensor" (one calibrated
+        scale) or "token" (each row's own range, capped by the calibrated clip). smoothing: SmoothQuant strength
+        alpha — per input channel, activations are divided and weights multiplied by
+        ``max|x|^alpha / max|w|^(1-alpha)`` so outlier channels stop dominating a per-tensor scale.
     """
 
     calibration: Any = None
     method: str = "minmax"
     percentile: float = 99.99
     granularity: str = "tensor"
+    smoothing: float | None = None
 
     def __post_init__(self):
+        if self.smoothing is not None:
+            _check(0.0 <= float(self.smoothing) <= 1.0, type(self), "smoothing", self.smoothing,
+                   "use a SmoothQuant migration strength in [0, 1] (0: off), or None (0.5 per tensor, off per token)")
         _check(self.calibration is not None, type(self), "calibration", self.calibration,
                "give a sequence of input batches (a few dozen real inputs) to calibrate on")
         _check(self.method in CALIBRATION_METHODS, type(self), "method", self.method,

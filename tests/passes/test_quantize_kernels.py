@@ -210,3 +210,17 @@ def test_calibration_methods_deterministic_and_ordered():
         assert 0 < clips[m] < amax  # heavy tails: every method clips below the max
     assert clips["percentile"] == pytest.approx(np.percentile(np.abs(np.concatenate([v.ravel() for v in vals])),
                                                             99.9))
+
+
+def test_quantize_activations_smoothing():
+    """SmoothQuant: codes of x * inv_smooth (per input channel), with the range taken on the smoothed values."""
+    m, k, rt = 6, 20, 8
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    x[:, 3] *= 40  # an outlier channel
+    inv = (1.0 / calibrate.smoothing_factors([x], RNG.standard_normal((k, 5)), 0.5)).astype(np.float32)
+    clip = np.array([3.0], np.float32)
+    codes, xs = _run(kernels.quantize_activations(k, 127, False, True, rt, TARGET, smooth=True), x, inv, clip,
+                     outs=[((1, rt, 20), "uint8"), ((m,), "float32")])
+    rq, rs = qmath.quantize_activation_rows(x * inv, 127, clip=3.0, per_token=False)
+    np.testing.assert_allclose(xs, rs, rtol=1e-6)
+    assert np.abs(codes.reshape(rt, k)[:m].astype(np.int32) - 128 - rq).max() <= 1

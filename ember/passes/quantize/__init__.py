@@ -86,11 +86,19 @@ def _plans(cfg, sites, ref, data, taps_per_batch, outs_ref, verbose):
             plans[s.name] = {"scheme": "int8", "per_token": cfg.granularity == "token", "static": False,
                              "clip": None, "act_bits": cfg.activation_bits}
     elif isinstance(cfg, Int8Static):
+        alpha = cfg.smoothing if cfg.smoothing is not None else (0.5 if cfg.granularity == "tensor" else 0.0)
         for i, s in enumerate(sites):
             values = [ref.site_input(t, i, s.k) for t in taps_per_batch]
+            smooth = None
+            if alpha > 0:
+                w = np.asarray(ref.weights[s.weight_index], np.float32)
+                smooth = _cal.smoothing_factors(values, w.T if s.transposed else w, alpha)
+                values = [v / smooth for v in values]
             clip = _cal.calibrate(values, cfg.method, cfg.percentile)
             plans[s.name] = {"scheme": "int8", "per_token": cfg.granularity == "token", "static": True,
-                             "clip": clip, "act_bits": 8}
+                             "clip": clip, "act_bits": 8, "smooth": smooth}
+        if alpha > 0:
+            extra["smoothing"] = alpha
     elif isinstance(cfg, Mixed):
         from .mixed import choose_bits
 

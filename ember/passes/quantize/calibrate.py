@@ -86,6 +86,17 @@ def calibrate(values: list, method: str, percentile: float = 99.99) -> float:
     return float(max(c, 1e-8))
 
 
+def smoothing_factors(values: list, w_kn: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant (Xiao et al. 2023) per-input-channel factors ``s = max|x|^a / max|w|^(1-a)`` (1 where a channel
+    is all zero), bounded to [1e-4, 1e4]: x / s has flatter channels, W * s absorbs them."""
+    chan = np.max([np.abs(v).max(axis=0) for v in values], axis=0).astype(np.float64)
+    wmax = np.abs(np.asarray(w_kn, np.float64)).max(axis=1)
+    ok = (chan > 0) & (wmax > 0)
+    s = np.ones_like(chan)
+    s[ok] = chan[ok] ** alpha / wmax[ok] ** (1.0 - alpha)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
 def batches(calibration, input_names: list[str]) -> list[tuple]:
     """Normalize user calibration data to a list of input tuples of numpy arrays (model input order)."""
     try:

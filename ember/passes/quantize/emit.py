@@ -91,25 +91,32 @@ class Emitter:
     def _int8(self, bb, site, x2, m, plan, bias):
         lanes = kernels.int8_lanes(self.target)
         rt = kernels.int8_row_tile(lanes)
-        q, ws = qmath.int8_weight(self._weight_kn(site))
-        self.dequantized[site.name] = q.astype(np.float32) * ws[None, :]
+        smooth = plan.get("smooth")
+        w = self._weight_kn(site)
+        q, ws = qmath.int8_weight(w if smooth is None else w * smooth[:, None])
+        self.dequantized[site.name] = q.astype(np.float32) * ws[None, :] / (1 if smooth is None else smooth[:, None])
         wsum = np.zeros(-(-site.n // lanes) * lanes, np.int32)
         wsum[: site.n] = q.astype(np.int32).sum(axis=0)
         qmax = (1 << (plan["act_bits"] - 1)) - 1
         qkey = ("ember_quant_act", site.k, qmax, int(plan["per_token"]), int(plan["static"]), rt)
+        qkey += (int(smooth is not None),)
         qgv = self._func(bb, qkey, lambda: kernels.quantize_activations(site.k, qmax, plan["per_token"],
-                                                                        plan["static"], rt, self.target))
+                                                                        plan["static"], rt, self.target,
+                                                                        smooth=smooth is not None))
         kp = -(-site.k // 4) * 4
         codes_sinfo = relax.TensorType([(m + rt - 1) // rt, rt, kp], "uint8")
 
         def quantize():
             qargs = [x2]
+            if smooth is not None:
+                qargs.append(self._param(f"{site.name}.inv_smooth", (1.0 / smooth).astype(np.float32)))
             if plan["static"]:
                 qargs.append(self._param(f"{site.name}.act_clip", np.array([plan["clip"]], np.float32)))
             qx = bb.emit(relax.call_tir(qgv, qargs, [codes_sinfo, relax.TensorType([m], "float32")]))
             return bb.emit(relax.TupleGetItem(qx, 0)), bb.emit(relax.TupleGetItem(qx, 1))
 
-        codes, xs = self._shared(qkey + (plan["clip"],), x2, quantize)
+        share = qkey + (plan["clip"], None if smooth is None else smooth.tobytes())
+        codes, xs = self._shared(share, x2, quantize)
         args = [codes, self._param(f"{site.name}.int8", qmath.vnni_pack(q, lanes)),
                 self._param(f"{site.name}.wsum", wsum), xs, self._param(f"{site.name}.wscale", ws)]
         if bias is not None:

@@ -177,8 +177,12 @@ def embedding_gather(v: int, d: int, bits: int, group: int, symmetric: bool, ind
 
 
 # -- INT8 activations ----------------------------------------------------------------------------------------
-def quantize_activations(k: int, qmax: int, per_token: bool, static: bool, row_tile: int, target):
+def quantize_activations(k: int, qmax: int, per_token: bool, static: bool, row_tile: int, target,
+                         smooth: bool = False):
     """x[m, K] fp32 → (codes uint8 [ceil(m/R), R, Kp] = q + 128; scale fp32 [m]).
+
+    smooth: an extra argument ``inv_smooth[K]`` multiplies x per input channel before quantizing (SmoothQuant:
+    the weights were multiplied by the inverse at compile time, so the product is unchanged).
 
     The codes are zero-padded (value 128) to Kp = ceil(K/4)*4 columns and to whole tiles of R = ``row_tile``
     rows, so the int8 GEMM's register tiles never need a bounds check (which would also block tensorizing its
@@ -189,6 +193,15 @@ def quantize_activations(k: int, qmax: int, per_token: bool, static: bool, row_t
     kp = -(-k // 4) * 4
     x = te.placeholder((m, _i64(k)), "float32", name="x")
     args = [x]
+    if smooth:
+        inv = te.placeholder((_i64(k),), "float32", name="inv_smooth")
+        args.append(inv)
+
+        def xv(i, c):
+            return x[i, c] * inv[c]
+    else:
+        def xv(i, c):
+            return x[i, c]
     clip = None
     if static:
         clip = te.placeholder((_i64(1),), "float32", name="clip")
@@ -197,13 +210,13 @@ def quantize_activations(k: int, qmax: int, per_token: bool, static: bool, row_t
         rng = te.compute((m,), lambda i: clip[0], name="range")
     elif per_token:
         r = te.reduce_axis((_i64(0), _i64(k)), name="k")
-        rmax = te.compute((m,), lambda i: te.max(tirx.abs(x[i, r]), axis=r), name="rowmax")
+        rmax = te.compute((m,), lambda i: te.max(tirx.abs(xv(i, r)), axis=r), name="rowmax")
         rng = te.compute((m,), (lambda i: tirx.min(rmax[i], clip[0])) if static else (lambda i: rmax[i]),
                          name="range")
     else:
         ri = te.reduce_axis((_i64(0), m), name="ri")
         rk = te.reduce_axis((_i64(0), _i64(k)), name="rk")
-        tmax = te.compute((_i64(1),), lambda _: te.max(tirx.abs(x[ri, rk]), axis=[ri, rk]), name="tensormax")
+        tmax = te.compute((_i64(1),), lambda _: te.max(tirx.abs(xv(ri, rk)), axis=[ri, rk]), name="tensormax")
         rng = te.compute((m,), lambda i: tmax[0], name="range")
     safe = te.compute((m,), lambda i: tirx.max(rng[i], tirx.const(1e-12, "float32")), name="safe_range")
     qm = tirx.const(float(qmax), "float32")
@@ -212,7 +225,7 @@ def quantize_activations(k: int, qmax: int, per_token: bool, static: bool, row_t
     def code(b, r, c):
         row = b * rt + r
         rc = tirx.min(row, m - 1)
-        val = tirx.nearbyint(x[rc, tirx.min(c, _i64(k - 1))] * (qm / safe[rc]))
+        val = tirx.nearbyint(xv(rc, tirx.min(c, _i64(k - 1))) * (qm / safe[rc]))
         val = tirx.max(tirx.min(val, qm), -qm).astype("int32") + 128
         return tirx.Select(tirx.all(c < _i64(k), row < m), val, tirx.const(128, "int32")).astype("uint8")
 

@@ -76,8 +76,10 @@ def layer_errors(sites, plans, emitter, ref, taps_per_batch, imported) -> list:
                 y = x @ w
                 if plan["scheme"] == "int8":
                     qmax = (1 << (plan["act_bits"] - 1)) - 1
-                    q, sc = qmath.quantize_activation_rows(x, qmax, clip=plan["clip"], per_token=plan["per_token"])
-                    xd = q.astype(np.float32) * sc[:, None]
+                    smooth = plan.get("smooth")
+                    xin = x if smooth is None else x / smooth
+                    q, sc = qmath.quantize_activation_rows(xin, qmax, clip=plan["clip"], per_token=plan["per_token"])
+                    xd = q.astype(np.float32) * sc[:, None] * (1 if smooth is None else smooth)
                     entry["activation_error"] = round(qmath.relative_error(x, xd), 6)
                     if plan["static"]:
                         entry["activation_clip"] = round(float(plan["clip"]), 6)
