@@ -31,6 +31,8 @@ Dequantize/unpack fusion of compressed weights lives in the quantization and spa
 from __future__ import annotations
 
 import itertools
+import os
+import traceback
 
 import numpy as np
 import tvm
@@ -195,9 +197,11 @@ class _AttentionRewriter(PyExprMutator):
         try:
             fused = self._match(op)
         except Exception:  # pylint: disable=broad-except
-            import traceback, os
-            if os.environ.get("EMBER_DEBUG_FUSION"): traceback.print_exc()
-            fused = None  # an unexpected IR shape: leave the graph as it was (still correct, just unfused)
+            # An IR shape the matcher did not foresee: leave the graph as it was (still correct, just unfused).
+            # EMBER_DEBUG_FUSION=1 shows why.
+            if os.environ.get("EMBER_DEBUG_FUSION"):
+                traceback.print_exc()
+            fused = None
         return op if fused is None else fused
 
     # -- matching -----------------------------------------------------------------------------------------
@@ -312,8 +316,6 @@ class _AttentionRewriter(PyExprMutator):
     @staticmethod
     def _skip(where: int):
         """Not an attention site (or one this kernel cannot take); EMBER_DEBUG_FUSION=1 says which check."""
-        import os  # pylint: disable=import-outside-toplevel
-
         if os.environ.get("EMBER_DEBUG_FUSION"):
             print(f"ember.FuseAttention: no match (check {where})")
         return None
