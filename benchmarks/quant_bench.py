@@ -101,7 +101,9 @@ def bench_minilm(n_eval: int, n_calib: int, tmp: str) -> dict:
 
     run_ember("ember fp32", None)
     run_ember("ember INT8 dynamic", ember.Int8Dynamic())
-    run_ember("ember INT8 static", ember.Int8Static(calibration=calib, method="percentile", percentile=99.99))
+    run_ember("ember INT8 static per-token (percentile clip)",
+              ember.Int8Static(calibration=calib, method="percentile", percentile=99.99, granularity="token"))
+    run_ember("ember INT8 static per-tensor (mse)", ember.Int8Static(calibration=calib, method="mse"))
     run_ember("ember INT4-g32 (GPTQ, asym)", ember.WeightOnly(4, 32, symmetric=False, calibration=calib))
     run_ember("ember INT4-g32 (round to nearest, asym)", ember.WeightOnly(4, 32, symmetric=False))
 

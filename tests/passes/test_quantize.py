@@ -159,3 +159,32 @@ def test_bad_configs_name_field_and_layer(mlp):
         parse_quantization("int3-g32")
     assert parse_quantization("int4-g32-asym") == ember.WeightOnly(4, 32, symmetric=False)
     assert parse_quantization("int8") == ember.Int8Dynamic()
+
+
+def test_cli_quantize_onnx(tmp_path):
+    """`ember compile model.onnx --quantize int4-g32-asym` quantizes ONNX MatMul/Gemm weights and prints the report."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model = seeded(MLP, d_in=64, hidden=96, d_out=10)
+    path = tmp_path / "mlp.onnx"
+    torch.onnx.export(model, (torch.randn(2, 64),), str(path), input_names=["features"], output_names=["logp"],
+                      dynamic_axes={"features": {0: "batch"}}, opset_version=17, dynamo=False)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "ember.cli", "compile", str(path), "-o", str(tmp_path / "q"),
+                          "--quantize", "int4-g32-asym"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "end to end: cosine vs fp32" in res.stdout and "synthetic random inputs" in res.stdout
+    manifest = json.load(open(tmp_path / "q" / "manifest.json"))
+    rep = manifest["compression"]["quantization"]
+    assert rep["scheme"] == {"type": "WeightOnly", "bits": 4, "group_size": 32, "symmetric": False}
+    assert len(rep["layers"]) == 3 and rep["end_to_end"]["mean"] > 0.99
+    x = torch.randn(5, 64)
+    got = ember.load(str(tmp_path / "q"))(x.numpy())
+    assert np.abs(np.exp(got) - np.exp(model(x).detach().numpy())).max() < 0.1
+    bad = subprocess.run([sys.executable, "-m", "ember.cli", "compile", str(path), "-o", str(tmp_path / "b"),
+                          "--quantize", "int3-g32"], capture_output=True, text=True, env=env, timeout=600)
+    assert bad.returncode == 2 and "int3-g32" in bad.stderr
