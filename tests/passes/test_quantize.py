@@ -188,3 +188,9 @@ def test_cli_quantize_onnx(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ember.cli", "compile", str(path), "-o", str(tmp_path / "b"),
                           "--quantize", "int3-g32"], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "int3-g32" in bad.stderr
+
+
+def test_gpu_target_refused_clearly(mlp):
+    model, x, _ = mlp
+    with pytest.raises(ConfigError, match="CPU"):
+        ember.compile(model, (x,), target="cuda-sm90", quantization=ember.Int8Dynamic())

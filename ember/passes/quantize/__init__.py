@@ -114,6 +114,10 @@ def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False
         raise ConfigError(f"quantization={cfg!r}: use ember.WeightOnly, ember.Int8Dynamic, ember.Int8Static or "
                           "ember.Mixed")
     target = _target(target)
+    if target.kind.name != "llvm":
+        raise ConfigError(f"quantization={type(cfg).__name__}: ember's quantized kernels are scheduled for CPU (llvm) "
+                          f"targets only so far, not {target.kind.name}; compile for a CPU target or without "
+                          "quantization")
     t0 = time.perf_counter()
     func = imported.mod["main"]
     sites = find_sites(func, imported.param_names, embeddings=isinstance(cfg, (WeightOnly, Mixed)))
