@@ -77,9 +77,33 @@ def fused_module(mod_or_model, target, *, example_inputs=None, dynamic_batch=Fal
         return fuse_pass(target)(mod)
 
 
-def extract_tasks(fused: tvm.IRModule, target) -> list:
-    tasks = ms.relax_integration.extract_tasks(fused, target)
-    return [t for t in tasks if not t.mod.attrs or not t.mod.attrs.get("tirx.is_scheduled", False)]
+def extract_tasks(fused: tvm.IRModule, target, skipped: list | None = None, min_share: float = 0.0) -> list:
+    """MetaSchedule tasks of the fused module's kernels. Kernels MetaSchedule cannot handle (its FLOP estimate
+    rejects some TIR, e.g. ``Let`` expressions in ember's fast-math kernels) are left out, with the reason
+    appended to ``skipped``: they keep ember's rule schedules."""
+    from tvm.s_tir.analysis import estimate_tir_flops  # pylint: disable=import-outside-toplevel
+
+    out = []
+    for t in ms.relax_integration.extract_tasks(fused, target):
+        if t.mod.attrs and t.mod.attrs.get("tirx.is_scheduled", False):
+            continue
+        try:
+            # What the task scheduler calls first; it aborts the whole run on error.
+            flops = float(estimate_tir_flops(t.dispatched[0]))
+        except Exception as e:  # pylint: disable=broad-except
+            if skipped is not None:
+                skipped.append(f"{t.task_name}: not tunable by MetaSchedule ({str(e).strip().splitlines()[-1]}); "
+                               "keeps ember's rule schedule")
+            continue
+        out.append((t, flops))
+    # Kernels with a negligible share of the model's arithmetic (reshapes, casts, small reductions) would each
+    # take a first round of trials from the budget and cannot pay it back; they keep ember's rules.
+    total = sum(f * float(t.weight) for t, f in out) or 1.0
+    kept = [t for t, f in out if f * float(t.weight) >= min_share * total]
+    if skipped is not None:
+        skipped.extend(f"{t.task_name}: {100 * f * float(t.weight) / total:.2g}% of the model's FLOPs, not tuned"
+                       for t, f in out if f * float(t.weight) < min_share * total)
+    return kept
 
 
 # -- reuse of measurements already in the database -----------------------------------------------------------
@@ -434,7 +458,8 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
     try:
         fused = fused_module(mod_or_model, tgt, example_inputs=example_inputs, dynamic_batch=dynamic_batch,
                              quantization=quantization, sparsity=sparsity)
-        extracted = extract_tasks(fused, tgt)
+        skipped: list = []
+        extracted = extract_tasks(fused, tgt, skipped, float(tuning.extra.get("min_flops_share", 0.01)))
         if not extracted:
             raise EmberError("the model has no kernels to tune (every kernel is already scheduled)")
     except BaseException:
@@ -444,7 +469,7 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
 
     db = TuningDatabase(database_dir(tuning.database, tgt), tgt, writable=True)
     report = TuneReport(database=str(db.path), target=str(tgt), records_before=len(db),
-                        tasks=[TaskResult(t.task_name, float(t.weight)) for t in extracted])
+                        tasks=[TaskResult(t.task_name, float(t.weight)) for t in extracted], notes=skipped)
     builder = _ReuseBuilder(inner_builder, db)
     cost_model = _WarmupXGB(num_tuning_cores=cores, adaptive_training=True, verbose_eval=0,
                             num_warmup_samples=int(tuning.extra.get("num_warmup_samples", 100)))
