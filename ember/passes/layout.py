@@ -19,7 +19,7 @@ already in the new layout. For non-CPU targets it is the identity.
    contiguous along it. In NCHW the contiguous output axis is the image width, only 7 or 14 pixels in the deep
    layers -- too narrow to fill AVX-512 registers.
 
-2. **dense weights packed into column panels** (:class:`PackDenseWeights`)::
+2. **dense weights packed into column panels** (:class:`PackWeights`)::
 
        y = matmul(x, w)                                  # x: [..., K], w: [K, N] a weight
    becomes
@@ -51,6 +51,7 @@ from ..schedules.cpu.common import is_cpu
 # Relax leaves that are compile-time values (TVM 0.27 names: tvm.ir.expr.Constant, ShapeExpr, prim_value()).
 _LEAF_CONSTANTS = (tvm.ir.expr.Constant, type(relax.ShapeExpr([1])), type(relax.prim_value(1)))
 
+# Module switches for before/after measurements (layout_pass's defaults); both on in normal use.
 PACK_DENSE = True
 PACK_CONV = True
 
@@ -82,7 +83,7 @@ def layout_pass(target, *, nhwc: bool = True, pack_dense: bool | None = None,
     pack_conv = PACK_CONV if pack_conv is None else pack_conv
     passes = [conv_to_nhwc()] if nhwc else []
     if pack_dense or pack_conv:
-        passes.append(PackDenseWeights(target, dense=pack_dense, conv=pack_conv))
+        passes.append(PackWeights(target, dense=pack_dense, conv=pack_conv))
     return tvm.transform.Sequential(passes, name="ember.layout")
 
 
@@ -139,7 +140,7 @@ def _static_int(e):
 
 
 @mutator
-class _PackDense(PyExprMutator):
+class _PackWeights(PyExprMutator):
     def __init__(self, mod, nr_of, dense=True, conv=True):
         super().__init__(mod)
         self.nr_of = nr_of
@@ -247,16 +248,18 @@ class _PackDense(PyExprMutator):
                                  out_shape, out_dtype, "packed_conv2d_nhwc")
 
 
-@tvm.transform.module_pass(opt_level=0, name="ember.PackDenseWeights")
-class PackDenseWeights:
-    """Pack the weights of dense layers into NR-wide column panels (see module docstring, 2)."""
+@tvm.transform.module_pass(opt_level=0, name="ember.PackWeights")
+class PackWeights:
+    """Pack the weights of dense layers and NHWC convs into NR-wide panels (see module docstring, 2 and 3).
+    The kernels are named ``packed_dense*`` / ``packed_conv2d_nhwc*``: ember.passes.fusion recognises them as
+    matmul/conv cores by those names, so keep them."""
 
     def __init__(self, target, dense: bool = True, conv: bool = True):
         self.target = target
         self.dense, self.conv = dense, conv
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        packer = _PackDense(mod, lambda m, n, dtype: dense_panel_width(self.target, m, n, dtype), self.dense,
+        packer = _PackWeights(mod, lambda m, n, dtype: dense_panel_width(self.target, m, n, dtype), self.dense,
                             self.conv)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
@@ -264,4 +267,4 @@ class PackDenseWeights:
         return packer.builder_.get()
 
 
-__all__ = ["layout_pass", "conv_to_nhwc", "PackDenseWeights", "dense_panel_width"]
+__all__ = ["layout_pass", "conv_to_nhwc", "PackWeights", "dense_panel_width"]

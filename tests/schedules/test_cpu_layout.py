@@ -14,7 +14,7 @@ from torch import nn
 
 import ember
 from ember.compiler.pipeline import TRANSFORM_PARAMS, prepare
-from ember.passes.layout import PackDenseWeights, conv_to_nhwc, dense_panel_width, layout_pass
+from ember.passes.layout import PackWeights, conv_to_nhwc, dense_panel_width, layout_pass
 from ember.schedules.cpu import Matmul
 from ember.schedules.cpu.matmul import _packed_panel, _analyze
 from helpers import assert_same_result, fused_prim_funcs, host_target, loop_kinds, relax_graph
@@ -45,7 +45,7 @@ def test_dense_weight_is_packed_and_lifted():
     n = 4 * panel
     mod = _with_weights(relax_graph([("x", (37, 53)), ("w", (n, 53)), ("b", (n,))],
                                     lambda x, w, b: op.add(op.matmul(x, op.permute_dims(w)), b)), 1)
-    packed = PackDenseWeights(TARGET)(mod)
+    packed = PackWeights(TARGET)(mod)
     assert _calls(packed, "packed_dense") >= 1 and "R.matmul" not in packed["main"].script()
     prepared = prepare(mod, fusion=False, target=TARGET)
     names = [gv.name_hint for gv in prepared.functions]
@@ -60,10 +60,10 @@ def test_not_packed_when_not_a_weight_or_not_a_panel_multiple():
     lanes_panel = dense_panel_width(TARGET, 16, 64)
     # second operand is an input, not a weight: left alone
     act = _with_weights(relax_graph([("x", (16, 32)), ("y", (32, 64))], lambda x, y: op.matmul(x, y)), 2)
-    assert "R.matmul" in PackDenseWeights(TARGET)(act)["main"].script()
+    assert "R.matmul" in PackWeights(TARGET)(act)["main"].script()
     # N not a multiple of the panel width: left alone
     odd = _with_weights(relax_graph([("x", (16, 32)), ("w", (32, lanes_panel + 3))], lambda x, w: op.matmul(x, w)), 1)
-    assert "R.matmul" in PackDenseWeights(TARGET)(odd)["main"].script()
+    assert "R.matmul" in PackWeights(TARGET)(odd)["main"].script()
 
 
 def test_layout_pass_is_identity_off_cpu():
@@ -90,7 +90,7 @@ def test_rule_on_packed_dense(m, k, vecs):
     n = panel * max(2, vecs // 2)
     mod = _with_weights(relax_graph([("x", (m, k)), ("w", (k, n)), ("b", (n,))],
                                     lambda x, w, b: op.nn.gelu(op.add(op.matmul(x, w), b))), 1)
-    func = _kernel(PackDenseWeights(TARGET)(mod), "packed_dense")
+    func = _kernel(PackWeights(TARGET)(mod), "packed_dense")
     main = s_tir.Schedule(func)
     main = main.get(main.get_sblock("packed_dense"))
     assert _packed_panel(main, _analyze(main).n) == panel
