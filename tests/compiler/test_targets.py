@@ -61,3 +61,19 @@ def test_cli_lists_every_target():
                          timeout=300).stdout
     for name in TARGETS:
         assert any(line.split()[0] == name for line in out.splitlines() if line.strip()), name
+
+
+def test_cross_linking_needs_its_tools(monkeypatch):
+    from ember.compiler import cross
+
+    monkeypatch.setattr(cross, "this_machine", lambda: ("x86_64", "linux"))
+    assert cross.fcompile_for({"name": "host", "arch": "x86_64", "os": "linux"}) is None
+    monkeypatch.setattr(cross, "find_aarch64_cxx", lambda: None)
+    with pytest.raises(TargetError, match="g\\+\\+-aarch64-linux-gnu"):
+        cross.fcompile_for({"name": "arm64", "arch": "aarch64", "os": "linux"})
+    monkeypatch.setattr(cross, "find_ld64", lambda: None)
+    with pytest.raises(TargetError, match="lld-16"):
+        cross.fcompile_for({"name": "metal", "arch": "aarch64", "os": "darwin"})
+    monkeypatch.setattr(cross, "this_machine", lambda: ("aarch64", "linux"))
+    with pytest.raises(TargetError, match="cannot link a library for x86_64 linux"):
+        cross.fcompile_for({"name": "rocm-gfx942", "arch": "x86_64", "os": "linux"})
