@@ -57,7 +57,9 @@ def test_bytes_and_ops_follow_the_shapes(tiny):
     assert att["bytes_per_call"] == 4 * (4 * 2 * 16 * 4 * 16 + 2 * 16)
     assert att["ops"] == ["matmul(q,k)", "multiply(scale)", "add(mask)", "softmax", "matmul(p,v)"]
     gelu = [k for k in kernels.values() if "gelu" in k["ops"]]
-    assert gelu and all("matmul" in k["ops"] for k in gelu), "GELU is not fused into its matmul"
+    # (ember.passes.layout may have turned the matmul into packed_dense: still a matmul kernel)
+    assert gelu and all("matmul" in k["ops"] or "packed_dense" in k["ops"] for k in gelu), (
+        "GELU is not fused into its matmul")
     totals = fused.manifest["kernels"]["ember"]
     assert totals["bytes"] == sum(k["calls"] * k["bytes_per_call"] for k in totals["kernels"])
 

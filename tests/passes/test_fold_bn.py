@@ -68,13 +68,15 @@ def test_torch_bn_folded_structurally(make):
     assert main_ops.count("relax.multiply") == 0, "a BN scale is still applied to activations at run time"
 
 
-@pytest.mark.parametrize("make", [lambda: randomize_bn(seeded(CNN)), lambda: _random_stats(seeded(ConvBiasBN))])
+# (the ResNet-style CNN is compiled and checked numerically by the ONNX test below)
+@pytest.mark.parametrize("make", [lambda: _random_stats(seeded(ConvBiasBN))])
 def test_folded_model_equals_original(make):
     m = make()
     x = torch.randn(1, 3, 12, 12)
     folded = compile_model(m, (x,))
-    assert "fused_relax_nn_conv2d_relax_add" in " ".join(
-        k["name"] for k in folded.manifest["kernels"]["ember"]["kernels"])
+    kernels = folded.manifest["kernels"]["ember"]["kernels"]
+    # the folded shift is fused into the conv kernel (conv2d, or ember.passes.layout's packed NHWC conv)
+    assert any(any("conv2d" in op for op in k["ops"]) and "add" in k["ops"] for k in kernels), kernels
     with torch.inference_mode():
         ref = m(x).numpy()
     assert_close(folded(x.numpy()), ref, rtol=1e-4, atol=1e-5)

@@ -72,8 +72,8 @@ def _kernels(cm):
     return [k["name"] for k in cm.manifest["kernels"]["ember"]["kernels"]]
 
 
-@pytest.mark.parametrize("seq", [13, 64])
-def test_fused_graph_equals_unfused(seq):
+def test_fused_graph_equals_unfused():
+    seq = 13  # odd: tails in the query and key blocks
     torch.manual_seed(0)
     m = SelfAttention().eval()
     x = torch.randn(2, seq, 32)
