@@ -104,6 +104,28 @@ def test_llvm_readelf_agrees(artifacts, tmp_path):
     assert "EM_AMDGPU" in out and "amdhsa.kernels" in out
 
 
+def test_gfx90a_code_disassembles_to_amdgpu_instructions(artifacts, tmp_path):
+    """LLVM 14's objdump knows gfx90a (not gfx942): every kernel disassembles, ends in s_endpgm, and does math."""
+    import subprocess
+
+    objdump = elf.tool("llvm-objdump-16", "llvm-objdump")
+    if objdump is None:
+        pytest.skip("llvm-objdump is not installed")
+    with open(f"{artifacts['cnn-gfx90a']}/model.so", "rb") as f:
+        co = _code_objects(f.read())[0]
+    path = tmp_path / "cnn.hsaco"
+    path.write_bytes(co)
+    res = subprocess.run([objdump, "-d", "--mcpu=gfx90a", str(path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    dis = res.stdout
+    kernels = {s[:-3] for s in elf.defined_symbols(co) if s.endswith(".kd")}
+    listed = set(re.findall(r"^[0-9a-f]+ <(\w+)>:$", dis, re.M))
+    assert kernels <= listed, sorted(kernels - listed)
+    assert dis.count("s_endpgm") >= len(kernels)
+    assert re.search(r"\bv_(fma|fmac|pk_fma)_f32", dis) and "global_load" in dis and "global_store" in dis
+    assert not re.search(r"<unknown>|invalid instruction", dis)
+
+
 def test_wrong_arch_is_refused(artifacts):
     with pytest.raises(ArtifactError, match="not AMDGPU gfx90a"):
         rocm_aot.check_device_code(f"{artifacts['mlp-gfx942']}/model.so", "gfx90a", "rocm-gfx90a")
