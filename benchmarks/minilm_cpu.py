@@ -1,9 +1,11 @@
 """MiniLM on this machine's CPU: ember vs PyTorch eager (and ONNX Runtime, torch.compile with --peers all).
 
-    python benchmarks/minilm_cpu.py [--batch 1] [--seq 128] [--peers eager|all] [--out benchmarks/out]
+    python benchmarks/minilm_cpu.py [--batch 1] [--seq 128] [--peers eager|all] [--out benchmarks/out] [--profile]
 
 Prints a table of median latencies and the ratio to PyTorch eager, and writes JSON with the machine named.
 All engines run in this one process, one after another, on the same inputs (real sentences).
+``--profile`` also prints where ember's time goes, kernel by kernel (see :func:`profile_kernels`).
+For the full comparison (torch.compile, ONNX Runtime, batch 8, a CNN) see benchmarks/cpu_bench.py.
 """
 
 from __future__ import annotations
@@ -33,6 +35,49 @@ def median_ms(fn, warmup=5, repeat=30, min_seconds=1.0):
     return float(np.median(times)), len(times)
 
 
+def profile_kernels(compiled, inputs, runs: int = 5, top: int = 20):
+    """Time every call the Relax VM makes (TIR kernels and VM builtins) with the VM's instrument hook; print the
+    per-kernel minimum over ``runs`` runs, kernels of the same kind (names differing only in digits) summed.
+    The minimum is the robust statistic on a shared machine; the sum of minima is a lower bound of a run."""
+    import collections
+    import re
+
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    compiled._vm()  # moves the weights to the device
+    vm = VirtualMachine(compiled._executable, tvm.cpu())
+    dev_inputs = [tvm.runtime.tensor(np.ascontiguousarray(x), tvm.cpu()) for x in inputs]
+    acc, calls, start = collections.defaultdict(float), collections.Counter(), {}
+
+    def instrument(_func, symbol, before, _ret, *_args):
+        if before:
+            start[symbol] = time.perf_counter()
+        else:
+            acc[symbol] += time.perf_counter() - start[symbol]
+            calls[symbol] += 1
+        return 0  # VMInstrumentReturnKind.NO_OP
+
+    vm.set_instrument(instrument)
+    vm["main"](*dev_inputs, *compiled._params)
+    per_run = []
+    for _ in range(runs):
+        acc.clear()
+        calls.clear()
+        vm["main"](*dev_inputs, *compiled._params)
+        per_run.append((dict(acc), dict(calls)))
+    best = {k: min(r[0].get(k, 0.0) for r in per_run) for k in per_run[0][0]}
+    kinds, kind_calls = collections.defaultdict(float), collections.Counter()
+    for k, v in best.items():
+        kind = re.sub(r"\d+", "", k)
+        kinds[kind] += v
+        kind_calls[kind] += per_run[0][1][k]
+    print(f"\nember kernels (min over {runs} runs, kinds summed; total {sum(best.values()) * 1e3:.2f} ms)")
+    for kind, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {v * 1e3:8.2f} ms  {kind_calls[kind]:4d} calls  {kind}")
+    return {k: v * 1e3 for k, v in kinds.items()}
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -50,6 +95,7 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--peers", choices=["eager", "all"], default="all")
     ap.add_argument("--out", default="benchmarks/out")
+    ap.add_argument("--profile", action="store_true", help="also print ember's time per kernel")
     a = ap.parse_args()
 
     import torch
@@ -74,6 +120,7 @@ def main():
     cos = float(((ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))).min())
     b = compiled.benchmark(ids, mask, repeat=30, min_seconds=1.0)
     rows["ember (untuned)"] = (b.median_ms, b.runs)
+    kernel_ms = profile_kernels(compiled, (ids, mask)) if a.profile else None
 
     if a.peers == "all":
         import tempfile
@@ -115,6 +162,7 @@ def main():
                      "tvm": __import__("tvm").__version__},
         "batch": a.batch, "seq": a.seq, "compile_seconds": compile_s, "min_cosine": cos,
         "median_ms": {k: v[0] for k, v in rows.items()},
+        "ember_kernel_ms": kernel_ms,
     }
     path = os.path.join(a.out, f"minilm_cpu_b{a.batch}_s{a.seq}.json")
     with open(path, "w") as f:
