@@ -35,17 +35,6 @@ def _dir_bytes(path, prefix="params"):
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.startswith(prefix))
 
 
-def _time(fn, warmup=5, repeat=40):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(ts))
-
-
 def calibration_sequences(tok, sentences, n, seq_len=128):
     """Real sentences concatenated until they fill ``seq_len`` tokens: every calibration token is real text."""
     from ember.models import minilm as M
@@ -61,7 +50,27 @@ def calibration_sequences(tok, sentences, n, seq_len=128):
     return out
 
 
-def bench_minilm(n_eval: int, n_calib: int, tmp: str) -> dict:
+ROWS = {"fp32": "ember fp32", "int8": "ember INT8 dynamic", "static-token": "ember INT8 static per-token (percentile clip)",
+        "static-tensor": "ember INT8 static per-tensor (mse)", "int4-gptq": "ember INT4-g32 (GPTQ, asym)",
+        "int4-rtn": "ember INT4-g32 (round to nearest, asym)", "ort": "ONNX Runtime"}
+
+
+def _interleaved(runners: dict, rounds: int, per_round: int) -> dict:
+    """Median latency per engine over ``rounds`` round-robin passes, so drifting machine load hits all alike."""
+    times = {k: [] for k in runners}
+    for fn in runners.values():
+        for _ in range(3):
+            fn()
+    for _ in range(rounds):
+        for k, fn in runners.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                fn()
+                times[k].append((time.perf_counter() - t) * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def bench_minilm(n_eval: int, n_calib: int, tmp: str, only=None, rounds: int = 6) -> dict:
     import onnxruntime as ort
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -81,7 +90,10 @@ def bench_minilm(n_eval: int, n_calib: int, tmp: str) -> dict:
                               for i in range(n_eval)])
     fp32_bytes = sum(p.numel() * 4 for p in enc.parameters())
     example = (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1]))
-    rows = {}
+    rows, runners = {}, {}
+
+    def want(key):
+        return only is None or key in only
 
     def run_ember(label, quantization):
         t = time.perf_counter()
@@ -92,20 +104,28 @@ def bench_minilm(n_eval: int, n_calib: int, tmp: str) -> dict:
         path = cm.export(os.path.join(tmp, label.replace(" ", "_")))
         cos = _cos_rows(emb, ref)
         rows[label] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-                       "latency_ms": _time(lambda: cm(ids[:1], mask[:1])),
                        "param_bytes": _dir_bytes(path), "compile_s": round(secs, 1)}
+        runners[label] = lambda: cm(ids[:1], mask[:1])
         q = cm.manifest["compression"].get("quantization") if cm.manifest.get("compression") else None
         if q:
             rows[label]["report_end_to_end"] = q["end_to_end"]
         print(label, rows[label], flush=True)
 
-    run_ember("ember fp32", None)
-    run_ember("ember INT8 dynamic", ember.Int8Dynamic())
-    run_ember("ember INT8 static per-token (percentile clip)",
-              ember.Int8Static(calibration=calib, method="percentile", percentile=99.99, granularity="token"))
-    run_ember("ember INT8 static per-tensor (mse)", ember.Int8Static(calibration=calib, method="mse"))
-    run_ember("ember INT4-g32 (GPTQ, asym)", ember.WeightOnly(4, 32, symmetric=False, calibration=calib))
-    run_ember("ember INT4-g32 (round to nearest, asym)", ember.WeightOnly(4, 32, symmetric=False))
+    configs = {"fp32": None, "int8": ember.Int8Dynamic(),
+               "static-token": ember.Int8Static(calibration=calib, method="percentile", percentile=99.99,
+                                                granularity="token"),
+               "static-tensor": ember.Int8Static(calibration=calib, method="mse"),
+               "int4-gptq": ember.WeightOnly(4, 32, symmetric=False, calibration=calib),
+               "int4-rtn": ember.WeightOnly(4, 32, symmetric=False)}
+    for key, cfg in configs.items():
+        if want(key):
+            run_ember(ROWS[key], cfg)
+    if not want("ort"):
+        lat = _interleaved(runners, rounds, 10)
+        for k, v in lat.items():
+            rows[k]["latency_ms"] = v
+        return {"fp32_param_bytes": fp32_bytes, "eval_sentences": n_eval, "calibration_sequences": len(calib),
+                "rows": rows}
 
     onnx_path = os.path.join(tmp, "minilm.onnx")
     torch.onnx.export(enc, example, onnx_path, input_names=["input_ids", "attention_mask"],
@@ -121,9 +141,14 @@ def bench_minilm(n_eval: int, n_calib: int, tmp: str) -> dict:
         cos = _cos_rows(emb, ref)
         feed = {"input_ids": ids[:1], "attention_mask": mask[:1]}
         rows[label] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
-                       "latency_ms": _time(lambda: sess.run(None, feed)), "param_bytes": os.path.getsize(path)}
+                       "param_bytes": os.path.getsize(path)}
+        runners[label] = (lambda s_, f_: (lambda: s_.run(None, f_)))(sess, feed)
         print(label, rows[label], flush=True)
-    # Latency ratios measured back to back once more (load on this shared machine drifts over minutes).
+    # Latency: every engine in round-robin passes (load on this shared machine drifts over minutes).
+    lat = _interleaved(runners, rounds, 10)
+    for k, v in lat.items():
+        rows[k]["latency_ms"] = v
+    print("latency (interleaved medians, ms):", lat, flush=True)
     return {"fp32_param_bytes": fp32_bytes, "eval_sentences": n_eval, "calibration_sequences": len(calib),
             "rows": rows}
 
@@ -186,28 +211,34 @@ def main():
     ap.add_argument("--calib", type=int, default=16, help="calibration sequences of 128 tokens (default 16)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--only", help="comma-separated MiniLM rows: " + ",".join(ROWS))
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved latency rounds (10 runs each)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
     out = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
            "cpus": os.cpu_count(), "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_minilm:
-            out["minilm"] = bench_minilm(args.eval, args.calib, tmp)
-        out["digits"] = bench_digits(tmp)
+            out["minilm"] = bench_minilm(args.eval, args.calib, tmp,
+                                         only=set(args.only.split(",")) if args.only else None, rounds=args.rounds)
+        if not args.skip_digits:
+            out["digits"] = bench_digits(tmp)
     out["load_after"] = os.getloadavg()
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"quant_{out['date']}.json")
+    path = os.path.join(args.out, f"quant_{out['date']}{args.tag}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     if "minilm" in out:
         rows = out["minilm"]["rows"]
-        ort8 = rows["ONNX Runtime dynamic INT8"]["latency_ms"]
+        ort8 = rows.get("ONNX Runtime dynamic INT8", {}).get("latency_ms", float("nan"))
         print(f"\n| engine | cosine mean (min) | latency ms | x ORT INT8 | params MB | x fp32 |")
         print("| --- | --- | --- | --- | --- | --- |")
         for k, r in rows.items():
             print(f"| {k} | {r['cos_mean']:.4f} ({r['cos_min']:.4f}) | {r['latency_ms']:.1f} | "
                   f"{r['latency_ms'] / ort8:.2f} | {r['param_bytes'] / 1e6:.1f} | "
                   f"{r['param_bytes'] / out['minilm']['fp32_param_bytes']:.3f} |")
-    print(f"\ndigits: {out['digits']}\nwrote {path}")
+    print(f"\ndigits: {out.get('digits')}\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,6 @@ def pad_rows(k: int, row_tile: int, target):
                                                 tirx.const(0.0, "float32")), name="padded")
     sch = s_tir.Schedule(te.create_prim_func([x, xp]))
     b, r, c = sch.get_loops(sch.get_sblock("padded"))
-    sch.parallel(b)
     _vectorize_inner(sch, c, vector_lanes(target, "float32"))
     return _finish(sch, "ember_pad_rows")
 
@@ -225,9 +224,13 @@ def quantize_activations(k: int, qmax: int, per_token: bool, static: bool, row_t
     def code(b, r, c):
         row = b * rt + r
         rc = tirx.min(row, m - 1)
-        val = tirx.nearbyint(xv(rc, tirx.min(c, _i64(k - 1))) * (qm / safe[rc]))
+        # Clamp/select on the column only when K needs padding: an index like min(c, K-1) turns the vectorized
+        # row load into a gather (10x slower on MiniLM's shapes).
+        col = c if kp == k else tirx.min(c, _i64(k - 1))
+        val = tirx.nearbyint(xv(rc, col) * (qm / safe[rc]))
         val = tirx.max(tirx.min(val, qm), -qm).astype("int32") + 128
-        return tirx.Select(tirx.all(c < _i64(k), row < m), val, tirx.const(128, "int32")).astype("uint8")
+        inside = row < m if kp == k else tirx.all(c < _i64(k), row < m)
+        return tirx.Select(inside, val, tirx.const(128, "int32")).astype("uint8")
 
     xq = te.compute(((m + rt - 1) // rt, rt, _i64(kp)), code, name="codes")
     xs = te.compute((m,), lambda i: safe[i] / qm, name="scale")
@@ -235,12 +238,11 @@ def quantize_activations(k: int, qmax: int, per_token: bool, static: bool, row_t
     lanes = vector_lanes(target, "float32")
     blk = sch.get_sblock("codes")
     b, r, c = sch.get_loops(blk)
-    sch.parallel(b)
+    # Serial on purpose: a few microseconds of streaming work, less than waking the thread pool for a parallel
+    # region costs (much less on a loaded machine).
     _vectorize_inner(sch, c, lanes)
     for name in ("safe_range", "range"):
         sch.compute_inline(sch.get_sblock(name))
-    if per_token:  # one pass for the row maxima, one for the codes: both parallel over rows
-        sch.parallel(sch.get_loops(sch.get_sblock("rowmax"))[0])
     return _finish(sch, "ember_quantize_activations")
 
 
