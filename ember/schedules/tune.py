@@ -11,15 +11,21 @@ What happens:
    transforms, then ember's legalize + fusion passes), so the kernels tuned here are structurally the kernels that
    ``compile`` later looks up in the database (``MetaScheduleApplyDatabase`` matches by structural equality).
 2. ``ms.relax_integration.extract_tasks`` turns each distinct fused PrimFunc into a task, weighted by how often
-   the model calls it. The gradient task scheduler spends the budget where the estimated end-to-end gain is.
-3. Candidates are built by :class:`ember.schedules.builder.PersistentBuilder` (workers created once; see that
+   the model calls it. Kernels with < 1% of the model's FLOPs (reshapes, casts, small reductions) and kernels
+   MetaSchedule cannot analyse are left to ember's rules (listed in ``report.notes``). The gradient task scheduler
+   spends the budget where the estimated end-to-end gain is.
+3. Each task's rule-based schedule is built and timed first, by the same runner: the yardstick a tuned kernel
+   must beat to be used at compile time (see ember.schedules.tuning_db).
+4. Candidates are built by :class:`ember.schedules.builder.PersistentBuilder` (workers created once; see that
    module for why) and measured by MetaSchedule's ``LocalRunner``, or its ``RPCRunner`` on devices registered with
    an RPC tracker. The XGBoost cost model picks what to measure.
-4. Every measurement is appended to :class:`ember.schedules.tuning_db.TuningDatabase` (fsync per batch). On a
+5. Every measurement is appended to :class:`ember.schedules.tuning_db.TuningDatabase`, fsynced once per batch,
+   when the task scheduler collects the batch's results (it collects a task's batch when it next visits that task,
+   so a kill loses at most the batches measured but not yet collected, never a record already written). On a
    resumed run, a candidate the database already holds is not built or measured again: its stored times are
    reused (``reused`` in the report) and the search goes on from the database's best records.
-5. A progress bar shows trials, the ETA, and the best latency so far of the current kernel and of the model
-   (the weighted sum of each kernel's best over the kernels measured).
+6. A progress bar shows trials, the ETA, and the best latency so far of the current kernel (next to its rule-based
+   time) and of the model (Σ weight × the better of tuned and rule-based, over the tuned kernels).
 
 The budget: ``trials`` (over all kernels) and/or ``minutes`` (wall clock; checked before each batch, so the run
 ends at most one batch after the deadline).
@@ -386,6 +392,22 @@ def _measure_rule_baselines(extracted, tgt, db: TuningDatabase, builder, runner,
 
 
 # -- the entry point --------------------------------------------------------------------------------------------
+def _task_loggers(logdir: str, names: list[str]) -> list[logging.Logger]:
+    """One file logger per task under ``logdir``. (MetaSchedule's own helper reconfigures the global logging tree
+    with a console handler, and fails on a second call in a process where a handler has no name.)"""
+    fmt = logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    out = []
+    for i, name in enumerate(names):
+        lg = logging.getLogger(f"ember.tune.{os.path.basename(logdir)}.task_{i}")
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+        handler = logging.FileHandler(os.path.join(logdir, f"task_{i}_{name[:80]}.log"))
+        handler.setFormatter(fmt)
+        lg.addHandler(handler)
+        out.append(lg)
+    return out
+
+
 def _runner(tuning: Tuning, workers: int):
     evaluator = ms.runner.EvaluatorConfig(number=tuning.extra.get("number", 3), repeat=tuning.extra.get("repeat", 3),
                                           min_repeat_ms=tuning.extra.get("min_repeat_ms", 40),
@@ -490,7 +512,7 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
         t_tune = time.monotonic()
 
         logdir = tempfile.mkdtemp(prefix="ember-tune-logs-")
-        loggers = ms.logging.get_loggers_from_work_dir(logdir, [t.task_name for t in extracted])
+        loggers = _task_loggers(logdir, [t.task_name for t in extracted])
         seeds = ms.utils.fork_seed(tuning.seed, n=len(extracted))
         # Lighter than MetaSchedule's defaults (512 / 4 / 50): on 2 cores the evolutionary search, not the
         # measurements, bounds throughput; Tuning(extra={...}) restores them for long runs on big machines.
@@ -522,6 +544,10 @@ def tune(mod_or_model, target="host", tuning: Tuning | None = None, *, example_i
             cost_model=cost_model,
         )
     finally:
+        for lg in locals().get("loggers") or []:
+            for h in list(lg.handlers):
+                lg.removeHandler(h)
+                h.close()
         if bar is not None:
             bar.close()
         if tuning.builder != "stock":

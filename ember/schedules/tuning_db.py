@@ -308,6 +308,33 @@ class TuningDatabase(ms.database.PyDatabase):
                 "records": len(recs), "valid_records": len(valid), "torn_lines_ignored": self.torn_lines}
 
 
+def compact(src: str | os.PathLike, dst: str | os.PathLike, top_k: int = 8) -> dict:
+    """Write a smaller copy of database ``src`` to ``dst``: every workload and rule baseline, and the ``top_k``
+    fastest valid records of each workload (what compile and a resumed search's starting population use). For
+    records meant to ship in a repository; a resumed run may re-measure a dropped candidate. Returns a summary."""
+    src, dst = Path(src), Path(dst)
+    objs, _, _ = _read_lines(src / RECORDS)
+    records: dict[int, list] = {}
+    for o in objs:
+        if "record" in o and o.get("cand"):
+            secs = o["tr"][1] if isinstance(o.get("tr"), list) and len(o["tr"]) > 1 else None
+            if secs:
+                records.setdefault(int(o["record"]), []).append((sum(secs) / len(secs), o))
+    keep = {id(o) for recs in records.values() for _, o in sorted(recs, key=lambda r: r[0])[:top_k]}
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = dst / (RECORDS + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for o in objs:
+            if "record" not in o or id(o) in keep:
+                fh.write(json.dumps(o, separators=(",", ":")) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, dst / RECORDS)
+    if (src / TARGET_FILE).exists():
+        (dst / TARGET_FILE).write_text((src / TARGET_FILE).read_text())
+    return {"records_before": sum(1 for o in objs if "record" in o), "records_after": len(keep)}
+
+
 def open_database(root, target, *, writable: bool) -> TuningDatabase:
     """The database of ``target`` under ``root`` (a directory of per-target databases)."""
     path = database_dir(root, target)
@@ -318,4 +345,4 @@ def open_database(root, target, *, writable: bool) -> TuningDatabase:
     return TuningDatabase(path, target, writable=writable)
 
 
-__all__ = ["TuningDatabase", "open_database", "database_dir", "target_key", "candidate_hash", "DEFAULT_ROOT"]
+__all__ = ["TuningDatabase", "open_database", "compact", "database_dir", "target_key", "candidate_hash", "DEFAULT_ROOT"]

@@ -201,3 +201,33 @@ def test_unreachable_tracker_is_a_clear_error(tmp_path):
     with pytest.raises(EmberError, match="cannot reach the RPC tracker"):
         tune(model, "host", ember.Tuning(trials=2, database=str(tmp_path), rpc_tracker=f"127.0.0.1:{port}",
                                          device_key="k"), example_inputs=(x,), progress=False)
+
+
+@pytest.mark.slow
+def test_compile_tunes_first_when_given_a_budget(tuned, tmp_path):
+    """ember.compile(..., tuning=Tuning(trials=N, database=D)): tune (resuming D), then compile with D."""
+    from ember.schedules.tuning_db import database_dir
+
+    root, model, x, _ = tuned
+    src = database_dir(str(root), _host())
+    shutil.copytree(src, tmp_path / src.name, ignore=shutil.ignore_patterns("writer.lock"))
+    cm = ember.compile(model, (x,), tuning=ember.Tuning(trials=4, trials_per_iter=4, database=str(tmp_path), seed=1,
+                                                        extra={**FAST, "skip_baseline": True}))
+    info = cm.manifest["tuning"]
+    assert info["tuned_now"]["trials"] == 4 and info["tuned_now"]["records_before"] == 8
+    assert info["records"] == 8 + info["tuned_now"]["measured"] and info["tuned_kernels"] == 1
+    ref = numpy_reference(model, x)
+    assert np.abs(cm(x.numpy()) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.slow
+def test_compact_keeps_the_best_records(tuned, tmp_path):
+    from ember.schedules.tuning_db import TuningDatabase, compact, database_dir
+
+    root, _, _, report = tuned
+    src = database_dir(str(root), _host())
+    summary = compact(src, tmp_path / "small", top_k=2)
+    assert summary == {"records_before": 8, "records_after": min(2, report.valid)}
+    small, full = TuningDatabase(tmp_path / "small"), TuningDatabase(src)
+    wl = next(w for w in full.workloads if w is not None)
+    assert len(small) == min(2, report.valid) and small.best_ms(wl.mod) == pytest.approx(full.best_ms(wl.mod))
