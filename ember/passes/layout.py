@@ -175,15 +175,32 @@ class _PackWeights(PyExprMutator):
 
     def _emit_kernel(self, key, te_func, args, te_args, out_shape, out_dtype, name):
         """call_tir of ``te_func``: one PrimFunc per distinct ``key`` (shape), marked output-elementwise-fusable."""
+        # Symbolic dims (a dynamic batch: ``x`` is ``(batch * 16, 64)``) that no buffer dim binds by itself reach
+        # the kernel as scalar arguments after the tensors, the form LegalizeOps gives TVM's own kernels and
+        # FuseTIR understands; every call site passes them (``key`` holds the argument shapes, so a reused
+        # kernel always sees the same symbolic vars).
+        free = []
+        for a in args:
+            for d in a.ty.shape.values:
+                if isinstance(d, tirx.Var):
+                    continue  # bound by the buffer itself
+                for v in tirx.analysis.undefined_vars(d, []):
+                    if not any(v.same_as(f) for f in free):
+                        free.append(v)
         gv = self.kernels.get(key)
         if gv is None:
-            out = self.builder_.call_te(te_func, *args, *te_args, primfunc_name_hint=name)
-            gv = out.args[0]
+            holders = [te.placeholder(list(a.ty.shape.values), str(a.ty.dtype), name=f"arg{i}")
+                       for i, a in enumerate(args)]
+            out = te_func(*holders, *te_args)
+            prim = te.create_prim_func([*holders, *free, out], index_dtype_override="int64")
+            # private (no global_symbol), like call_te's kernels: once FuseTIR has merged it into its fused
+            # kernel, dead-code elimination drops it instead of compiling an unused public copy
+            prim = prim.without_attr("global_symbol")
             # mark it like a matmul/conv for FuseOps (AnnotateTIROpPattern keeps an existing op_pattern)
-            self.builder_.update_func(gv, self.builder_.get()[gv].with_attr("op_pattern", _OUT_EWISE_FUSABLE))
+            gv = self.builder_.add_func(prim.with_attr("op_pattern", _OUT_EWISE_FUSABLE), name)
             self.kernels[key] = gv
-            return out
-        return relax.call_tir(gv, list(args), relax.TensorType(out_shape, out_dtype))
+        return relax.call_tir(gv, [*args, *(relax.prim_value(v) for v in free)],
+                              relax.TensorType(out_shape, out_dtype))
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
