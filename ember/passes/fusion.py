@@ -518,12 +518,53 @@ def epilogue_patterns() -> list:
 _PACKED_CORES = ("packed_dense", "packed_conv")
 
 
+def _symbolic_view(expr) -> bool:
+    """A reshape to a shape with symbolic dims (a dynamic batch). Fused behind a matmul, its index map keeps a
+    ``% (batch * 16)`` that TVM cannot simplify, and the CPU matmul rule's epilogue tiling then computed wrong
+    values (TinyTransformer with a dynamic batch, 2026-11-26); such chains stay TVM-fused instead."""
+    if _op_name(expr) != "relax.reshape":
+        return False
+    shape = expr.args[1]
+    values = getattr(shape, "values", None)
+    if values is None:
+        return True  # a shape variable: unknown, treat as symbolic
+    return any(not isinstance(v, tvm.tirx.IntImm) for v in values)
+
+
 def _epilogue_check(ctx) -> bool:
+    if any(_symbolic_view(e) for e in ctx.matched_bindings.values()):
+        return False
     core = ctx.annotated_expr.get("core") if hasattr(ctx.annotated_expr, "get") else None
     if core is not None and _op_name(core) == "relax.call_tir":
         if not core.args[0].name_hint.startswith(_PACKED_CORES):
             return False  # some other TIR kernel: not known to be a contraction with a tileable epilogue
+        if len(core.args) > 2:
+            return False  # it takes symbolic shape values (tir_vars), which FuseTIR cannot fuse through
+    if not _shapes_legalizable(ctx):
+        return False
     return _only_used_inside(ctx)
+
+
+def _inline_shapes_pass():
+    try:
+        from .inline_shapes import InlineShapeArgs  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return None
+    return InlineShapeArgs
+
+
+def _shapes_legalizable(ctx) -> bool:
+    """FuseOpsByPattern makes a reshape's symbolic target shape (a dynamic batch) a parameter of the fused
+    function, and LegalizeOps only legalizes a literal shape. Without ember.passes.inline_shapes (which puts such
+    shapes back inline) a match may only contain reshapes to static shapes."""
+    if _inline_shapes_pass() is not None:
+        return True
+    for expr in ctx.matched_bindings.values():
+        if _op_name(expr) == "relax.reshape":
+            shape = expr.args[1]
+            if not isinstance(shape, relax.ShapeExpr) or _static(shape.values) is None:
+                return False
+    return True
 
 
 def _only_used_inside(ctx) -> bool:
@@ -547,4 +588,6 @@ def FuseEpilogues() -> tvm.transform.Pass:  # pylint: disable=invalid-name
 
 def fusion_passes(target: tvm.target.Target) -> list:
     """ember's fusion, in order, for ``lower(target)``: to run right before ``LegalizeOps``."""
-    return [FuseAttention(target), FuseEpilogues()]
+    passes = [FuseAttention(target), FuseEpilogues()]
+    inline = _inline_shapes_pass()  # symbolic reshape shapes the pattern fusion made parameters (see above)
+    return passes if inline is None else passes + [inline]
