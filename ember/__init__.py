@@ -32,10 +32,10 @@ def compile(model, example_inputs=None, *, target="host", dynamic_batch=False, i
     example_inputs: a tuple of tensors/arrays for torch models (ignored for ONNX, whose graph declares shapes).
     target: a named target (``ember targets`` lists them; ``"host"`` is this machine's CPU) or a TVM target dict.
     dynamic_batch: make dimension 0 of every input symbolic, so one artifact serves every batch size.
-    input_names / output_names: names for a torch model's inputs and outputs (default: forward()'s argument
     tuning: ``ember.Tuning(database=DIR, apply_only=True)`` uses the kernels tuned into DIR for this target (each
         only where it measured faster than ember's rule schedule); ``ember.Tuning(trials=N or minutes=M,
         database=DIR)`` tunes first (see ember.schedules.tune). The manifest's "tuning" says what was applied.
+    input_names / output_names: names for a torch model's inputs and outputs (default: forward()'s argument
         names, and output0, output1, ...); ONNX models keep the names in their graph.
     """
     from .compiler.build import compile_model
