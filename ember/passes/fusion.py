@@ -540,31 +540,7 @@ def _epilogue_check(ctx) -> bool:
             return False  # some other TIR kernel: not known to be a contraction with a tileable epilogue
         if len(core.args) > 2:
             return False  # it takes symbolic shape values (tir_vars), which FuseTIR cannot fuse through
-    if not _shapes_legalizable(ctx):
-        return False
     return _only_used_inside(ctx)
-
-
-def _inline_shapes_pass():
-    try:
-        from .inline_shapes import InlineShapeArgs  # pylint: disable=import-outside-toplevel
-    except ImportError:
-        return None
-    return InlineShapeArgs
-
-
-def _shapes_legalizable(ctx) -> bool:
-    """FuseOpsByPattern makes a reshape's symbolic target shape (a dynamic batch) a parameter of the fused
-    function, and LegalizeOps only legalizes a literal shape. Without ember.passes.inline_shapes (which puts such
-    shapes back inline) a match may only contain reshapes to static shapes."""
-    if _inline_shapes_pass() is not None:
-        return True
-    for expr in ctx.matched_bindings.values():
-        if _op_name(expr) == "relax.reshape":
-            shape = expr.args[1]
-            if not isinstance(shape, relax.ShapeExpr) or _static(shape.values) is None:
-                return False
-    return True
 
 
 def _only_used_inside(ctx) -> bool:
@@ -588,6 +564,4 @@ def FuseEpilogues() -> tvm.transform.Pass:  # pylint: disable=invalid-name
 
 def fusion_passes(target: tvm.target.Target) -> list:
     """ember's fusion, in order, for ``lower(target)``: to run right before ``LegalizeOps``."""
-    passes = [FuseAttention(target), FuseEpilogues()]
-    inline = _inline_shapes_pass()  # symbolic reshape shapes the pattern fusion made parameters (see above)
-    return passes if inline is None else passes + [inline]
+    return [FuseAttention(target), FuseEpilogues()]
