@@ -150,6 +150,7 @@ def prepare(a):
             lib.export_library(os.path.join(a.out, path))
             print(f"{name} [{variant}]: {time.perf_counter() - t0:.1f} s", flush=True)
             index["kernels"].setdefault(name, {"kind": kind, **cfg})[variant] = path
+    save_index(a.out, index, only)
     if not a.skip_models:
         import ember
 
@@ -166,13 +167,17 @@ def prepare(a):
             np.savez(os.path.join(a.out, name + ".inputs.npz"), *[t.numpy() for t in args])
             index["models"][name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": name}
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
-    old = os.path.join(a.out, "index.json")
-    if os.path.exists(old) and only:
-        prev = json.load(open(old))
-        prev["kernels"].update(index["kernels"])
-        prev["models"].update(index["models"])
+            save_index(a.out, index, only)
+
+
+def save_index(out, index, only):
+    path = os.path.join(out, "index.json")
+    if os.path.exists(path) and only:  # --only: update the entries built now, keep the others
+        prev = json.load(open(path))
+        for key in ("kernels", "models"):
+            prev[key].update(index[key])
         index = prev
-    with open(old, "w") as f:
+    with open(path, "w") as f:
         json.dump(index, f, indent=2)
 
 

@@ -24,7 +24,8 @@ from .version import __version__
 
 
 def compile(model, example_inputs=None, *, target="host", dynamic_batch=False, input_names=None,
-            output_names=None, quantization=None, sparsity=None, tuning=None):  # noqa: A001 - the public name users expect
+            output_names=None, quantization=None, sparsity=None, tuning=None,
+            precision=None, cuda_graph=None):  # noqa: A001 - the public name users expect
     """Compile a model for ``target`` and return a callable :class:`ember.runtime.CompiledModel`.
 
     model: a ``torch.nn.Module`` (with ``example_inputs``), a ``torch.export.ExportedProgram`` or a path to one
@@ -37,11 +38,16 @@ def compile(model, example_inputs=None, *, target="host", dynamic_batch=False, i
         database=DIR)`` tunes first (see ember.schedules.tune). The manifest's "tuning" says what was applied.
     input_names / output_names: names for a torch model's inputs and outputs (default: forward()'s argument
         names, and output0, output1, ...); ONNX models keep the names in their graph.
+    precision: "fp32" (default) or "fp16": import in fp32, then compute in half precision (fp32 accumulation in
+        matmuls, fp16 weights in the artifact; inputs and outputs keep their dtypes). See ember.passes.precision.
+    cuda_graph: CUDA targets: replay the kernels as a CUDA graph (captured on the first call) to save launch
+        overhead; default on for CUDA (None), False turns it off. Only static-shape parts are captured.
     """
     from .compiler.build import compile_model
 
     return compile_model(model, example_inputs, target=target, dynamic_batch=dynamic_batch,
-                         input_names=input_names, output_names=output_names, quantization=quantization, sparsity=sparsity, tuning=tuning)
+                         input_names=input_names, output_names=output_names, quantization=quantization, sparsity=sparsity, tuning=tuning,
+                         precision=precision, cuda_graph=cuda_graph)
 
 
 def load(path, device="cpu"):

@@ -75,7 +75,9 @@ def cmd_compile(a):
     sparsity = parse_sparsity(getattr(a, "sparsity", None))
     quantization = parse_quantization(getattr(a, "quantize", None))
     tuning = ember.Tuning(database=a.tuning_db, apply_only=True) if getattr(a, "tuning_db", None) else None
-    if a.model in BUNDLED and (sparsity is not None or tuning is not None or quantization is not None):
+    precision = getattr(a, "precision", None)
+    if a.model in BUNDLED and (sparsity is not None or tuning is not None or quantization is not None
+                               or precision not in (None, "fp32")):
         import torch
 
         from .models import minilm
@@ -84,7 +86,7 @@ def cmd_compile(a):
         cm = ember.compile(minilm.load_encoder(), (ids, torch.ones_like(ids)), target=a.target,
                            dynamic_batch=a.dynamic_batch, input_names=["input_ids", "attention_mask"],
                            output_names=["embedding"], sparsity=sparsity, tuning=tuning,
-                           quantization=quantization)
+                           quantization=quantization, precision=precision)
         cm.manifest["source"] = minilm.NAME
     elif a.model in BUNDLED:
         from .models import minilm
@@ -93,7 +95,7 @@ def cmd_compile(a):
                                        dynamic_batch=a.dynamic_batch)
     else:
         cm = ember.compile(a.model, target=a.target, dynamic_batch=a.dynamic_batch, sparsity=sparsity,
-                           tuning=tuning, quantization=quantization)
+                           tuning=tuning, quantization=quantization, precision=precision)
     path = cm.export(a.output, overwrite=a.force)
     tun = cm.manifest.get("tuning")
     if tun:
@@ -261,6 +263,8 @@ def build_parser():
     r.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input by name (repeat)")
     r.add_argument("-o", "--output", help="write the outputs to this .npz, by output name")
     r.add_argument("--device", default="cpu", help="cpu (default), cuda, rocm, metal")
+    c.add_argument("--precision", choices=["fp32", "fp16"], default=None, help="fp16: compute in half precision "
+                   "(fp32 import, fp16 weights, fp32 accumulation in matmuls); inputs/outputs keep their dtypes")
     c.add_argument("--tuning-db", metavar="DIR", help="apply the tuned kernels recorded under DIR for this target "
                    "(see `ember tune`); kernels without records keep ember's default schedules")
     r.add_argument("--force", action="store_true", help="replace --output if it exists")

@@ -97,7 +97,7 @@ def _transform_params(mod, params):
 
 def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=False, input_names=None,
                   output_names=None, quantization=None, sparsity=None, tuning=None, verbose=False,
-                  fusion=True):
+                  fusion=True, precision=None, cuda_graph=None):
     import tvm
 
     from ..runtime.module import CompiledModel
@@ -115,6 +115,11 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
                             output_names=output_names)
     imported, compression = compress(imported, quantization=quantization, sparsity=sparsity, target=tgt,
                                      example_inputs=example_inputs, verbose=verbose)
+    from ..passes.precision import apply_precision  # precision="fp16": fp32 import, then half the graph
+
+    imported, precision_report = apply_precision(imported, precision)
+    if precision_report is not None:
+        compression = {**compression, "precision": precision_report}
     t1 = time.perf_counter()
     mod = prepare(imported.mod, fusion=fusion, target=tgt)
     mod, weights = _transform_params(mod, imported.params)
@@ -126,9 +131,14 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     kernels_before = default_pipeline_report(mod)
     try:
         # For CUDA targets: real device code (an nvcc fatbin for the target's arch), even without a GPU or driver.
+        # CUDA graphs: on by default for CUDA (cuda_graph=None); the runtime captures on the first call.
+        use_graph = device_kind(tgt) == "cuda" if cuda_graph is None else bool(cuda_graph)
+        graph_ctx = tvm.transform.PassContext.current()
+        graph_cfg = {**dict(graph_ctx.config), "relax.backend.use_cuda_graph": use_graph}
         # ROCm: AMDGPU code objects linked here (ember.compiler.rocm_aot); Metal: fast intrinsics import.
         with cuda_build_environment(tgt, name) as cuda, rocm_build_environment(tgt, name) as rocm, \
-                metal_build_environment(tgt, name) as metal, tgt:
+                metal_build_environment(tgt, name) as metal, tgt, tvm.transform.PassContext(
+                opt_level=graph_ctx.opt_level, config=graph_cfg):
             ex = tvm.compile(mod, tgt, relax_pipeline=lower(tgt, tuning_db, tuning_stats, fusion=fusion,
                                                             kernel_report=kernels_after))
     except EmberError:
@@ -152,7 +162,7 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
             "os": target_os(tgt),
             "cpu_flags": required_cpu_flags(tgt),
             # CUDA: export fills in "device_code" after checking the library ({"device_code": "fatbin", ...}).
-            **({"gpu": {"device_code": None, "arch": cuda.arch}} if cuda.active else {}),
+            **({"gpu": {"device_code": None, "arch": cuda.arch}, "cuda_graph": use_graph} if cuda.active else {}),
             # ROCm / Metal: likewise filled in by export (code object version, MSL per kernel).
             **({"gpu": rocm.manifest_entry()} if rocm.active else {}),
             **({"gpu": metal.manifest_entry()} if metal.active else {}),

@@ -65,6 +65,10 @@ def _lower_to_vm():
         relax.transform.RemovePurityChecking(),
         relax.transform.CallTIRRewrite(),
         relax.transform.StaticPlanBlockMemory(),
+        # CUDA graphs (a no-op unless PassContext config "relax.backend.use_cuda_graph" is set, as ember.compile
+        # does for CUDA): kernels that touch only weights and statically planned buffers are captured once and
+        # replayed, which removes the per-kernel launch cost that dominates small-batch inference.
+        relax.transform.RewriteCUDAGraph(),
         relax.transform.LowerAllocTensor(),
         relax.transform.KillAfterLastUse(),
         relax.transform.LowerRuntimeBuiltin(),

@@ -206,7 +206,16 @@ def _schedule(func: tirx.PrimFunc, cfg: TileConfig, out_dtype: str, trans_b: boo
     b_f = sch.cache_read(outer, 1, "wmma.matrix_b")
     sch.compute_at(a_f, ki)
     sch.compute_at(b_f, ki)
-    c_s = sch.cache_write(outer, 0, "shared.dyn")
+    # The C tile goes out through static shared memory when static + dynamic shared memory stay within the 48 KiB a
+    # kernel gets without opting in (beyond that the launch fails: CUDA_ERROR_INVALID_VALUE, measured on the H100).
+    # Why not always dynamic: there TVM 0.27 may place a small fp32 C tile over the (dead by then) fp16 operand
+    # tiles and then refuses the mixed-type pointer ("tvm_access_ptr element type must match the source buffer").
+    # Tiles too big for the static budget are bigger than the operand tiles, which avoids that overlap.
+    out_bytes = 4 if out_dtype == "float32" else 2
+    c_bytes = cfg.bm * (cfg.bn + 4) * out_bytes
+    operand_bytes = (cfg.bm + cfg.bn) * (cfg.bk + 8) * 2 * (2 if cfg.pipeline else 1)
+    c_scope = "shared" if c_bytes + operand_bytes <= 48 * 1024 else "shared.dyn"
+    c_s = sch.cache_write(outer, 0, c_scope)
     sch.storage_align(c_s, 0, -2, 16, 4)
     c_f = sch.cache_write(outer, 0, "wmma.accumulator")
     sch.reverse_compute_at(c_f, warp)
@@ -218,7 +227,7 @@ def _schedule(func: tirx.PrimFunc, cfg: TileConfig, out_dtype: str, trans_b: boo
     init = sch.decompose_reduction(outer, ko)
     init_inner = sch.get_child_blocks(init)[0]
 
-    group = get_wmma_intrin_group(load_scope="shared.dyn", store_scope="shared.dyn", in_dtype="float16",
+    group = get_wmma_intrin_group(load_scope="shared.dyn", store_scope=c_scope, in_dtype="float16",
                                   out_dtype=out_dtype, trans_b=True)  # the shared B tile is [N, K]
     for frag, intrin in ((a_f, group["load_a"]), (b_f, group["load_b"])):
         fi_, fj_ = sch.get_loops(frag)[-2:]
