@@ -63,6 +63,7 @@ def test_weight_only_rewrite_removes_fp32_weights(mlp):
     assert report["param_bytes"]["fp32"] == fp32
 
 
+@pytest.mark.slow
 def test_int4_params_on_disk_under_a_sixth(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).eval()
@@ -79,6 +80,7 @@ def test_int4_params_on_disk_under_a_sixth(tmp_path):
     np.testing.assert_allclose(loaded(x.numpy()), cm(x.numpy()), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_static_int8_mlp_and_calibration_determinism(mlp):
     model, x, ref = mlp
     g = torch.Generator().manual_seed(1)
@@ -117,6 +119,7 @@ def test_tiny_transformer_quantized():
         assert kinds == ({"matmul", "embedding"} if isinstance(cfg, ember.WeightOnly) else {"matmul"})
 
 
+@pytest.mark.slow
 def test_mixed_respects_budget(mlp):
     model, x, ref = mlp
     g = torch.Generator().manual_seed(2)
@@ -133,6 +136,7 @@ def test_mixed_respects_budget(mlp):
     assert loose.manifest["compression"]["quantization"]["mixed"]["int4_layers"] == 3
 
 
+@pytest.mark.slow
 def test_dynamic_quantizer_one_liner(mlp):
     model, x, ref = mlp
     q = ember.quantization.DynamicQuantizer(model, bits=4, example_inputs=(x,)).optimize()
@@ -161,6 +165,7 @@ def test_bad_configs_name_field_and_layer(mlp):
     assert parse_quantization("int8") == ember.Int8Dynamic()
 
 
+@pytest.mark.slow
 def test_cli_quantize_onnx(tmp_path):
     """`ember compile model.onnx --quantize int4-g32-asym` quantizes ONNX MatMul/Gemm weights and prints the report."""
     import json
