@@ -73,8 +73,11 @@ CONFIGS = {
 
 
 def choose_config(m: int | None, n: int, k: int) -> TileConfig:
-    """The largest tile that still gives ~one block per SM (M symbolic: assume large)."""
-    for name in ("large", "medium", "small"):
+    """The largest tile that still gives ~one block per SM (M symbolic: assume large).
+
+    "large" (128x256) is not tried: on the H100 "medium" (128x128) was faster at 4096^3 (276 vs 265 TFLOP/s,
+    benchmarks/results/gpu_bench_kernels_h100_2026-11-26_rerun.json); it stays in CONFIGS for benchmarking."""
+    for name in ("medium", "small"):
         cfg = CONFIGS[name]
         if m is None:
             return CONFIGS["medium"]
