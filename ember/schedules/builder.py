@@ -25,7 +25,10 @@ What ember does instead, and why:
   ``tensor_intrin.x86`` and ``tensor_intrin.arm_cpu`` (0.5 s) without running the package ``__init__`` that pulls
   in CUDA (35 s). GPU targets still import the whole package.
 
-Measurements backing the choice are in BENCHMARKS.md ("Auto-tuning throughput").
+Measurements backing the choice (benchmarks/tune_throughput.py, one 128x384x1536 matmul task, 2026-11-26, this
+2-core machine; BENCHMARKS.md "Auto-tuning throughput"): the stock LocalBuilder made 0 valid trials of 4 in 113 s
+(every build timed out); at load ~3.4 the persistent pool made 98.7 valid trials/min and the in-process builder
+81.5; at load 7-11 the in-process builder did better (34.0 vs 21.6/min), a second worker buying nothing there.
 """
 
 from __future__ import annotations
