@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ sys.path.insert(0, ROOT)
 MINILM_CONFIG = dict(vocab_size=1024, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                      intermediate_size=1536, max_position_embeddings=512)
 SEQ = 128
-SHARED_PARAMS = "minilm_fp16.params.bin"  # identical in every MiniLM artifact: carried once
+SHARED_PARAMS = "minilm_fp16.params.bin"  # older indexes: one params file for every MiniLM artifact
 
 # name -> (kind, dict): y[b, n] = sum_k x[b, k] * w[n, k] ("nt", nn.Linear's layout) or w[k, n] ("nn").
 KERNELS = {
@@ -162,10 +163,14 @@ def prepare(a):
             cm = ember.compile(model, args, target=a.target, precision="fp16", cuda_graph=graph)
             art = os.path.join(a.out, name)
             cm.export(art, overwrite=True)
-            # The weights are the same in every MiniLM artifact: keep one copy (device-tool calls carry 64 MiB).
-            shutil.move(os.path.join(art, "params.bin"), os.path.join(a.out, SHARED_PARAMS))
+            # Artifacts with identical weights (same batch, graph on/off) share one params file, named by its
+            # hash, outside the artifact: a device-tool call carries 64 MiB. The run puts it back.
+            digest = hashlib.sha256(open(os.path.join(art, "params.bin"), "rb").read()).hexdigest()[:16]
+            shared = f"params-{digest}.bin"
+            shutil.move(os.path.join(art, "params.bin"), os.path.join(a.out, shared))
             np.savez(os.path.join(a.out, name + ".inputs.npz"), *[t.numpy() for t in args])
-            index["models"][name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": name}
+            index["models"][name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": name,
+                                     "params": shared}
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
             save_index(a.out, index, only)
 
@@ -274,9 +279,9 @@ def run_models(d, index, results, compile_torch, deadline):
 
     import ember
 
-    shared = os.path.join(d, SHARED_PARAMS)
     for name, info in index["models"].items():
         art = os.path.join(d, info["dir"])
+        shared = os.path.join(d, info.get("params", SHARED_PARAMS))
         if os.path.exists(shared) and not os.path.exists(os.path.join(art, "params.bin")):
             shutil.copy(shared, os.path.join(art, "params.bin"))
         model, args = minilm(info["batch"])
