@@ -255,20 +255,12 @@ def build_parser():
     c.add_argument("--sparsity", metavar="N:M", help="N:M sparsity of every linear/matmul weight, e.g. 2:4 or "
                    "1:16: weights are pruned by magnitude where not already N:M (prune + fine-tune first with "
                    "ember.sparsity for accuracy), packed, and run by ember's sparse kernel")
-    c.set_defaults(fn=cmd_compile)
-
-    r = sub.add_parser("run", help="run an artifact on inputs from .npy files",
-                       description="Run an artifact; each --input NAME=FILE.npy gives one model input.")
-    r.add_argument("artifact")
-    r.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input by name (repeat)")
-    r.add_argument("-o", "--output", help="write the outputs to this .npz, by output name")
-    r.add_argument("--device", default="cpu", help="cpu (default), cuda, rocm, metal")
     c.add_argument("--precision", choices=["fp32", "fp16"], default=None, help="fp16: compute in half precision "
                    "(fp32 import, fp16 weights, fp32 accumulation in matmuls); inputs/outputs keep their dtypes")
     c.add_argument("--tuning-db", metavar="DIR", help="apply the tuned kernels recorded under DIR for this target "
                    "(see `ember tune`); kernels without records keep ember's default schedules")
-    r.add_argument("--force", action="store_true", help="replace --output if it exists")
-    r.set_defaults(fn=cmd_run)
+    c.set_defaults(fn=cmd_compile)
+
     tu = sub.add_parser("tune", help="auto-tune a model's kernels into a database",
                         description="Tune MODEL's kernels (as `ember compile` builds them) with MetaSchedule and "
                         "the XGBoost cost model; records are appended to DIR (one sub-directory per target), "
@@ -289,6 +281,14 @@ def build_parser():
     tu.add_argument("--json", action="store_true", help="also print the report as JSON")
     tu.set_defaults(fn=cmd_tune)
 
+    r = sub.add_parser("run", help="run an artifact on inputs from .npy files",
+                       description="Run an artifact; each --input NAME=FILE.npy gives one model input.")
+    r.add_argument("artifact")
+    r.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input by name (repeat)")
+    r.add_argument("-o", "--output", help="write the outputs to this .npz, by output name")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda, rocm, metal")
+    r.add_argument("--force", action="store_true", help="replace --output if it exists")
+    r.set_defaults(fn=cmd_run)
 
     b = sub.add_parser("bench", help="time an artifact",
                        description="Time an artifact on given inputs, or on random inputs matching its specs.")

@@ -104,7 +104,7 @@ def lower(target: tvm.target.Target, tuning_database=None, tuning_stats: dict | 
         from .kernel_report import report_pass
 
         report = [report_pass(groups, kernel_report)]
-    from .kernel_scratch import scratch_to_local_pass  # ROCm/Metal reject kernel-internal global buffers
+    from .kernel_scratch import scratch_to_local_pass  # GPU backends reject kernel-internal global buffers
 
     return tvm.transform.Sequential(_legalize_and_fuse(target, fusion, groups) + tuned + [schedule_pass(target)]
                                     + [scratch_to_local_pass(target)] + report + _lower_to_vm(),
