@@ -60,9 +60,38 @@ PACK_CONV = True
 _OUT_EWISE_FUSABLE = 4
 
 
+def _has_conv2d(mod: tvm.IRModule) -> bool:
+    found = []
+
+    def _visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.conv2d":
+            found.append(expr)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, _visit)
+    return bool(found)
+
+
 def conv_to_nhwc() -> tvm.transform.Pass:
-    """conv2d in NHWC with HWIO weights (see module docstring, 1)."""
-    return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})
+    """conv2d in NHWC with HWIO weights (see module docstring, 1).
+
+    Runs TVM's ``ConvertLayout`` only on modules that have a conv2d: on graphs without one it gains nothing and
+    can abort (the ONNX export of all-MiniLM-L6-v2: "Cannot convert when exactly one of the layouts is unknown").
+    Where it fails on a graph with convs, the convs stay NCHW, which the CPU rules also schedule (slower, correct).
+    """
+    convert = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "HWIO"]})
+
+    @tvm.transform.module_pass(opt_level=0, name="ember.ConvToNHWC")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not _has_conv2d(mod):
+            return mod
+        try:
+            return convert(mod)
+        except tvm.error.InternalError:
+            return mod
+
+    return _pass
 
 
 def dense_panel_width(target, m, n: int, dtype: str = "float32") -> int:
