@@ -1,7 +1,8 @@
 """arm64 artifacts, cross-compiled here and run under qemu-aarch64 with the aarch64 TVM runtime from PyPI.
 
-The runner is tests/compiler/test_arm_runner.cc (TVM's runtime only), built with aarch64-linux-gnu-g++ against
-libtvm_runtime.so / libtvm_ffi.so and headers of the aarch64 wheels (apache-tvm, apache-tvm-ffi, fetched once with
+The runner is the C++ embedding example, examples/cpp (`ember_run`, TVM's runtime only) -- the very source users
+build on x86 -- cross-built with aarch64-linux-gnu-g++ against libtvm_runtime.so / libtvm_ffi.so and headers of the
+aarch64 wheels (apache-tvm, apache-tvm-ffi, fetched once with
 `pip download` into ~/.cache/ember/aarch64). Outputs must match the x86 build of the same model and PyTorch.
 Needs Debian's g++-aarch64-linux-gnu and qemu-user (`make sysdeps`); skips otherwise.
 """
@@ -66,30 +67,38 @@ def aarch64_runtime():
 
 @pytest.fixture(scope="module")
 def runner(aarch64_runtime, tmp_path_factory):
-    exe = str(tmp_path_factory.mktemp("runner") / "test_arm_runner")
+    """examples/cpp's ember_run, cross-built for aarch64."""
+    exe = str(tmp_path_factory.mktemp("runner") / "ember_run")
     r = aarch64_runtime
+    src = os.path.join(HERE, "..", "..", "examples", "cpp")
     res = subprocess.run([CXX, "-std=c++17", "-O1", f"-I{r}/tvm_ffi/include", "-o", exe,
-                          os.path.join(HERE, "test_arm_runner.cc"), f"-L{r}/tvm_ffi/lib", f"-L{r}/tvm/lib",
-                          "-ltvm_ffi", "-ltvm_runtime", f"-Wl,-rpath-link,{r}/tvm_ffi/lib"],
+                          *(os.path.join(src, f) for f in ("main.cc", "ember_model.cc", "npy.cc")),
+                          f"-L{r}/tvm_ffi/lib", f"-L{r}/tvm/lib", "-ltvm_ffi", "-ltvm_runtime", "-lpthread",
+                          f"-Wl,-rpath-link,{r}/tvm_ffi/lib"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     return exe
 
 
 def run_on_aarch64(runner, runtime, artifact, inputs, tmp_path) -> list[np.ndarray]:
-    import tvm
+    """Run the artifact with ember_run under qemu: inputs by name from .npy files, outputs read back by name."""
+    import json
 
-    in_file = str(tmp_path / "inputs.bin")
-    out_file = str(tmp_path / "outputs.bin")
-    tvm.runtime.save_param_dict_to_file({f"i{i}": tvm.runtime.tensor(np.ascontiguousarray(x))
-                                         for i, x in enumerate(inputs)}, in_file)
+    manifest = json.load(open(f"{artifact}/manifest.json"))
+    args = []
+    for spec, x in zip(manifest["inputs"], inputs):
+        path = str(tmp_path / f"in_{spec['name']}.npy")
+        np.save(path, np.ascontiguousarray(x))
+        args += ["--input", f"{spec['name']}={path}"]
+    out_dir = tmp_path / "outputs"
+    out_dir.mkdir(exist_ok=True)
     env = dict(os.environ, QEMU_LD_PREFIX=SYSROOT,
                QEMU_SET_ENV=f"LD_LIBRARY_PATH={runtime}/tvm/lib:{runtime}/tvm_ffi/lib")
-    res = subprocess.run([QEMU, runner, f"{artifact}/model.so", f"{artifact}/params.bin", in_file, out_file],
+    res = subprocess.run([QEMU, runner, str(artifact), *args, "--output-dir", str(out_dir),
+                          "--warmup", "0", "--repeat", "1", "--min-seconds", "0"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, f"aarch64 run failed: {res.stdout}\n{res.stderr[-2000:]}"
-    outs = tvm.runtime.load_param_dict_from_file(out_file)
-    return [outs[f"o{i}"].numpy() for i in range(len(outs))]
+    return [np.load(out_dir / f"{spec['name']}.npy") for spec in manifest["outputs"]]
 
 
 def _transformer_inputs():
