@@ -36,6 +36,8 @@ import traceback
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
+from benchtools import cpu_name, interleaved_times  # noqa: E402
 
 PEERS = ("PyTorch eager", "torch.compile", "ONNX Runtime")
 ENGINES = ("ember untuned", "ember tuned") + PEERS
@@ -149,16 +151,7 @@ def ort_engine(model, inputs, names, threads):
 
 def interleaved(fns: dict, rounds: int, per_round: int, warmup: int = 3) -> dict:
     """Median ms per engine, the engines taking turns (see module docstring)."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
+    times = interleaved_times(fns, rounds, per_round, warmup)
     return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "runs": len(v)} for k, v in times.items()}
 
 
@@ -236,16 +229,6 @@ def run_workload(name, args, threads):
 
 
 # ------------------------------------------------------------------------------------------------- report
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def print_table(results):
     for res in results:

@@ -30,6 +30,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
+from benchtools import cpu_name  # noqa: E402
 
 # Children print one JSON line last. They measure themselves: RSS via psutil, peak via /proc (VmHWM).
 CHILD_PRELUDE = r"""
@@ -137,16 +139,6 @@ def build_cpp(build_dir: str) -> str:
             raise RuntimeError(f"{cmd} failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
     return exe
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main():

@@ -21,6 +21,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
+from benchtools import cpu_name  # noqa: E402
 
 
 def median_ms(fn, warmup=5, repeat=30, min_seconds=1.0):
@@ -77,16 +79,6 @@ def profile_kernels(compiled, inputs, runs: int = 5, top: int = 20):
         print(f"  {v * 1e3:8.2f} ms  {kind_calls[kind]:4d} calls  {kind}")
     return {k: v * 1e3 for k, v in kinds.items()}
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main():

@@ -46,6 +46,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
+from benchtools import cpu_name  # noqa: E402
 
 ENGINES = ("ember", "ort")
 ENGINE_LABELS = {"ember": "ember (host)", "ort": "ONNX Runtime (CPU)"}
@@ -537,16 +539,6 @@ def summarize(results):
     c = collections.Counter(r["status"] for r in results)
     return {**{s: c[s] for s in STATUSES}, "total": len(results)}
 
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def versions() -> dict:

@@ -19,11 +19,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
+import sys
 import tempfile
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
+from benchtools import cpu_name, interleaved_times  # noqa: E402
 
 
 def _cos_rows(a, b):
@@ -57,17 +60,7 @@ ROWS = {"fp32": "ember fp32", "int8": "ember INT8 dynamic", "static-token": "emb
 
 def _interleaved(runners: dict, rounds: int, per_round: int) -> dict:
     """Median latency per engine over ``rounds`` round-robin passes, so drifting machine load hits all alike."""
-    times = {k: [] for k in runners}
-    for fn in runners.values():
-        for _ in range(3):
-            fn()
-    for _ in range(rounds):
-        for k, fn in runners.items():
-            for _ in range(per_round):
-                t = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return {k: float(np.median(v)) for k, v in interleaved_times(runners, rounds, per_round).items()}
 
 
 def bench_minilm(n_eval: int, n_calib: int, tmp: str, only=None, rounds: int = 6) -> dict:
@@ -216,7 +209,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=6, help="interleaved latency rounds (10 runs each)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
-    out = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
+    out = {"date": datetime.date.today().isoformat(), "machine": cpu_name(),
            "cpus": os.cpu_count(), "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_minilm:

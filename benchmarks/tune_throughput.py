@@ -38,7 +38,8 @@ def minilm(a):
     from ember.schedules.tune import tune
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from minilm_cpu import cpu_name, median_ms  # pylint: disable=import-outside-toplevel
+    from benchtools import cpu_name  # pylint: disable=import-outside-toplevel
+    from minilm_cpu import median_ms  # pylint: disable=import-outside-toplevel
 
     encoder = mm.load_encoder()
     ids, mask = mm.tokenize(mm.load_tokenizer(), stdlib_sentences(1), 128)
