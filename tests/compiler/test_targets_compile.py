@@ -71,8 +71,6 @@ COMPRESSION = ["plain", "int8", "sparse-1:16"]
 _QUANT_CPU_ONLY = ("ember.passes.quantize refuses GPU targets (ConfigError: quantized kernels are scheduled for "
                    "CPU targets only so far)")
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("int8", "arm64"): "ember.passes.quantize.reference compiles its calibration reference for the (aarch64) "
-                       "target and runs it on this x86 CPU: 'Cannot run module, architecture mismatch'",
     ("int8", "cuda-sm90"): _QUANT_CPU_ONLY,
     ("int8", "rocm-gfx942"): _QUANT_CPU_ONLY,
     ("int8", "metal"): _QUANT_CPU_ONLY,

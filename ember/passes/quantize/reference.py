@@ -11,10 +11,13 @@ transforms, so a weight can be swapped per run.
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import tvm
 from tvm import relax
 
+from ...compiler.targets import resolve
 from ...errors import ConfigError
 
 
@@ -25,6 +28,14 @@ def _flatten(out):
     for o in out:
         res.extend(_flatten(o))
     return res
+
+
+def _runs_here(target) -> bool:
+    """An LLVM target whose code this machine can execute (no mtriple, or one for this machine's arch)."""
+    if target is None or target.kind.name != "llvm":
+        return False
+    mtriple = str(target.attrs.get("mtriple", "") or "")
+    return not mtriple or mtriple.split("-")[0] == platform.machine()
 
 
 class Reference:
@@ -61,8 +72,8 @@ class Reference:
         mod["main"] = func
         mod = tvm.transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                         relax.transform.CanonicalizeBindings()])(mod)
-        host = target if target is not None and target.kind.name == "llvm" else tvm.target.Target(
-            {"kind": "llvm"})
+        # The reference runs here, on this CPU: a cross target (arm64 artifacts built on x86) gets the host's.
+        host = target if _runs_here(target) else resolve("host")[1]
         with host:
             ex = tvm.compile(mod, host, relax_pipeline=lower(host))
         self.vm = relax.VirtualMachine(ex, tvm.cpu())
