@@ -404,30 +404,38 @@ class DeviceCode:
         return {"device_code": self.kind, "arch": arch if arch in self.archs else ",".join(self.archs) or None}
 
 
+def tvm_blob_modules(data: bytes, off: int):
+    """(kind, payload) of each module in the TVM library blob that starts at byte ``off`` of ``data``.
+
+    Layout: total size, the import tree (row pointers, then child indices), then per module its kind and, except
+    for ``_lib`` (the library's own host code), its serialized payload. The container (ELF, Mach-O) only decides
+    where the blob is: see :func:`_tvm_modules` and ``ember.compiler.metal``."""
+    total, = struct.unpack_from("<Q", data, off)
+    p, end = off + 8, off + 8 + total
+    for _ in range(2):  # import tree: row pointers, then child indices
+        n, = struct.unpack_from("<Q", data, p)
+        p += 8 + 8 * n
+    mods = []
+    while p < end:
+        n, = struct.unpack_from("<Q", data, p)
+        kind = data[p + 8:p + 8 + n].decode("ascii")
+        p += 8 + n
+        if kind == "_lib":  # the library's own host code: no payload
+            mods.append((kind, b""))
+            continue
+        n, = struct.unpack_from("<Q", data, p)
+        mods.append((kind, data[p + 8:p + 8 + n]))
+        p += 8 + n
+    return mods
+
+
 def _tvm_modules(data: bytes, sections):
-    """(kind, payload) of each module TVM embedded in a library (its ``__tvm_ffi__library_bin`` blob)."""
+    """(kind, payload) of each module TVM embedded in an ELF library (its ``__tvm_ffi__library_bin`` blob)."""
     for name, value, _size, shndx in _elf_symbols(data, sections):
         if name != "__tvm_ffi__library_bin" or shndx == 0 or shndx >= len(sections):
             continue
         sec = sections[shndx]
-        off = sec.offset + value - sec.addr
-        total, = struct.unpack_from("<Q", data, off)
-        p, end = off + 8, off + 8 + total
-        for _ in range(2):  # import tree: row pointers, then child indices
-            n, = struct.unpack_from("<Q", data, p)
-            p += 8 + 8 * n
-        mods = []
-        while p < end:
-            n, = struct.unpack_from("<Q", data, p)
-            kind = data[p + 8:p + 8 + n].decode("ascii")
-            p += 8 + n
-            if kind == "_lib":  # the library's own host code: no payload
-                mods.append((kind, b""))
-                continue
-            n, = struct.unpack_from("<Q", data, p)
-            mods.append((kind, data[p + 8:p + 8 + n]))
-            p += 8 + n
-        return mods
+        return tvm_blob_modules(data, sec.offset + value - sec.addr)
     raise ValueError("no __tvm_ffi__library_bin symbol: not a library exported by TVM")
 
 

@@ -120,27 +120,6 @@ def macho_info(data: bytes) -> dict:
     return {"cputype": cputype, "filetype": filetype, "blob_offset": blob}
 
 
-def _blob_modules(data: bytes, off: int):
-    """(kind, payload) of each module in TVM's blob at ``off`` (same layout as cuda_aot._tvm_modules reads)."""
-    total, = struct.unpack_from("<Q", data, off)
-    p, end = off + 8, off + 8 + total
-    for _ in range(2):  # import tree: row pointers, then child indices
-        n, = struct.unpack_from("<Q", data, p)
-        p += 8 + 8 * n
-    mods = []
-    while p < end:
-        n, = struct.unpack_from("<Q", data, p)
-        kind = data[p + 8:p + 8 + n].decode("ascii")
-        p += 8 + n
-        if kind == "_lib":
-            mods.append((kind, b""))
-            continue
-        n, = struct.unpack_from("<Q", data, p)
-        mods.append((kind, data[p + 8:p + 8 + n]))
-        p += 8 + n
-    return mods
-
-
 def _library_modules(lib_path):
     with open(os.fspath(lib_path), "rb") as f:
         data = f.read()
@@ -151,7 +130,9 @@ def _library_modules(lib_path):
     info = macho_info(data)
     if info["blob_offset"] is None:
         raise ValueError(f"no {_BLOB_SYMBOL} symbol: not a library exported by TVM")
-    return {"format": "macho", **info}, _blob_modules(data, info["blob_offset"])
+    from .cuda_aot import tvm_blob_modules
+
+    return {"format": "macho", **info}, tvm_blob_modules(data, info["blob_offset"])
 
 
 def _read_str(buf: bytes, p: int):
