@@ -30,26 +30,13 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .relax_util import is_call, usage_counts
+
 # TVM 0.27 calls Relax constants ``tvm.ir.expr.GenericConst`` (``relax.const`` builds one).
 _CONST_TYPE = type(relax.const(0.0))
 
 _CONVS = {"relax.nn.conv1d": ("NCW", "OIW"), "relax.nn.conv2d": ("NCHW", "OIHW"),
           "relax.nn.conv3d": ("NCDHW", "OIDHW")}
-
-
-def _is_call(expr, name: str) -> bool:
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-
-def _usage_counts(func: relax.Function) -> dict:
-    counts: dict = {}
-
-    def _visit(e):
-        if isinstance(e, relax.Var):
-            counts[e] = counts.get(e, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, _visit)
-    return counts
 
 
 @mutator
@@ -84,7 +71,7 @@ class _BNFolder(PyExprMutator):
         if op.index != 0 or not isinstance(op.tuple_value, relax.Var):
             return None
         bn = self.lookup_binding(op.tuple_value)
-        if not _is_call(bn, "relax.nn.batch_norm") or self.uses.get(op.tuple_value, 0) != 1:
+        if not is_call(bn, "relax.nn.batch_norm") or self.uses.get(op.tuple_value, 0) != 1:
             return None
         data, gamma, beta, mean, var = bn.args
         attrs = bn.attrs
@@ -93,11 +80,11 @@ class _BNFolder(PyExprMutator):
         if not self._single_use(data):
             return None
         conv, bias = self.lookup_binding(data), None
-        if _is_call(conv, "relax.add"):  # conv + bias (torch Conv2d(bias=True), ONNX Conv with B)
+        if is_call(conv, "relax.add"):  # conv + bias (torch Conv2d(bias=True), ONNX Conv with B)
             a, b = conv.args
             inner = self.lookup_binding(a) if isinstance(a, relax.Var) else None
-            if not (_is_call(inner, "relax.nn.conv2d") or _is_call(inner, "relax.nn.conv1d")
-                    or _is_call(inner, "relax.nn.conv3d")) or not self._is_weight(b) or not self._single_use(a):
+            if not (is_call(inner, "relax.nn.conv2d") or is_call(inner, "relax.nn.conv1d")
+                    or is_call(inner, "relax.nn.conv3d")) or not self._is_weight(b) or not self._single_use(a):
                 return None
             conv, bias = inner, b
         if not isinstance(conv, relax.Call) or not isinstance(conv.op, tvm.ir.Op) or conv.op.name not in _CONVS:
@@ -143,7 +130,7 @@ def _weight_vars(func: relax.Function) -> set:
 
 
 def fold_batch_norm_function(mod: tvm.IRModule, func: relax.Function) -> tuple[relax.Function, int]:
-    folder = _BNFolder(mod, _weight_vars(func), _usage_counts(func))
+    folder = _BNFolder(mod, _weight_vars(func), usage_counts(func))
     new = folder.visit_expr(func)
     return new, folder.folded
 
@@ -179,7 +166,7 @@ def count_batch_norms(mod: tvm.IRModule) -> int:
     n = [0]
 
     def _visit(e):
-        if _is_call(e, "relax.nn.batch_norm"):
+        if is_call(e, "relax.nn.batch_norm"):
             n[0] += 1
 
     for _, func in mod.functions.items():

@@ -41,6 +41,7 @@ from tvm.relax.dpl import GlobalVarPattern, is_op, wildcard
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .attention_kernels import AttentionSpec, cpu_attention, cuda_attention
+from .relax_util import usage_counts
 
 _GPU_KINDS = {"cuda", "rocm", "metal", "vulkan", "opencl", "webgpu"}
 _CONST_TYPE = type(relax.const(0.0))
@@ -110,17 +111,6 @@ def _scalar_const(expr) -> float | None:
         if arr.size == 1:
             return float(arr.reshape(()))
     return None
-
-
-def _usage_counts(func: relax.Function) -> dict:
-    counts: dict = {}
-
-    def _visit(e):
-        if isinstance(e, relax.Var):
-            counts[e] = counts.get(e, 0) + 1
-
-    relax.analysis.post_order_visit(func.body, _visit)
-    return counts
 
 
 def _compose(outer_axes, inner_axes):
@@ -438,7 +428,7 @@ def FuseAttention(target: tvm.target.Target) -> tvm.transform.Pass:  # pylint: d
         for gv, func in list(mod.functions.items()):
             if not isinstance(func, relax.Function) or (func.attrs and "Primitive" in func.attrs):
                 continue
-            rw = _AttentionRewriter(mod, kind, lanes, _usage_counts(func))
+            rw = _AttentionRewriter(mod, kind, lanes, usage_counts(func))
             new = rw.visit_expr(func)
             if rw.sites:
                 mod = rw.builder_.get()

@@ -47,6 +47,7 @@ from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ..schedules.cpu.common import is_cpu
+from .relax_util import is_call
 
 # Relax leaves that are compile-time values (TVM 0.27 names: tvm.ir.expr.Constant, ShapeExpr, prim_value()).
 _LEAF_CONSTANTS = (tvm.ir.expr.Constant, type(relax.ShapeExpr([1])), type(relax.prim_value(1)))
@@ -64,7 +65,7 @@ def _has_conv2d(mod: tvm.IRModule) -> bool:
     found = []
 
     def _visit(expr):
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.nn.conv2d":
+        if is_call(expr, "relax.nn.conv2d"):
             found.append(expr)
 
     for func in mod.functions.values():
