@@ -39,3 +39,50 @@ def interleaved_times(fns: dict, rounds: int, per_round: int, warmup: int = 3) -
                 fn()
                 times[k].append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def cuda_median_ms(fn, repeat: int, warmup: int) -> float:
+    """Median wall-clock ms of ``fn()`` on the GPU: synchronized after every call, so queued work is counted."""
+    import numpy as np
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+# The all-MiniLM-L6-v2 architecture with a small vocabulary: random weights that both the build machine and the
+# GPU machine create alike (seeded), so the GPU benchmarks need not carry the real weights.
+MINILM_CONFIG = dict(vocab_size=1024, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                     intermediate_size=1536, max_position_embeddings=512)
+
+
+def minilm_arch(attn_implementation: str | None = None):
+    """torch module (input_ids, attention_mask) -> last hidden state, MiniLM-L6 architecture, seed 0.
+
+    attn_implementation: transformers' attention ("eager": matmul, softmax, matmul; None: its default)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(**MINILM_CONFIG)
+    if attn_implementation is not None:
+        cfg._attn_implementation = attn_implementation  # pylint: disable=protected-access
+    bert = BertModel(cfg, add_pooling_layer=False).eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    return Encoder(bert).eval()

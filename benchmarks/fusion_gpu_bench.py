@@ -36,10 +36,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
+from benchtools import MINILM_CONFIG, cuda_median_ms, minilm_arch  # noqa: E402
 
 HEADS, DH, ATT_SEQ = 12, 64, 2048
-MINILM_CONFIG = dict(vocab_size=1024, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                     intermediate_size=1536, max_position_embeddings=512)
 MINILM_SEQ = 128
 
 
@@ -55,27 +55,14 @@ def attention_inputs():
 def minilm_model():
     """The MiniLM-L6 architecture (random weights, seeded: the same on both machines) and its inputs."""
     import torch
-    from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
     # eager attention (matmul, softmax, matmul), as ember.models.minilm loads the real model: with transformers'
     # default "sdpa" the export holds scaled_dot_product_attention, whose import FuseAttention does not match.
-    cfg = BertConfig(**MINILM_CONFIG)
-    cfg._attn_implementation = "eager"  # pylint: disable=protected-access
-    bert = BertModel(cfg, add_pooling_layer=False).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids, mask):
-            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
-
+    encoder = minilm_arch("eager")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, MINILM_CONFIG["vocab_size"], (1, MINILM_SEQ), generator=g)
     mask = torch.ones(1, MINILM_SEQ, dtype=torch.int64)
-    return Encoder(bert).eval(), (ids, mask)
+    return encoder, (ids, mask)
 
 
 # name -> (factory, seq, precision)
@@ -184,18 +171,7 @@ def prepare(a):
 # GPU machine
 # ----------------------------------------------------------------------------------------------------------------
 def _sync_ms(fn, repeat, warmup=10):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ts))
+    return cuda_median_ms(fn, repeat, warmup)
 
 
 def run_attention(a, entry):

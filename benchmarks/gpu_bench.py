@@ -32,9 +32,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
+from benchtools import MINILM_CONFIG, cuda_median_ms, minilm_arch  # noqa: E402
 
-MINILM_CONFIG = dict(vocab_size=1024, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                     intermediate_size=1536, max_position_embeddings=512)
 SEQ = 128
 SHARED_PARAMS = "minilm_fp16.params.bin"  # older indexes: one params file for every MiniLM artifact
 
@@ -91,24 +91,13 @@ def dlight_rules():
 def minilm(batch):
     """The MiniLM-L6 architecture (random weights, seeded: the same on both machines) and its inputs."""
     import torch
-    from transformers import BertConfig, BertModel
 
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(**MINILM_CONFIG), add_pooling_layer=False).eval()
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, ids, mask):
-            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
-
+    encoder = minilm_arch()
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, MINILM_CONFIG["vocab_size"], (batch, SEQ), generator=g)
     mask = torch.ones(batch, SEQ, dtype=torch.int64)
     mask[:, SEQ - 16:] = 0 if batch > 1 else 1  # some padding at batch 32: the mask is really used
-    return Encoder(bert).eval(), (ids, mask)
+    return encoder, (ids, mask)
 
 
 MODELS = {  # name -> (batch, cuda_graph)
@@ -208,18 +197,7 @@ def _events_us(fn, iters=200, warmup=20):
 
 
 def _wall_ms(fn, repeat=200, warmup=20):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    return cuda_median_ms(fn, repeat, warmup)
 
 
 def run_kernels(d, index, results):

@@ -24,10 +24,10 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
+from benchtools import minilm_arch  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-MINILM_CONFIG = dict(vocab_size=1024, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                     intermediate_size=1536, max_position_embeddings=512)
 
 
 def build_models():
@@ -43,21 +43,9 @@ def build_models():
                                                      torch.ones(4, 16, dtype=torch.int64))),
     }
     try:
-        from transformers import BertConfig, BertModel
-
-        torch.manual_seed(0)
-        bert = BertModel(BertConfig(**MINILM_CONFIG), add_pooling_layer=False).eval()
-
-        class Encoder(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, ids, mask):
-                return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
-
+        encoder = minilm_arch()
         ids = torch.randint(0, 1024, (1, 128), generator=g)
-        out["minilm_arch_b1_s128"] = (Encoder(bert).eval(), (ids, torch.ones(1, 128, dtype=torch.int64)))
+        out["minilm_arch_b1_s128"] = (encoder, (ids, torch.ones(1, 128, dtype=torch.int64)))
     except ImportError:
         pass
     return {k: (m, tuple(a.numpy() for a in args)) for k, (m, args) in out.items()}
