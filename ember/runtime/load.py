@@ -21,6 +21,11 @@ from .module import CompiledModel
 from .artifact import FORMAT_VERSION, LIB, MANIFEST, PARAMS, sha256_file
 
 
+def host_arch() -> str:
+    """This machine's CPU architecture in the names manifests use (x86_64, aarch64)."""
+    return platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+
+
 def host_cpu_flags() -> set[str] | None:
     """The CPU's feature flags from /proc/cpuinfo, or None where that file does not exist."""
     try:
@@ -78,7 +83,7 @@ def verify(art_dir: str, manifest: dict, where: str, device: str, cpu_flags=None
     if tgt.get("os") and tgt["os"] != system:
         raise ArtifactError(f"{where}: compiled for {tgt['os']} (target '{tgt['name']}'), this machine runs "
                             f"{system}; recompile with a target for this machine (e.g. --target host)")
-    machine = platform.machine().lower().replace("amd64", "x86_64").replace("arm64", "aarch64")
+    machine = host_arch()
     if tgt.get("arch") and tgt["arch"] != machine:
         raise ArtifactError(f"{where}: compiled for {tgt['arch']} CPUs (target '{tgt['name']}'), this machine is "
                             f"{machine}; recompile with a target for this machine (e.g. --target host)")

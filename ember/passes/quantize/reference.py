@@ -11,13 +11,12 @@ transforms, so a weight can be swapped per run.
 
 from __future__ import annotations
 
-import platform
-
 import numpy as np
 import tvm
 from tvm import relax
 
 from ...compiler.targets import resolve
+from ...runtime.load import host_arch
 from ...errors import ConfigError
 
 
@@ -35,7 +34,7 @@ def _runs_here(target) -> bool:
     if target is None or target.kind.name != "llvm":
         return False
     mtriple = str(target.attrs.get("mtriple", "") or "")
-    return not mtriple or mtriple.split("-")[0] == platform.machine()
+    return not mtriple or mtriple.split("-")[0] == host_arch()
 
 
 class Reference:

@@ -91,10 +91,10 @@ def layer_errors(sites, plans, emitter, ref, taps_per_batch, imported) -> list:
 
 
 def end_to_end(compiled, data, outs_ref, data_kind: str) -> dict:
-    import platform
+    from ...runtime.load import host_arch
 
     tgt = compiled.manifest["target"]
-    if tgt.get("device", "cpu") != "cpu" or tgt.get("arch") not in (None, platform.machine()):
+    if tgt.get("device", "cpu") != "cpu" or tgt.get("arch") not in (None, host_arch()):
         # A cross build (an arm64 artifact compiled on x86) cannot run here; the per-layer errors stand.
         return {"skipped": f"compiled for {tgt.get('name')} ({tgt.get('arch')}), which this machine cannot run; "
                            "the per-layer errors come from the host reference"}
