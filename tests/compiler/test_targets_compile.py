@@ -74,9 +74,6 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
     ("int8", "cuda-sm90"): _QUANT_CPU_ONLY,
     ("int8", "rocm-gfx942"): _QUANT_CPU_ONLY,
     ("int8", "metal"): _QUANT_CPU_ONLY,
-    ("sparse-1:16", "rocm-gfx942"): "the packed sparse matmul kernel is scheduled for CUDA only; dlight's GEMV "
-                                    "analysis then asserts on it (is_gemv: expr.extent == 1)",
-    ("sparse-1:16", "metal"): "as for rocm-gfx942: no GPU schedule for the sparse kernel outside CUDA",
 }
 
 

@@ -18,6 +18,17 @@ block's weights are one contiguous stream, which the hardware prefetcher follows
 N rows would put consecutive groups 16-32 KiB apart, a new page each, and was 3-10× slower at 1:8 and 2:4).
 
 Bytes for 4096×4096 fp32 at 1:16: values 4 MiB + indices 0.5 MiB, against 64 MiB dense (14.2× smaller).
+
+GPU layout (:func:`pack_gpu`, ``layout="groups"``): the same slots, but a row's ``V`` consecutive groups are
+adjacent, ``V`` = 16 bytes / value size (8 for fp16, 4 for fp32)::
+
+    values  [NB, GO, n, 16, V]            GO = ceil(G / V) (missing groups: value 0, position 0)
+    indices [NB, GO, n, 16, V/2 or V]     uint8, 4-bit (group 2i of the V in the low nibble) or 8-bit
+
+One GPU thread owns one row and reads a 16-byte vector of its values (V groups) and 4-8 index bytes with one
+load each; the 16 threads of a row block read 256 contiguous bytes, and the gathers of those threads all fall in
+the same ``m``-wide slice of x (one 32-byte sector for fp16 at m = 16). The CPU layout would make each GPU
+thread load 2 bytes at a time.
 """
 
 from __future__ import annotations
@@ -40,10 +51,11 @@ class PackedNM:
     n: int
     m: int
     shape: tuple[int, int]
+    layout: str = "rows"  # "rows" (CPU: 16 rows per vector) or "groups" (GPU: V groups per vector)
 
     @property
     def groups(self) -> int:
-        return self.values.shape[1]
+        return num_groups(self.shape[1], self.m)
 
     @property
     def index_bits(self) -> int:
@@ -123,9 +135,8 @@ def nm_violations(w: np.ndarray, n: int, m: int) -> int:
     return int((nz > n).sum())
 
 
-def pack(w: np.ndarray, n: int, m: int) -> PackedNM:
-    """Pack an N:M-sparse weight ``[N, K]`` (at most ``n`` non-zeros per group of ``m``; check with
-    :func:`is_nm_sparse`, or prune first with :func:`nm_mask`). Raises if a group holds more than ``n``."""
+def _slots(w: np.ndarray, n: int, m: int):
+    """Values and positions ``[N, G, n]`` of every (row, group) slot, after the checks ``pack`` promises."""
     _check_nm(n, m)
     w = np.ascontiguousarray(w)
     if w.ndim != 2:
@@ -134,20 +145,34 @@ def pack(w: np.ndarray, n: int, m: int) -> PackedNM:
     if bad:
         raise ConfigError(f"pack: weight of shape {w.shape} is not {n}:{m} sparse ({bad} groups hold more than "
                           f"{n} non-zeros); prune it first (ember.sparsity.nm_mask / prune_nm)")
-    rows, k = w.shape
     grouped = _grouped(w, m)  # [N, G, m]
-    g = grouped.shape[1]
     # Non-zeros first (in position order), then zero slots: the first n positions of this order are the slots.
     # Zero fillers point at the group's first column, which always exists.
     key = np.where(grouped != 0, np.arange(m), m + np.arange(m))
     order = np.argsort(key, axis=-1, kind="stable")[..., :n]          # [N, G, n]
     vals = np.take_along_axis(grouped, order, axis=-1)                 # [N, G, n]
     pos = np.where(vals != 0, order, 0).astype(np.uint8)
-    nb = num_blocks(rows)
-    pad = nb * BLOCK - rows
+    return vals, pos
+
+
+def _pad_rows(vals, pos):
+    rows = vals.shape[0]
+    pad = num_blocks(rows) * BLOCK - rows
     if pad:  # zero rows: their values are 0 and their positions 0, so they add nothing and read column g*m
         vals = np.concatenate([vals, np.zeros((pad,) + vals.shape[1:], vals.dtype)])
         pos = np.concatenate([pos, np.zeros((pad,) + pos.shape[1:], np.uint8)])
+    return vals, pos
+
+
+def pack(w: np.ndarray, n: int, m: int) -> PackedNM:
+    """Pack an N:M-sparse weight ``[N, K]`` (at most ``n`` non-zeros per group of ``m``; check with
+    :func:`is_nm_sparse`, or prune first with :func:`nm_mask`). Raises if a group holds more than ``n``."""
+    w = np.ascontiguousarray(w)
+    vals, pos = _slots(w, n, m)
+    rows, k = w.shape
+    g = vals.shape[1]
+    nb = num_blocks(rows)
+    vals, pos = _pad_rows(vals, pos)
     # [Np, G, n] -> [NB, G, n, BLOCK]
     values = np.ascontiguousarray(vals.reshape(nb, BLOCK, g, n).transpose(0, 2, 3, 1))
     pos = pos.reshape(nb, BLOCK, g, n).transpose(0, 2, 3, 1)
@@ -160,6 +185,32 @@ def pack(w: np.ndarray, n: int, m: int) -> PackedNM:
     return PackedNM(values, np.ascontiguousarray(indices), int(n), int(m), (rows, k))
 
 
+def gpu_vector(dtype) -> int:
+    """Groups per GPU vector: as many values as fill 16 bytes (8 fp16, 4 fp32)."""
+    return max(2, 16 // np.dtype(dtype).itemsize)
+
+
+def pack_gpu(w: np.ndarray, n: int, m: int) -> PackedNM:
+    """Pack for the GPU kernel (``layout="groups"``, see the module doc); same checks as :func:`pack`."""
+    w = np.ascontiguousarray(w)
+    vals, pos = _slots(w, n, m)
+    rows, k = w.shape
+    g = vals.shape[1]
+    v = gpu_vector(w.dtype)
+    go = -(-g // v)
+    if go * v > g:  # missing groups of the last vector: value 0, position 0 (the kernel never reads them)
+        vals = np.concatenate([vals, np.zeros((rows, go * v - g, n), vals.dtype)], axis=1)
+        pos = np.concatenate([pos, np.zeros((rows, go * v - g, n), np.uint8)], axis=1)
+    vals, pos = _pad_rows(vals, pos)
+    nb = num_blocks(rows)
+    # [Np, GO*V, n] -> [NB, 16, GO, V, n] -> [NB, GO, n, 16, V]
+    values = np.ascontiguousarray(vals.reshape(nb, BLOCK, go, v, n).transpose(0, 2, 4, 1, 3))
+    pos = pos.reshape(nb, BLOCK, go, v, n).transpose(0, 2, 4, 1, 3)
+    if index_bits(m) == 4:
+        pos = pos[..., 0::2] | (pos[..., 1::2] << 4)
+    return PackedNM(values, np.ascontiguousarray(pos, dtype=np.uint8), int(n), int(m), (rows, k), "groups")
+
+
 def unpack_indices(indices: np.ndarray, groups: int, m: int) -> np.ndarray:
     """Positions ``[NB, G, n, BLOCK]`` (uint8) from the stored indices."""
     if index_bits(m) == 4:
@@ -168,14 +219,29 @@ def unpack_indices(indices: np.ndarray, groups: int, m: int) -> np.ndarray:
     return indices
 
 
+def _as_rows_layout(p: PackedNM):
+    """values ``[NB, G, n, 16]`` and positions ``[NB, G, n, 16]`` of either layout."""
+    if p.layout == "rows":
+        return p.values, unpack_indices(p.indices, p.values.shape[1], p.m)
+    nb, go, n, _, v = p.values.shape
+    pos = p.indices
+    if index_bits(p.m) == 4:
+        pos = np.stack([pos & 0x0F, pos >> 4], axis=-1).reshape(pos.shape[:-1] + (v,))
+    g = p.groups
+    def rows_major(a):  # [NB, GO, n, 16, V] -> [NB, GO*V, n, 16] -> first G groups
+        return a.transpose(0, 1, 4, 2, 3).reshape(nb, go * v, n, BLOCK)[:, :g]
+    return rows_major(p.values), rows_major(pos)
+
+
 def unpack(p: PackedNM) -> np.ndarray:
     """The dense ``[N, K]`` weight back from its packed form (zeros where nothing was kept)."""
     rows, k = p.shape
-    nb, g, n, _ = p.values.shape
-    pos = unpack_indices(p.indices, g, p.m).astype(np.int64)          # [NB, G, n, B]
-    vals = p.values.transpose(0, 3, 1, 2).reshape(nb * BLOCK, g, n)     # [Np, G, n]
+    values, pos = _as_rows_layout(p)
+    nb, g, n, _ = values.shape
+    pos = pos.astype(np.int64)                                          # [NB, G, n, B]
+    vals = values.transpose(0, 3, 1, 2).reshape(nb * BLOCK, g, n)       # [Np, G, n]
     pos = pos.transpose(0, 3, 1, 2).reshape(nb * BLOCK, g, n)
-    dense = np.zeros((nb * BLOCK, g, p.m), dtype=p.values.dtype)
+    dense = np.zeros((nb * BLOCK, g, p.m), dtype=values.dtype)
     r = np.arange(nb * BLOCK)[:, None, None]
     gi = np.arange(g)[None, :, None]
     # Filler slots (value 0 at position 0) may share a position with a real weight: add, never overwrite.

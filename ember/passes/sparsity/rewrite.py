@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .pack import PackedNM, nm_mask, nm_violations, pack
-from .sparse_matmul import KERNEL_NAME, gather_isa, sparse_matmul_func
+from .pack import PackedNM, nm_mask, nm_violations
+from .sparse_matmul import KERNEL_NAME, gather_isa, is_gpu, pack_for, sparse_matmul_func
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps must not fuse the scheduled kernel into something else
@@ -147,7 +147,7 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1):
                     f"ember pruned it by magnitude. For accuracy, prune and fine-tune first "
                     f"(ember.sparsity.prune_nm + ember.sparsity.finetune).")
                 w_nk = w_nk * nm_mask(w_nk, n, m)
-            p = pack(w_nk, n, m)
+            p = pack_for(target, w_nk, n, m)
             dense_bytes = int(w.nbytes)
             entry.update({"sparsity": round(float(1.0 - np.count_nonzero(w_nk) / w_nk.size), 6),
                           "dense_bytes": dense_bytes, "packed_bytes": p.nbytes,
@@ -216,7 +216,7 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1):
     layers = [p.report for p in packed.values()]
     isa = gather_isa(target, "float32") if target is not None else None
     report.update({
-        "kernel": (f"cpu gather ({isa})" if isa else ("cuda" if target is not None and target.kind.name == "cuda"
+        "kernel": (f"cpu gather ({isa})" if isa else (f"gpu ({target.kind.name})" if is_gpu(target)
                                                        else "cpu (TVM vectorized, scalar gather)")),
         "layers": layers,
         "dense_bytes": int(sum(p["dense_bytes"] for p in layers)),

@@ -20,8 +20,9 @@ Schedules (the function is returned marked ``tirx.is_scheduled`` so ember's gene
   that stays in L1/L2 while the batch loop reuses it.
 * other CPUs (:func:`schedule_cpu`): the same loop nest from TE with TVM's vectorizer (the gather becomes scalar
   loads); ARM and x86 without AVX2 use it.
-* CUDA (:func:`schedule_cuda`): one thread per output row (adjacent threads read adjacent packed bytes, i.e.
-  coalesced), ``threads`` rows per thread block, batch rows on ``blockIdx.y``; the accumulator is a register.
+* GPUs (CUDA, ROCm, Metal, any TVM GPU kind): :mod:`.gpu_kernel`, on the GPU layout of :func:`.pack.pack_gpu`
+  (16-byte vector loads, 16 lanes per row, a shared-memory reduction). Use :func:`is_gpu` / :func:`pack_for` to
+  pack for the kernel that :func:`sparse_matmul_func` returns.
 """
 
 from __future__ import annotations
@@ -110,22 +111,18 @@ def schedule_cpu(func: tirx.PrimFunc, target, n_out: int, k: int, m: int, dtype:
     return sch.mod["main"]
 
 
-def schedule_cuda(func: tirx.PrimFunc, target, n_out: int, threads: int = 128) -> tirx.PrimFunc:
-    from tvm import s_tir
+GPU_KINDS = ("cuda", "rocm", "metal", "vulkan", "opencl", "webgpu")
 
-    threads = _row_lanes(n_out, threads)
-    sch = s_tir.Schedule(func)
-    blk = sch.get_sblock("sparse_matmul")
-    b, j, g, s = sch.get_loops(blk)
-    jo, ji = sch.split(j, factors=[None, threads])
-    sch.reorder(b, jo, ji, g, s)
-    sch.bind(b, "blockIdx.y")
-    sch.bind(jo, "blockIdx.x")
-    sch.bind(ji, "threadIdx.x")
-    acc = sch.cache_write(blk, 0, "local")
-    sch.reverse_compute_at(acc, ji, preserve_unit_loops=True)
-    sch.decompose_reduction(blk, g)
-    return sch.mod["main"]
+
+def is_gpu(target) -> bool:
+    return target is not None and target.kind.name in GPU_KINDS
+
+
+def pack_for(target, w, n: int, m: int):
+    """The packed form the kernel for ``target`` reads (GPU layout on GPU targets, else the CPU one)."""
+    from .pack import pack, pack_gpu
+
+    return pack_gpu(w, n, m) if is_gpu(target) else pack(w, n, m)
 
 
 def _has_feature(target, feature: str) -> bool:
@@ -236,11 +233,17 @@ def _gather_kernel(k: int, n_out: int, n: int, m: int, isa: str, parallel: bool)
 
 
 def sparse_matmul_func(batch, k: int, n_out: int, n: int, m: int, dtype: str, target) -> tirx.PrimFunc:
-    """The scheduled kernel for ``target`` (an llvm or cuda Target); marked ``tirx.is_scheduled``.
+    """The scheduled kernel for ``target`` (llvm or a GPU kind); marked ``tirx.is_scheduled``. On a GPU target it
+    reads :func:`.pack.pack_gpu`'s layout, elsewhere :func:`.pack.pack`'s (:func:`pack_for` picks).
 
     ``batch``: an int, or a ``tirx.Var("batch", "int64")`` for a model compiled with a dynamic batch (the x86
     gather kernel is always shape-generic in the batch)."""
     kind = target.kind.name if target is not None else "llvm"
+    if is_gpu(target):
+        from .gpu_kernel import gpu_kernel
+
+        # (the GPU kernel is shape-generic in the batch, like the x86 one)
+        return gpu_kernel(k, n_out, n, m, dtype, vector_loads=kind != "metal")
     isa = gather_isa(target, dtype) if kind == "llvm" else None
     if isa is not None:
         from ...schedules.cpu.common import num_cores
@@ -249,9 +252,7 @@ def sparse_matmul_func(batch, k: int, n_out: int, n: int, m: int, dtype: str, ta
     func = _prim_func(batch, k, n_out, n, m, dtype)
     if kind == "llvm":
         func = schedule_cpu(func, target, n_out, k, m, dtype)
-    elif kind == "cuda":
-        func = schedule_cuda(func, target, n_out)
     else:
-        # Other GPU kinds get dlight's generic rules from the pipeline; leave the function unscheduled.
+        # no rule of ours for this kind (not a CPU, not a GPU): the pipeline's generic rules get the TE form
         return func
     return func.with_attr("tirx.is_scheduled", True)
