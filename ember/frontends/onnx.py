@@ -11,6 +11,7 @@ import copy
 import os
 
 from ..errors import ModelLoadError, UnsupportedOpError
+from ..passes.matmul_broadcast import DropMatmulBroadcast
 from .onnx_rewrite import fold_constant_of_shape, fold_shape_arithmetic
 from .spec import ImportedModel, TensorSpec, output_specs, shape_of
 
@@ -136,6 +137,7 @@ def import_onnx(model, *, dynamic_batch=False, input_names=None, output_names=No
         raise ModelLoadError(f"{source}: TVM's ONNX importer failed: {type(e).__name__}: "
                              f"{msg[-1] if msg else ''}") from e
     mod, params = relax.frontend.detach_params(mod)
+    mod = DropMatmulBroadcast(mod)  # Expand + MatMul: weights would be stored once per batch element
     func = mod["main"]
     n_in = int(func.attrs["num_input"])
     if n_in != len(specs):

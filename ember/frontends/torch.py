@@ -14,6 +14,7 @@ import re
 import numpy as np
 
 from ..errors import ModelLoadError, UnsupportedOpError
+from ..passes.matmul_broadcast import DropMatmulBroadcast
 from .spec import ImportedModel, TensorSpec, output_specs, shape_of
 
 BATCH = "batch"
@@ -122,6 +123,8 @@ def import_torch(model, example_inputs=None, *, dynamic_batch=False, input_names
     # are allocated per call at the actual batch size.
     if "tir_var_upper_bound" in (mod["main"].attrs or {}):
         mod["main"] = mod["main"].without_attr("tir_var_upper_bound")
+    # expand + bmm of non-contiguous linears would otherwise store weights copied per batch (see the pass)
+    mod = DropMatmulBroadcast(mod)
     weights = [p.numpy() for p in params.get("main", [])]
     func = mod["main"]
     n_in = int(func.attrs["num_input"])
