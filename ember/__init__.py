@@ -22,6 +22,12 @@ from .errors import (
 )
 from .version import __version__
 
+# TVM's CPU thread pool would use half the cores on machines without SMT (ember.cpu_threads says why); this
+# must run before any kernel launches parallel work.
+from . import cpu_threads as _cpu_threads  # noqa: E402
+
+_cpu_threads.configure()
+
 
 def compile(model, example_inputs=None, *, target="host", dynamic_batch=False, input_names=None,
             output_names=None, quantization=None, sparsity=None, tuning=None,
