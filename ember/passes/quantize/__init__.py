@@ -114,10 +114,12 @@ def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False
         raise ConfigError(f"quantization={cfg!r}: use ember.WeightOnly, ember.Int8Dynamic, ember.Int8Static or "
                           "ember.Mixed")
     target = _target(target)
-    if target.kind.name != "llvm":
-        raise ConfigError(f"quantization={type(cfg).__name__}: ember's quantized kernels are scheduled for CPU (llvm) "
-                          f"targets only so far, not {target.kind.name}; compile for a CPU target or without "
-                          "quantization")
+    from .gpu import is_gpu_target  # GPU targets: same plans and report, GPU layouts and kernels (gpu.py)
+
+    if target.kind.name != "llvm" and not is_gpu_target(target):
+        raise ConfigError(f"quantization={type(cfg).__name__}: ember has quantized kernels for CPU (llvm) and GPU "
+                          f"(cuda, rocm, metal) targets, not {target.kind.name}; compile for one of those or "
+                          "without quantization")
     t0 = time.perf_counter()
     func = imported.mod["main"]
     sites = find_sites(func, imported.param_names, embeddings=isinstance(cfg, (WeightOnly, Mixed)))
@@ -139,7 +141,12 @@ def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False
             _report.progress("calibrating", i + 1, len(data), t0)
     plans, extra = _plans(cfg, sites, ref, data, taps_per_batch, outs_ref, verbose)
 
-    emitter = Emitter(imported, plans, target)
+    if is_gpu_target(target):
+        from .gpu import GpuEmitter
+
+        emitter = GpuEmitter(imported, plans, target)
+    else:
+        emitter = Emitter(imported, plans, target)
     rewriter = Rewriter(imported.mod, sites, emitter)
     new_body = rewriter.visit_expr(func)
     mod = rewriter.builder_.get()
