@@ -69,6 +69,56 @@ def minilm_model():
 MODELS = {"minilm_b1_s128_fp16": (minilm_model, MINILM_SEQ, "fp16"),
           "minilm_b1_s128_fp32": (minilm_model, MINILM_SEQ, None)}
 ATTENTION = "attention_s2048_fp16"
+ATTENTION_TORCH = "attention_torch_fp16_s2048"  # the same attention written in torch and imported (fp16)
+KERNELS = "attention_kernel_cases"
+
+
+class TorchAttention:
+    """q, k, v (bshd) and an additive mask -> attention output (bshd), as a torch module (built lazily: the
+    GPU machine imports torch only in run)."""
+
+    @staticmethod
+    def module():
+        import torch
+
+        class Attention(torch.nn.Module):
+            def forward(self, q, k, v, mask):
+                q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+                s = q @ k.transpose(-1, -2) * DH ** -0.5 + mask
+                return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+        return Attention().eval()
+
+
+# Tensor-core kernel cases checked against numpy on the GPU: tails in both block loops, head dims 16..128,
+# both layouts, masks of every broadcast shape and dtype (with -inf), fp32 output, exact P, a dynamic batch.
+KERNEL_CASES = [
+    dict(batch=2, heads=3, q_len=100, kv_len=77, head_dim=64, layout="bshd", mask=(2, 1, 1, 77), mask_dtype="float16"),
+    dict(batch=1, heads=4, q_len=130, kv_len=200, head_dim=32, layout="bhsd", mask=(1, 4, 130, 200),
+         mask_dtype="float32", out_dtype="float32"),
+    dict(batch=1, heads=2, q_len=64, kv_len=64, head_dim=16, layout="bshd", mask=None),
+    dict(batch=1, heads=2, q_len=300, kv_len=300, head_dim=128, layout="bshd", mask=(1, 1, 1, 300),
+         mask_dtype="float16", exact_p=True, out_dtype="float32"),
+    dict(batch=1, heads=2, q_len=600, kv_len=333, head_dim=64, layout="bshd", mask=(1, 1, 600, 333),
+         mask_dtype="float32"),
+    dict(batch=None, run_batch=3, heads=2, q_len=17, kv_len=65, head_dim=64, layout="bshd", mask=(None, 1, 1, 65),
+         mask_dtype="float32"),
+    dict(batch=1, heads=12, q_len=128, kv_len=128, head_dim=32, layout="bshd", mask=(1, 1, 1, 128),
+         mask_dtype="float32"),
+]
+
+
+def kernel_spec(case):
+    from ember.passes.attention_kernels import AttentionSpec
+
+    mask = case.get("mask")
+    return AttentionSpec(batch=case["batch"], heads=case["heads"], q_len=case["q_len"], kv_len=case["kv_len"],
+                         head_dim=case["head_dim"], dtype="float16", q_layout=case["layout"],
+                         k_layout=case["layout"], v_layout=case["layout"], out_layout=case["layout"], scale=0.3,
+                         mask_shape=None if mask is None else tuple(1 if m is None else m for m in mask),
+                         mask_dtype=case.get("mask_dtype", "float32"),
+                         mask_batch_symbolic=mask is not None and mask[0] is None,
+                         out_dtype=case.get("out_dtype"), exact_p=case.get("exact_p", False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,15 +142,86 @@ def lowered_module(model, args, target, fusion, precision):
 
 
 def inspect_buffers(lowered, seq):
+    """Buffers of at least 2 * seq * seq (the allocation walk reports storage in bytes: a seq x seq fp16 matrix
+    is 2 * seq^2 bytes; an fp32 output of 2048 x 12 x 64 is 6 MiB, under it)."""
     sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "passes")]
     from test_fusion_attention import _allocations  # the allocation walk the fusion tests use
 
     allocs = _allocations(lowered)
-    big = [list(a) for a in allocs if a[2] >= seq * seq]
+    big = [list(a) for a in allocs if a[2] >= 2 * seq * seq]
     names = [gv.name_hint for gv in lowered.functions]
     return {"fused_attention_kernel": any("attention" in n for n in names),
             "buffers_ge_seq_x_seq": big, "seq_x_seq_buffer": bool(big),
             "largest_buffer": max((list(a) for a in allocs), key=lambda a: a[2], default=None)}
+
+
+def build_relax(mod, fusion, tensor_cores=None, target="cuda-sm90"):
+    """(lowered module, executable) of a Relax module: ember's lowering with its fusion on or off."""
+    import tvm
+
+    from ember.compiler.cuda_aot import cuda_build_environment
+    from ember.compiler.pipeline import lower
+    from ember.compiler.targets import resolve
+    from ember.passes.fusion import FuseAttention
+
+    name, tgt = resolve(target)
+    if fusion:
+        mod = FuseAttention(tgt, tensor_cores=tensor_cores)(mod)
+    with cuda_build_environment(tgt, name), tgt:
+        lowered = lower(tgt, fusion=fusion)(mod)
+        ex = tvm.compile(mod, tgt, relax_pipeline=lower(tgt, fusion=fusion))
+    return lowered, ex
+
+
+def prepare_torch_attention(out):
+    """The attention as a torch module in fp16, imported by ember: matmuls with out_dtype fp32, softmax in fp32
+    and V cast to fp32 (FuseAttention sees through those casts and keeps P exact: hi + lo fp16 parts)."""
+    import torch
+
+    from ember.compiler.build import import_model
+    from ember.compiler.pipeline import prepare as ember_prepare
+    from ember.compiler.targets import resolve
+
+    args = tuple(torch.from_numpy(a) for a in attention_inputs())
+    entry = {"seq": ATT_SEQ, "heads": HEADS, "head_dim": DH, "precision": "torch fp16 module", "variants": {}}
+    for fusion in (True, False):
+        t0 = time.perf_counter()
+        imported = import_model(TorchAttention.module(), args)
+        mod = ember_prepare(imported.mod, fusion=fusion, target=resolve(a_target())[1])
+        lowered, ex = build_relax(mod, fusion, target=a_target())
+        variant = "fused" if fusion else "unfused"
+        lib = f"{ATTENTION_TORCH}.{variant}.so"
+        ex.export_library(os.path.join(out, lib))
+        info = {"lib": lib, "compile_s": round(time.perf_counter() - t0, 1), **inspect_buffers(lowered, ATT_SEQ)}
+        entry["variants"][variant] = info
+        print(ATTENTION_TORCH, variant, json.dumps(info)[:400], flush=True)
+    return entry
+
+
+_TARGET = ["cuda-sm90"]
+
+
+def a_target():
+    return _TARGET[0]
+
+
+def prepare_kernels(out):
+    """Each tensor-core case as a standalone library (the kernel alone, called with output buffers)."""
+    import tvm
+
+    from ember.compiler.cuda_aot import cuda_build_environment
+    from ember.compiler.targets import resolve
+    from ember.passes.attention_kernels import cuda_attention_tc
+
+    name, tgt = resolve(a_target())
+    cases = []
+    for i, case in enumerate(KERNEL_CASES):
+        lib = f"{KERNELS}.{i}.so"
+        with cuda_build_environment(tgt, name), tgt:
+            ex = tvm.compile(tvm.IRModule({"main": cuda_attention_tc(kernel_spec(case))}), tgt)
+        ex.export_library(os.path.join(out, lib))
+        cases.append({**case, "lib": lib})
+    return {"cases": cases}
 
 
 def prepare_attention(out):
@@ -110,13 +231,13 @@ def prepare_attention(out):
     EMBER_DEBUG_FUSION=1 says "no match (check 2 / 8)", the launches equal fusion=False's). Plain VM executables,
     run with relax.VirtualMachine on the GPU."""
     sys.path[:0] = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "passes")]
-    from test_fusion_cuda import _build  # FuseAttention (fused) or not, then ember's lowering, for cuda-sm90
+    from test_fusion_attention import _attention_module
 
     entry = {"seq": ATT_SEQ, "heads": HEADS, "head_dim": DH, "precision": "float16 graph", "variants": {}}
-    for fusion in (True, False):
+    # fused: the tensor-core kernel; fused_cuda_core: the CUDA-core kernel of before (for comparison)
+    for variant, fusion, tc in (("fused", True, None), ("fused_cuda_core", True, False), ("unfused", False, None)):
         t0 = time.perf_counter()
-        lowered, ex = _build(fusion, ATT_SEQ, "float16")
-        variant = "fused" if fusion else "unfused"
+        lowered, ex = build_relax(_attention_module(ATT_SEQ, HEADS, DH, "float16"), fusion, tc, a_target())
         lib = f"{ATTENTION}.{variant}.so"
         ex.export_library(os.path.join(out, lib))
         info = {"lib": lib, "compile_s": round(time.perf_counter() - t0, 1), **inspect_buffers(lowered, ATT_SEQ)}
@@ -129,14 +250,17 @@ def prepare(a):
     from ember.compiler.build import compile_model
 
     os.makedirs(a.out, exist_ok=True)
+    _TARGET[0] = a.target
     index = {"target": a.target, "models": {}}
     path = os.path.join(a.out, "index.json")
     if a.only and os.path.exists(path):  # --only: rebuild those, keep the other entries
         index = json.load(open(path))
-    if not a.only or ATTENTION in a.only.split(","):
-        index[ATTENTION] = prepare_attention(a.out)
-        with open(path, "w") as f:
-            json.dump(index, f, indent=2)
+    for key, fn in ((KERNELS, prepare_kernels), (ATTENTION, prepare_attention),
+                    (ATTENTION_TORCH, prepare_torch_attention)):
+        if not a.only or key in a.only.split(","):
+            index[key] = fn(a.out)
+            with open(path, "w") as f:
+                json.dump(index, f, indent=2)
     for name, (factory, seq, precision) in MODELS.items():
         if a.only and name not in a.only.split(","):
             continue
@@ -174,14 +298,77 @@ def _sync_ms(fn, repeat, warmup=10):
     return cuda_median_ms(fn, repeat, warmup)
 
 
-def run_attention(a, entry):
+def _reference64(q, k, v, mask, scale):
+    """numpy float64 attention, (b, h, s, d) inputs."""
+    s_ = np.einsum("bhid,bhjd->bhij", q.astype(np.float64), k.astype(np.float64)) * scale
+    if mask is not None:
+        s_ = s_ + mask.astype(np.float64)
+    s_ = s_ - s_.max(-1, keepdims=True)
+    p = np.exp(s_)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhij,bhjd->bhid", p, v.astype(np.float64))
+
+
+def run_kernels(a, entry):
+    """Every tensor-core case against numpy (float64) on random inputs; error relative to the output scale."""
+    import tvm
+
+    from ember.runtime.load import _load_device_runtime
+
+    _load_device_runtime("cuda")
+    dev = tvm.cuda(0)
+    rows = []
+    for i, case in enumerate(entry["cases"]):
+        row = {k: v for k, v in case.items() if k != "lib"}
+        try:
+            rng = np.random.default_rng(i)
+            b = case["batch"] or case["run_batch"]
+            h, sq, sk, d = case["heads"], case["q_len"], case["kv_len"], case["head_dim"]
+            q, k, v = (rng.standard_normal((b, h, n, d)).astype("float16") for n in (sq, sk, sk))
+            mask = None
+            if case.get("mask") is not None:
+                shape = tuple(b if m is None else m for m in case["mask"])
+                mask = np.where(rng.random(shape) < 0.25, -1e4, 0.0).astype(case["mask_dtype"])
+                mask[..., 1::7] = -np.inf  # -inf keys too
+                mask[..., 0] = 0  # every row keeps a key
+            tr = (lambda x: np.ascontiguousarray(x.transpose(0, 2, 1, 3))) if case["layout"] == "bshd" else (lambda x: x)
+            out_dtype = case.get("out_dtype") or "float16"
+            out = tvm.runtime.tensor(np.zeros(tr(np.zeros((b, h, sq, d))).shape, out_dtype), dev)
+            args = [tvm.runtime.tensor(tr(x), dev) for x in (q, k, v)]
+            if mask is not None:
+                args.append(tvm.runtime.tensor(mask, dev))
+            f = tvm.runtime.load_module(os.path.join(a.dir, case["lib"]))["main"]
+            f(*args, out)
+            dev.sync()
+            got = out.numpy().astype(np.float64)
+            got = got.transpose(0, 2, 1, 3) if case["layout"] == "bshd" else got
+            ref = _reference64(q, k, v, mask, 0.3)
+            row["scale"] = float(np.abs(ref).max())
+            row["max_err"] = float(np.abs(got - ref).max())
+            row["finite"] = bool(np.isfinite(got).all())
+            # fp16 output: its own rounding (2^-11 relative) plus P in fp16; fp32 output with exact P: far less
+            tol = (2e-3 if case.get("exact_p") else 4e-3) * max(row["scale"], 1.0)
+            row["tolerance"] = tol
+            row["ok"] = bool(row["finite"] and row["max_err"] <= tol)
+        except Exception as e:  # noqa: BLE001 - report each case
+            import traceback
+
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            row["ok"] = False
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return {"model": KERNELS, "cases": rows, "ok": all(r["ok"] for r in rows)}
+
+
+def run_attention(a, entry, name=ATTENTION):
     import torch
     import tvm
     from tvm.runtime.vm import VirtualMachine  # the runtime-only bundle has no tvm.relax
 
     from ember.runtime.load import _load_device_runtime
 
-    row = {"model": ATTENTION, "seq": ATT_SEQ, "build": entry["variants"]}
+    row = {"model": name, "seq": ATT_SEQ, "build": entry["variants"]}
     try:
         _load_device_runtime("cuda")
         dev = tvm.cuda(0)
@@ -224,6 +411,8 @@ def run_attention(a, entry):
             row["torch_eager_fp16_ms"] = _sync_ms(eager, a.repeat // 2)
             row["torch_sdpa_fp16_ms"] = _sync_ms(sdpa, a.repeat // 2)
         row["speedup_fused_over_unfused"] = row["unfused_ms"] / row["fused_ms"]
+        # FLOP rate of the fused kernel (4 * s^2 * d per head: two matmuls), for scale
+        row["fused_tflops"] = 4 * ATT_SEQ * ATT_SEQ * DH * HEADS / (row["fused_ms"] * 1e-3) / 1e12
     except Exception as e:  # report it, then go on to the models
         import traceback
 
@@ -240,8 +429,11 @@ def run(a):
 
     index = json.load(open(os.path.join(a.dir, "index.json")))
     rows = []
-    if ATTENTION in index:
-        rows.append(run_attention(a, index[ATTENTION]))
+    if KERNELS in index:
+        rows.append(run_kernels(a, index[KERNELS]))
+    for name in (ATTENTION, ATTENTION_TORCH):
+        if name in index:
+            rows.append(run_attention(a, index[name], name))
     for name, entry in index.get("models", {}).items():
         factory = MODELS[name][0]  # the same seeded model and inputs as at prepare time
         model, args = factory()
@@ -295,6 +487,22 @@ def run(a):
                     ts.append((time.perf_counter() - t0) * 1e3)
                 row["torch_eager_fp16_ms"] = float(np.median(ts))
             row["speedup_fused_over_unfused"] = row["unfused_ms"] / row["fused_ms"]
+            if a.profile:
+                for v, m in models.items():
+                    dev_in = m._prepare(t_args, {})[1]  # pylint: disable=protected-access
+                    row[f"profile_{v}"] = profile_kernels(lambda m=m, dev_in=dev_in: m.run_device(dev_in))
+            if a.compile_torch and entry.get("precision") != "fp32":
+                try:
+                    torch._dynamo.reset()
+                    t0 = time.perf_counter()
+                    cm = torch.compile(m16, mode="reduce-overhead")
+                    with torch.inference_mode():
+                        for _ in range(3):
+                            cm(*h_args)
+                        row["torch_compile_cuda_graphs_compile_s"] = round(time.perf_counter() - t0, 1)
+                        row["torch_compile_cuda_graphs_ms"] = _sync_ms(lambda: cm(*h_args), a.repeat)
+                except Exception as e:  # noqa: BLE001 - the peer failing is a result too
+                    row["torch_compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         except Exception as e:  # report every model, failures included
             import traceback
 
@@ -316,6 +524,29 @@ def run(a):
               f"  ok {r.get('ok')} {r.get('error', '')}")
 
 
+def profile_kernels(fn, iters=20):
+    """GPU time per kernel name over ``iters`` calls (torch.profiler/CUPTI sees TVM's kernels too), sorted; us."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            name = ev.name[:80]
+            t, n = per.get(name, (0.0, 0))
+            per[name] = (t + ev.device_time, n + 1)
+    rows = sorted(((k, t / iters, n // iters) for k, (t, n) in per.items()), key=lambda r: -r[1])
+    return {"total_us": sum(r[1] for r in rows), "kernels": [{"name": k, "us_per_call": round(t, 2), "launches": n}
+                                                            for k, t, n in rows[:30]]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -328,6 +559,8 @@ def main():
     r.add_argument("--out", default=".")
     r.add_argument("--repeat", type=int, default=200)
     r.add_argument("--rounds", type=int, default=5)
+    r.add_argument("--profile", action="store_true", help="per-kernel GPU time of the fused MiniLMs")
+    r.add_argument("--compile-torch", action="store_true", help="torch.compile reduce-overhead peer (fp16)")
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare(a)

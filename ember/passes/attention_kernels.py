@@ -53,6 +53,12 @@ class AttentionSpec:
     mask_shape: tuple | None = None  # 4 ints, each 1 or the full extent; None: no mask
     mask_dtype: str = "float32"
     mask_batch_symbolic: bool = False  # the mask's batch dim is the (symbolic) batch
+    out_dtype: str | None = None  # of the output, when not ``dtype`` (GPU kernels only)
+    exact_p: bool = False  # tensor-core kernel: P as two fp16 parts (hi + lo), for graphs whose P @ V is fp32
+
+    @property
+    def o_dtype(self) -> str:
+        return self.out_dtype or self.dtype
 
     def shape(self, layout: str, seq: int):
         b = "B" if self.batch is None else str(self.batch)
@@ -108,7 +114,7 @@ def _signature(spec: AttentionSpec) -> tuple[str, str]:
     ]
     if spec.mask_shape is not None:
         lines.append(f"Mk = T.match_buffer(m_h, {_mask_shape_text(spec)}, \"{spec.mask_dtype}\")")
-    lines.append(f"O = T.match_buffer(o_h, {spec.shape(spec.out_layout, spec.q_len)}, \"{spec.dtype}\")")
+    lines.append(f"O = T.match_buffer(o_h, {spec.shape(spec.out_layout, spec.q_len)}, \"{spec.o_dtype}\")")
     return ", ".join(params), "\n".join("    " + ln for ln in lines)
 
 
@@ -340,7 +346,187 @@ def main({params}):
                         T.tvm_storage_sync("shared")
                     if q0 + tx < {Sq}:
                         for d in T.unroll({D}):
-                            {_index("O", spec.out_layout, "b", "h", "q0 + tx", "d")} = T.Cast("{spec.dtype}", acc[d] / st[1])
+                            {_index("O", spec.out_layout, "b", "h", "q0 + tx", "d")} = T.Cast("{spec.o_dtype}", acc[d] / st[1])
 """
     src = _subst(src, {"b": f"by // {H}", "h": f"by % {H}", "q0": f"bx * {BR}", "k0": f"kb * {BC}"})
+    return _parse(src)
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA, fp16 on tensor cores (mma.sync m16n8k16, FlashAttention-2 style)
+TC_MAX_HEAD_DIM = 128  # registers per thread grow with D (the output accumulator is D / 2 floats per thread)
+_LOG2E = 1.4426950408889634
+
+
+def tensor_core_eligible(spec: AttentionSpec) -> bool:
+    """fp16 Q/K/V with a head dim the 16-wide mma tiles cover (a multiple of 16, at most 128)."""
+    return (spec.dtype == "float16" and spec.head_dim % 16 == 0 and spec.head_dim <= TC_MAX_HEAD_DIM
+            and (spec.mask_shape is None or "float" in spec.mask_dtype))
+
+
+def cuda_attention_tc(spec: AttentionSpec, warps: int | None = None, keys: int = 64) -> tvm.tirx.PrimFunc:
+    """fp16 attention on tensor cores, FlashAttention-2 style, for :func:`tensor_core_eligible` sites.
+
+    One thread block per ``(BR = 16 * warps query rows, batch x head)``; each warp owns 16 query rows and keeps
+    everything of them in registers, using PTX ``mma.sync.m16n8k16`` (fp16 x fp16 -> fp32) whose per-lane
+    fragment layout is fixed by the PTX ISA: lane ``l`` (``g = l // 4``, ``t = l % 4``) holds rows ``g`` and
+    ``g + 8`` of a 16 x 8 accumulator tile, columns ``2t, 2t + 1``::
+
+        Q tile -> shared (through the K buffer) -> A fragments (16 x D fp16, registers, loaded once)
+        O = 0 (16 x D fp32 in registers);  m = lowest, l = 0          (per row; partial l per lane)
+        for each block of BC keys:
+            K, V tiles [BC, D] -> shared (16-byte loads by all threads of the block)
+            S = Q K^T: (BC / 8) x (D / 16) mma, fp32 accumulators in registers
+            s = S * scale + mask (log2 domain); m' = max(m, row max)  (the 4 lanes of a row: 2 warp shuffles)
+            p = 2^(s - m'); l = l * 2^(m - m') + sum p;  O *= 2^(m - m')          (rows are known: no shared)
+            O += P V: the S accumulators of two adjacent 8-key tiles ARE the A fragment of a 16-key tile
+                (FlashAttention-2's register reuse), so P never leaves registers; V fragments from shared
+        out = O / (sum of l over the row's 4 lanes)
+
+    P is rounded to fp16 for the second product (as FlashAttention does); scores, softmax and sums are fp32.
+    Nothing of size seq x seq exists anywhere; shared memory is the two K/V tiles (18 KiB for D = 64).
+    """
+    if not tensor_core_eligible(spec):
+        raise ValueError(f"cuda_attention_tc: {spec} is not eligible (fp16, head_dim % 16 == 0, <= "
+                         f"{TC_MAX_HEAD_DIM})")
+    D, Sq, Sk, H = spec.head_dim, spec.q_len, spec.kv_len, spec.heads
+    if warps is None:
+        warps = 4 if Sq >= 512 else 2  # short sequences: smaller query tiles give the SMs more blocks
+    BR, NT, BC = 16 * warps, 32 * warps, keys
+    assert BC >= BR and BC % 16 == 0, "the Q tile is staged through the K buffer"
+    NQB, NKB = (Sq + BR - 1) // BR, (Sk + BC - 1) // BC
+    # Shared tiles are 1-D with rows of D + 8 halves: the 8 row groups of a fragment load then hit different
+    # banks (a 2-D buffer would be compacted back to D columns by TVM, padding and all)
+    LD = D + 8
+    FD, NC, ND, FC = D // 16, BC // 8, D // 8, BC // 16
+    batch = "B" if spec.batch is None else str(spec.batch)
+    params, header = _signature(spec)
+    reads, writes = _regions(spec)
+    f32 = "\"float32\""
+    # fragment element i of the lane: accumulator row g + 8 * (i // 2), column 2t + i % 2 (of an 8-wide tile)
+    qrow = "q0 + ty * 16 + tx // 4 + r * 8"
+    kcol = "k0 + j * 8 + tx % 4 * 2 + e"
+    score = f"s[j * 4 + r * 2 + e] * T.float32({spec.scale * _LOG2E!r})"
+    if spec.mask_shape is not None:
+        mi = _mask_index(spec, "b", "h", f"T.min({qrow}, {Sq - 1})", f"T.min({kcol}, {Sk - 1})")
+        score += f" + T.Cast({f32}, {mi}) * T.float32({_LOG2E!r})"
+    if Sk % BC:
+        score = f"T.if_then_else({kcol} < {Sk}, {score}, T.float32({_LOWEST!r}))"
+
+    def tile_load(dst: str, src: str, rows: int, seq_base: str, seq_len: int, layout: str) -> str:
+        """dst[rows, D] <- src rows seq_base.. (clamped to the last one), 8 halves (16 bytes) per thread and step."""
+        per = rows * D // 8
+        e = f"(it * {NT} + ty * 32 + tx)"
+        guard = f"if {e} < {per}:" if per % NT else "if True:"
+        seq = f"T.min({seq_base} + {e} // {D // 8}, {seq_len - 1})"
+        return (f"for it in range({(per + NT - 1) // NT}):\n"
+                f"    {guard}\n"
+                f"        for v in T.vectorized(8):\n"
+                f"            {dst}[{e} // {D // 8} * {LD} + {e} % {D // 8} * 8 + v] = "
+                f"{_index(src, layout, 'b', 'h', seq, f'{e} % {D // 8} * 8 + v')}")
+
+    def indent(text: str, n: int) -> str:
+        return ("\n" + " " * n).join(text.split("\n"))
+
+    def mma(a: str, a_off: str, b_: str, b_off: str, c: str, c_off: str) -> str:
+        return (f"T.evaluate(T.ptx_legacy.mma(\"m16n8k16\", \"row\", \"col\", \"fp16\", \"fp16\", \"fp32\", "
+                f"{a}.data, {a_off}, {b_}.data, {b_off}, {c}.data, {c_off}, False, dtype=\"float32\"))")
+
+    def shfl(x: str, lane_mask: int) -> str:
+        return f"T.tvm_warp_shuffle_xor(T.uint32(4294967295), {x}, {lane_mask}, 32, 32)"
+
+    out_idx = _index("O", spec.out_layout, "b", "h", qrow, "n * 8 + tx % 4 * 2 + e")
+    # exact_p: P = hi + lo, both fp16 (lo = the rounding error of hi), two products: P's error ~2^-22 instead of
+    # 2^-11, for graphs that multiply an fp32 P with V (the torch importer's fp16 attention)
+    p_lo, pv_lo = "", ""
+    if spec.exact_p:
+        p_lo = ("\n" + " " * 36 + "pl[i] = T.Cast(\"float16\", s[(kk * 2 + i // 4) * 4 + i % 4] - "
+                "T.Cast(\"float32\", pa[i]))")
+        pv_lo = "\n" + " " * 36 + mma("pl", "0", "kb", "0", "o", "n * 4")
+    pad = 24
+    src = f"""
+@T.prim_func(s_tir=True)
+def main({params}):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+{header}
+    for bx in T.thread_binding({NQB}, thread="blockIdx.x"):
+        for by in T.thread_binding({batch} * {H}, thread="blockIdx.y"):
+            for ty in T.thread_binding({warps}, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    with T.sblock("flash_attention_mma"):
+                        {reads}
+                        {writes}
+                        Ks = T.alloc_buffer(({BC * LD},), "float16", scope="shared")
+                        Vs = T.alloc_buffer(({BC * LD},), "float16", scope="shared")
+                        qa = T.alloc_buffer(({FD * 8},), "float16", scope="local")
+                        pa = T.alloc_buffer((8,), "float16", scope="local")
+                        pl = T.alloc_buffer((8,), "float16", scope="local")
+                        kb = T.alloc_buffer((4,), "float16", scope="local")
+                        s = T.alloc_buffer(({NC * 4},), "float32", scope="local")
+                        o = T.alloc_buffer(({ND * 4},), "float32", scope="local")
+                        m = T.alloc_buffer((2,), "float32", scope="local")
+                        lsum = T.alloc_buffer((2,), "float32", scope="local")
+                        al = T.alloc_buffer((2,), "float32", scope="local")
+                        mo = T.alloc_buffer((2,), "float32", scope="local")
+                        {indent(tile_load("Ks", "Q", BR, "q0", Sq, spec.q_layout), pad)}
+                        T.tvm_storage_sync("shared")
+                        for kk in T.unroll({FD}):
+                            for i in T.unroll(4):
+                                for e in T.unroll(2):
+                                    qa[kk * 8 + i * 2 + e] = Ks[(ty * 16 + tx // 4 + i % 2 * 8) * {LD} + kk * 16 + tx % 4 * 2 + i // 2 * 8 + e]
+                        for i in T.unroll({ND * 4}):
+                            o[i] = T.float32(0)
+                        for r in T.unroll(2):
+                            m[r] = T.float32({_LOWEST!r})
+                            lsum[r] = T.float32(0)
+                        T.tvm_storage_sync("shared")
+                        for kb_ in range({NKB}):
+                            {indent(tile_load("Ks", "K", BC, "k0", Sk, spec.k_layout), pad + 4)}
+                            {indent(tile_load("Vs", "V", BC, "k0", Sk, spec.v_layout), pad + 4)}
+                            T.tvm_storage_sync("shared")
+                            for i in T.unroll({NC * 4}):
+                                s[i] = T.float32(0)
+                            for j in T.unroll({NC}):
+                                for kk in T.unroll({FD}):
+                                    for i in T.unroll(2):
+                                        for e in T.vectorized(2):
+                                            kb[i * 2 + e] = Ks[(j * 8 + tx // 4) * {LD} + kk * 16 + tx % 4 * 2 + i * 8 + e]
+                                    {mma("qa", "kk * 8", "kb", "0", "s", "j * 4")}
+                            for r in T.unroll(2):
+                                al[r] = m[r]
+                                for j in T.unroll({NC}):
+                                    for e in T.unroll(2):
+                                        s[j * 4 + r * 2 + e] = {score}
+                                        al[r] = T.max(al[r], s[j * 4 + r * 2 + e])
+                                al[r] = T.max(al[r], {shfl("al[r]", 1)})
+                                al[r] = T.max(al[r], {shfl("al[r]", 2)})
+                                mo[r] = m[r]  # the old max; al[r]: the new one
+                                m[r] = al[r]
+                                al[r] = T.exp2(mo[r] - m[r])  # this row's rescale factor
+                                lsum[r] = lsum[r] * al[r]
+                                for j in T.unroll({NC}):
+                                    for e in T.unroll(2):
+                                        s[j * 4 + r * 2 + e] = T.exp2(s[j * 4 + r * 2 + e] - m[r])
+                                        lsum[r] = lsum[r] + s[j * 4 + r * 2 + e]
+                                for n in T.unroll({ND}):
+                                    for e in T.unroll(2):
+                                        o[n * 4 + r * 2 + e] = o[n * 4 + r * 2 + e] * al[r]
+                            for kk in T.unroll({FC}):
+                                for i in T.unroll(8):
+                                    pa[i] = T.Cast("float16", s[(kk * 2 + i // 4) * 4 + i % 4]){p_lo}
+                                for n in T.unroll({ND}):
+                                    for i in T.unroll(4):
+                                        kb[i] = Vs[(kk * 16 + tx % 4 * 2 + i % 2 + i // 2 * 8) * {LD} + n * 8 + tx // 4]
+                                    {mma("pa", "0", "kb", "0", "o", "n * 4")}{pv_lo}
+                            T.tvm_storage_sync("shared")
+                        for r in T.unroll(2):
+                            lsum[r] = lsum[r] + {shfl("lsum[r]", 1)}
+                            lsum[r] = lsum[r] + {shfl("lsum[r]", 2)}
+                            if {qrow} < {Sq}:
+                                for n in T.unroll({ND}):
+                                    for e in T.unroll(2):
+                                        {out_idx} = T.Cast("{spec.o_dtype}", o[n * 4 + r * 2 + e] / lsum[r])
+"""
+    src = _subst(src, {"b": f"by // {H}", "h": f"by % {H}", "q0": f"bx * {BR}", "k0": f"kb_ * {BC}"})
     return _parse(src)

@@ -40,7 +40,7 @@ from tvm import relax
 from tvm.relax.dpl import GlobalVarPattern, is_op, wildcard
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .attention_kernels import AttentionSpec, cpu_attention, cuda_attention
+from .attention_kernels import AttentionSpec, cpu_attention, cuda_attention, cuda_attention_tc, tensor_core_eligible
 from .relax_util import usage_counts
 
 _GPU_KINDS = {"cuda", "rocm", "metal", "vulkan", "opencl", "webgpu"}
@@ -105,6 +105,14 @@ def _numel(dims):
     return n
 
 
+def _is_float(expr) -> bool:
+    return "float" in (_dtype(expr) or "")
+
+
+def _float_bits(dtype: str | None) -> int:
+    return int(dtype[len("float"):]) if dtype and dtype.startswith("float") and dtype[5:].isdigit() else 0
+
+
 def _scalar_const(expr) -> float | None:
     if isinstance(expr, _CONST_TYPE):
         arr = expr.value.numpy()
@@ -133,6 +141,9 @@ class _Resolver:
         cur = expr
         while isinstance(cur, relax.Var):
             val = self.lookup(cur)
+            if isinstance(val, relax.Var):  # an alias (what a cancelled cast pair leaves)
+                cur = val
+                continue
             if _op_name(val) not in _VIEWS:
                 break
             src = val.args[0]
@@ -164,9 +175,13 @@ class _Resolver:
 
 @mutator
 class _AttentionRewriter(PyExprMutator):
-    def __init__(self, mod, kind: str, lanes: int, uses: dict):
+    def __init__(self, mod, kind: str, lanes: int, uses: dict, narrowed: dict | None = None,
+                 tensor_cores: bool = False):
         super().__init__(mod)
         self.kind, self.lanes, self.uses = kind, lanes, uses
+        # matmul call -> the dtype its only user casts it to (precision="fp16": matmul(out_dtype=f32) + astype)
+        self.narrowed = narrowed or {}
+        self.tensor_cores = tensor_cores
         self.res = _Resolver(self._lookup)
         self.sites: list = []
         self._kernels: dict = {}
@@ -181,11 +196,12 @@ class _AttentionRewriter(PyExprMutator):
         return not isinstance(var, relax.Var) or self.uses.get(var, 0) <= 1
 
     def visit_call_(self, op: relax.Call):
+        orig = op
         op = super().visit_call_(op)
         if _op_name(op) != "relax.matmul":
             return op
         try:
-            fused = self._match(op)
+            fused = self._match(op, self.narrowed.get(orig))
         except Exception:  # pylint: disable=broad-except
             # An IR shape the matcher did not foresee: leave the graph as it was (still correct, just unfused).
             # EMBER_DEBUG_FUSION=1 shows why.
@@ -195,12 +211,13 @@ class _AttentionRewriter(PyExprMutator):
         return op if fused is None else fused
 
     # -- matching -----------------------------------------------------------------------------------------
-    def _match(self, pv: relax.Call):  # pylint: disable=too-many-return-statements,too-many-locals,too-many-branches
+    def _match(self, pv: relax.Call, narrowed_to: str | None = None):  # pylint: disable=too-many-return-statements,too-many-locals,too-many-branches,too-many-statements
         p_arg, v_arg = pv.args
         out_shape = _shape(pv)
         if out_shape is None:
             return self._skip(1)
-        # p: softmax(x, axis=-1) through views
+        # p: softmax(x, axis=-1) through views and float casts (precision="fp16" / the torch importer put
+        # ``astype`` between softmax (kept in fp32) and the fp16 value product)
         p4 = self._through_views(p_arg, "relax.nn.softmax")
         p_val = self._lookup(p4) if isinstance(p4, relax.Var) else None
         if _op_name(p_val) != "relax.nn.softmax" or not self._single_use(p4):
@@ -216,13 +233,17 @@ class _AttentionRewriter(PyExprMutator):
         val = self._lookup(cur) if isinstance(cur, relax.Var) else None
         if _op_name(val) == "relax.add" and self._single_use(cur):
             a, b = val.args
-            a_is_scores = self._scores_of(self._strip_scale(a)[1]) is not None
+            a_is_scores = self._scores_of(self._strip_scale(self._skip_casts(a))[1]) is not None
             cur, mask = (a, b) if a_is_scores else (b, a)
-        scale, cur = self._strip_scale(cur)
+        scale, cur = self._strip_scale(self._skip_casts(cur))
         qk = self._scores_of(cur)
         if qk is None or not self._single_use(cur):
             return self._skip(4)
         q_arg, kt_arg = qk.args
+        # Inputs widened by a cast (the torch importer's ``astype(v, "float32")`` before an fp32 value product):
+        # the kernel reads the narrow tensor (it computes in fp32 anyway), and the graph's exact fp32 P is kept
+        # (``exact_p`` below).
+        q_arg, kt_arg, v_arg = (self._unwiden(x) for x in (q_arg, kt_arg, v_arg))
         # static dims except a symbolic batch
         dims = _static([heads, q_len, kv_len])
         if dims is None:
@@ -248,6 +269,13 @@ class _AttentionRewriter(PyExprMutator):
         dtype = _dtype(q_base)
         if dtype is None or "float" not in dtype or _dtype(k_base) != dtype or _dtype(v_base) != dtype:
             return self._skip(8)
+        # The dtype the graph's P has when it meets V: an fp32 P on fp16 inputs is kept exact on tensor cores
+        # by splitting it into two fp16 parts (hi + lo).
+        p_dtype = _dtype(p_arg)
+        exact_p = dtype == "float16" and p_dtype in ("float32", "float64")
+        # What the kernel writes: the matmul's dtype, or the narrower one its only user casts it to.
+        pv_dtype = _dtype(pv)
+        out_dtype = narrowed_to if narrowed_to is not None else pv_dtype
         # check the resolved tensors have the shapes the kernel will declare
         for base, layout, seq in ((q_base, layouts[0], q_len), (k_base, layouts[1], kv_len),
                                   (v_base, layouts[2], kv_len)):
@@ -257,6 +285,7 @@ class _AttentionRewriter(PyExprMutator):
                 return self._skip(9)
         mask_shape, mask_dtype, mask_sym, mask4 = None, "float32", False, None
         if mask is not None:
+            mask = self._unwiden(mask)  # the kernel widens the mask itself
             ms = _shape(mask)
             if ms is None or len(ms) > 4 or "float" not in (_dtype(mask) or ""):
                 return self._skip(10)
@@ -276,27 +305,81 @@ class _AttentionRewriter(PyExprMutator):
                     return self._skip(11)
             mask_dtype = _dtype(mask)
             mask4 = mask if len(_shape(mask)) == 4 else relax.op.reshape(mask, ms)
+        gpu = self.kind != "llvm"
+        if not gpu and out_dtype != dtype:
+            # The CPU kernel writes its input dtype: an fp16 kernel output where the graph keeps fp32 would be
+            # less accurate than the unfused graph.
+            return self._skip(12)
+        if out_dtype is None or "float" not in out_dtype:
+            out_dtype = dtype
+        tc = gpu and self.tensor_cores
         spec = AttentionSpec(batch=batch_i, heads=heads_i, q_len=q_len_i, kv_len=kv_len_i, head_dim=head_dim,
                              dtype=dtype, q_layout=layouts[0], k_layout=layouts[1], v_layout=layouts[2],
                              out_layout="bshd", scale=float(np.float32(scale)),
                              mask_shape=tuple(mask_shape) if mask_shape else None, mask_dtype=mask_dtype,
-                             mask_batch_symbolic=mask_sym)
+                             mask_batch_symbolic=mask_sym,
+                             out_dtype=out_dtype if out_dtype != dtype else None,
+                             exact_p=bool(exact_p and tc))
         gv = self._kernel(spec)
         args = [q_base, k_base, v_base] + ([mask4] if mask4 is not None else [])
-        out_ty = relax.TensorType([batch, q_len, heads, head_dim], dtype)
+        out_ty = relax.TensorType([batch, q_len, heads, head_dim], out_dtype)
         attn = self.builder_.emit(relax.call_tir(gv, args, out_ty), name_hint="attention")
         self.sites.append(spec)
-        bhsd = relax.op.permute_dims(attn, [0, 2, 1, 3])
-        if _same_dims(out_shape, [batch, heads, q_len, head_dim]):
-            return bhsd
-        return relax.op.reshape(self.builder_.emit(bhsd), out_shape)
+        res = relax.op.permute_dims(attn, [0, 2, 1, 3])
+        if not _same_dims(out_shape, [batch, heads, q_len, head_dim]):
+            res = relax.op.reshape(self.builder_.emit(res), out_shape)
+        if out_dtype != pv_dtype:
+            # the matmul's own dtype; the narrowing cast after it then cancels (_PermuteCanceller)
+            res = relax.op.astype(self.builder_.emit(res), pv_dtype)
+        return res
+
+    def _const_value(self, expr) -> float | None:
+        """A scalar constant, also behind a cast (precision="fp16" binds ``astype(const, "float16")`` to a
+        var): the value the graph computes with, i.e. rounded to the cast's dtype."""
+        c = _scalar_const(expr)
+        if c is not None or not isinstance(expr, relax.Var):
+            return c
+        val = self._lookup(expr)
+        if _op_name(val) == "relax.astype":
+            inner = self._const_value(val.args[0])
+            if inner is not None:
+                return float(np.asarray(inner).astype(str(val.attrs.dtype)))
+        return None
+
+    def _skip_casts(self, expr):
+        """``expr`` with single-use float-to-float casts and views in front of it stripped (the scores path of
+        an fp16 graph: ``astype(multiply(reshape(astype(matmul(..., out_dtype=f32), f16)), s), f32)``). The
+        kernel computes scores in fp32, so dropping a cast to fp16 only removes a rounding."""
+        cur = expr
+        while isinstance(cur, relax.Var) and self._single_use(cur):
+            val = self._lookup(cur)
+            if _op_name(val) == "relax.astype" and _is_float(val.args[0]) and _is_float(val):
+                cur = val.args[0]
+            else:
+                break
+        return cur
+
+    def _unwiden(self, expr):
+        """The narrower float tensor ``expr`` is a widening cast of (through views), else ``expr``."""
+        cur = expr
+        while isinstance(cur, relax.Var):
+            val = self._lookup(cur)
+            if _op_name(val) == "relax.astype" and _is_float(val.args[0]) and _is_float(val) and \
+                    _float_bits(_dtype(val.args[0])) < _float_bits(_dtype(val)) and self._single_use(cur):
+                return val.args[0]
+            if _op_name(val) not in _VIEWS or not self._single_use(cur):
+                return expr
+            if _op_name(val) == "relax.broadcast_to" and not _same_dims(_shape(val.args[0]), _shape(cur)):
+                return expr
+            cur = val.args[0]
+        return expr
 
     def _strip_scale(self, expr):
         """(scale, scores) for ``scores * c``, ``c * scores``, ``scores / c`` with a scalar constant c."""
         val = self._lookup(expr) if isinstance(expr, relax.Var) else None
         if _op_name(val) in ("relax.multiply", "relax.divide") and self._single_use(expr):
             a, b = val.args
-            ca, cb = _scalar_const(a), _scalar_const(b)
+            ca, cb = self._const_value(a), self._const_value(b)
             if _op_name(val) == "relax.multiply" and (ca is not None or cb is not None):
                 return (ca, b) if ca is not None else (cb, a)
             if _op_name(val) == "relax.divide" and cb is not None and cb != 0:
@@ -317,6 +400,9 @@ class _AttentionRewriter(PyExprMutator):
             val = self._lookup(cur)
             if _op_name(val) == op_name:
                 return cur
+            if _op_name(val) == "relax.astype" and _is_float(val.args[0]) and _is_float(val):
+                cur = val.args[0]  # P rounded to fp16 for the value product: the kernel does the same
+                continue
             if _op_name(val) not in _VIEWS:
                 return None
             src_shape, cur_shape = _shape(val.args[0]), _shape(cur)
@@ -334,6 +420,9 @@ class _AttentionRewriter(PyExprMutator):
             val = self._lookup(src)
             if _op_name(val) == "relax.matmul":
                 return val
+            if _op_name(val) == "relax.astype" and _is_float(val.args[0]) and _is_float(val):
+                src = val.args[0]  # fp32 scores rounded to fp16 (precision="fp16"): the kernel keeps fp32
+                continue
             if _op_name(val) not in _VIEWS:
                 return None
             if _op_name(val) == "relax.broadcast_to" and not _same_dims(_shape(val.args[0]), _shape(src)):
@@ -363,7 +452,12 @@ class _AttentionRewriter(PyExprMutator):
     def _kernel(self, spec: AttentionSpec):
         if spec in self._kernels:
             return self._kernels[spec]
-        func = cpu_attention(spec, self.lanes) if self.kind == "llvm" else cuda_attention(spec)
+        if self.kind == "llvm":
+            func = cpu_attention(spec, self.lanes)
+        elif self.tensor_cores and tensor_core_eligible(spec):
+            func = cuda_attention_tc(spec)
+        else:
+            func = cuda_attention(spec)
         func = func.with_attr("ember.fused_ops", spec.ops())
         gv = self.builder_.add_func(func, "fused_attention")
         self._kernels[spec] = gv
@@ -387,6 +481,8 @@ class _PermuteCanceller(PyExprMutator):
 
     def visit_call_(self, op: relax.Call):
         op = super().visit_call_(op)
+        if _op_name(op) == "relax.astype":
+            return self._cancel_cast(op)
         if _op_name(op) != "relax.permute_dims" or op.attrs.axes is None:
             return op
         outer = tuple(int(a) for a in op.attrs.axes)
@@ -406,6 +502,20 @@ class _PermuteCanceller(PyExprMutator):
             return base
         return relax.op.reshape(base, out_shape)
 
+    def _cancel_cast(self, op):
+        """``astype(astype(y, wider), dtype(y))`` -> ``y``: exact (a float widened and narrowed back is itself).
+        Left by the attention rewrite when the kernel writes the fp16 that the graph's fp32 matmul was cast to."""
+        src = op.args[0]
+        val = self._lookup(src) if isinstance(src, relax.Var) else None
+        if _op_name(val) != "relax.astype":
+            return op
+        y = val.args[0]
+        narrow, wide = _dtype(y), _dtype(src)
+        if narrow == str(op.attrs.dtype) and _float_bits(narrow) and _float_bits(wide) > _float_bits(narrow):
+            self.cancelled += 1
+            return y
+        return op
+
 
 def _lanes_f32(target) -> int:
     try:
@@ -416,10 +526,45 @@ def _lanes_f32(target) -> int:
         return 8
 
 
-def FuseAttention(target: tvm.target.Target) -> tvm.transform.Pass:  # pylint: disable=invalid-name
-    """Module pass: replace attention subgraphs by one fused kernel for ``target`` (see module doc)."""
+def _narrowed_matmuls(func) -> dict:
+    """matmul call -> dtype, for ``y = matmul(..., out_dtype=f32); z = astype(y, f16)`` with ``y`` used only there
+    (what precision="fp16" makes of every matmul): the fused kernel can write the narrow dtype directly."""
+    uses = usage_counts(func)
+    bound = {}
+    out = {}
+    for block in getattr(func.body, "blocks", []):
+        for b in block.bindings:
+            if not isinstance(b, relax.VarBinding):
+                continue
+            bound[b.var] = b.value
+            val = b.value
+            if _op_name(val) == "relax.astype" and isinstance(val.args[0], relax.Var):
+                src = bound.get(val.args[0])
+                if _op_name(src) == "relax.matmul" and uses.get(val.args[0], 0) == 1 and _is_float(val):
+                    out[src] = str(val.attrs.dtype)
+    return out
+
+
+def _tensor_cores(target) -> bool:
+    """mma.sync m16n8k16 (fp16 in, fp32 accumulate) needs NVIDIA sm_80 or newer."""
+    if target.kind.name != "cuda":
+        return False
+    try:
+        from ..schedules.gpu.common import sm_version  # pylint: disable=import-outside-toplevel
+
+        return sm_version(target) >= 80
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+def FuseAttention(target: tvm.target.Target, tensor_cores: bool | None = None) -> tvm.transform.Pass:  # pylint: disable=invalid-name
+    """Module pass: replace attention subgraphs by one fused kernel for ``target`` (see module doc).
+
+    ``tensor_cores``: None (default) uses the fp16 tensor-core kernel wherever the target has mma.sync (NVIDIA
+    sm_80+); False forces the CUDA-core kernel (for comparisons)."""
     kind = target.kind.name
     lanes = _lanes_f32(target) if kind == "llvm" else 1
+    tensor_cores = _tensor_cores(target) if tensor_cores is None else bool(tensor_cores and _tensor_cores(target))
 
     @tvm.transform.module_pass(opt_level=0, name="ember.FuseAttention")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -428,7 +573,7 @@ def FuseAttention(target: tvm.target.Target) -> tvm.transform.Pass:  # pylint: d
         for gv, func in list(mod.functions.items()):
             if not isinstance(func, relax.Function) or (func.attrs and "Primitive" in func.attrs):
                 continue
-            rw = _AttentionRewriter(mod, kind, lanes, usage_counts(func))
+            rw = _AttentionRewriter(mod, kind, lanes, usage_counts(func), _narrowed_matmuls(func), tensor_cores)
             new = rw.visit_expr(func)
             if rw.sites:
                 mod = rw.builder_.get()
