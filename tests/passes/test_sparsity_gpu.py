@@ -13,7 +13,7 @@ import pytest
 import tvm
 
 from ember.compiler.targets import resolve
-from ember.passes.sparsity.gpu_kernel import gpu_kernel
+from ember.passes.sparsity.gpu_kernel import gpu_kernel, lanes_for
 from ember.passes.sparsity.pack import BLOCK, gpu_vector, nm_mask, pack_gpu, unpack
 from ember.passes.sparsity.sparse_matmul import sparse_matmul_func
 
@@ -44,13 +44,16 @@ def test_pack_gpu_round_trip_and_layout(rows, k, n, m, batch, dtype):
     np.testing.assert_array_equal(unpack(p), w)
 
 
-@pytest.mark.parametrize("rows,k,n,m,batch,dtype", SIZES)
-def test_emulated_kernel_matches_dense(rows, k, n, m, batch, dtype):
+@pytest.mark.parametrize("rows,k,n,m,batch,dtype,max_threads",
+                         [s + (256,) for s in SIZES] + [(48, 2752, 1, 16, 2, "float16", 1024),
+                                                         (16, 1300, 2, 4, 1, "float16", 1024)])
+def test_emulated_kernel_matches_dense(rows, k, n, m, batch, dtype, max_threads):
+    """max_threads 256 is ROCm's and Metal's block limit (16 lanes), 1024 CUDA's (up to 64 lanes)."""
     w, x = _case(rows, k, n, m, batch, dtype, seed=rows + k)
     p = pack_gpu(w, n, m)
     tgt = resolve("host")[1]
     with tgt:
-        lib = tvm.compile(tvm.IRModule({"main": gpu_kernel(k, rows, n, m, dtype, emulate=True)
+        lib = tvm.compile(tvm.IRModule({"main": gpu_kernel(k, rows, n, m, dtype, emulate=True, max_threads=max_threads)
                                         .with_attr("global_symbol", "main")}), tgt)
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.full((batch, rows), np.nan, dtype), dev)
@@ -72,9 +75,11 @@ def test_cuda_source_has_vector_loads_and_one_barrier():
         lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tgt)
     src = lib.mod.imports[0].inspect_source()
     body = src[src.index("main_kernel(uchar"):]
+    lanes = lanes_for(11008 // 16 // 8, 1024)  # 86 chunks of 8 groups per row block: 32 lanes, 3 chunks each
+    assert lanes == 32
     # 16-byte loads of 8 fp16 values, 4-byte loads of 8 nibbles; all chunks of a thread loaded up front
-    assert body.count("*(uint4*)(values_ptr") == 6 and body.count("*(uint*)(indices_ptr") == 6
-    assert body.count("__syncthreads()") == 1 and "__launch_bounds__(256)" in src
+    assert body.count("*(uint4*)(values_ptr") == 3 and body.count("*(uint*)(indices_ptr") == 3
+    assert body.count("__syncthreads()") == 1 and f"__launch_bounds__({16 * lanes})" in src
     assert "__shared__" in body and "shfl" not in body  # the reduction goes through shared memory
 
 

@@ -15,7 +15,7 @@ Why this shape (a batch-1 GEMV reads each weight byte once, so the kernel lives 
 * The L partial sums of a row meet in shared memory (one store per thread, one barrier, L loads for the first
   lane): no warp shuffles, so the same TIR compiles for warp-32 CUDA/Metal and wave-64 ROCm.
 
-TVMScript of the fp16, 1:16, K = 11008 case (V = 8, 4-bit indices, 86 chunks, L = 16) — see :func:`gpu_kernel`.
+For fp16, 1:16, K = 11008: V = 8, 4-bit indices, 86 chunks per row block, L = 32 on CUDA (:func:`lanes_for`).
 """
 
 from __future__ import annotations
@@ -24,24 +24,33 @@ from tvm import tirx
 
 from .pack import BLOCK, gpu_vector, index_bits, num_blocks, num_groups
 
-LANES = 16  # threads per row of a row block (threadIdx.y): 16 × 16 = 256 threads, every GPU target's limit
+CHUNKS_PER_THREAD = 3  # measured on the H100 (BENCHMARKS.md "N:M sparsity on the H100"), see lanes_for
 UNROLL = 8  # chunks per unrolled step of the chunk loop: enough loads in flight without exploding the code
 
 
-def _lanes(chunks: int) -> int:
-    """Lanes per row: 16, fewer for small layers (so a 64-wide layer doesn't leave 15 of 16 threads idle)."""
+def lanes_for(chunks: int, max_threads: int = 1024) -> int:
+    """Threads per row (a power of two): about ``CHUNKS_PER_THREAD`` chunks each, at most ``max_threads / 16``.
+
+    Measured on an H100, 4096x11008 fp16 batch 1, weights from HBM (benchmarks/sparse_gpu_bench.py): at 1:16 (86
+    chunks per row) 8/16/32/64 lanes took 8.6/6.7/5.2/5.1 us; at 1:8 (172 chunks) 23.3/9.9/8.5/7.4 us; at 2:4
+    (688) 54.9/30.3/26.0/28.7 us. Fewer lanes leave too few loads in flight per SM; more than ~3 chunks per
+    thread queue them behind each other. ROCm and Metal allow 256 threads per block: 16 lanes there.
+    """
+    want = -(-chunks // CHUNKS_PER_THREAD)
     lanes = 1
-    while lanes < LANES and lanes < chunks:
+    while lanes < want and lanes * 2 * BLOCK <= max_threads:
         lanes *= 2
     return lanes
 
 
 def gpu_kernel(k: int, n_out: int, n: int, m: int, dtype: str, vector_loads: bool = True,
-               emulate: bool = False) -> tirx.PrimFunc:
+               emulate: bool = False, lanes: int | None = None, max_threads: int = 256) -> tirx.PrimFunc:
     """The kernel for a weight ``[n_out, k]`` packed by :func:`.pack.pack_gpu`; the batch is symbolic.
 
     vector_loads: load a chunk's values and indices as one vector each (CUDA, ROCm). Metal's shading language has
     no 8-wide half vector, so there the copies are unrolled scalar loads (the Metal compiler merges them).
+    lanes: threads per row (a power of two; 16 × lanes threads per block); default :func:`lanes_for` with the
+    target's ``max_threads`` per block.
     emulate: the same arithmetic with serial loops instead of threads (phase 1 every thread's partial sum, phase
     2 the reduction), which compiles for a CPU: the tests check the index arithmetic here, without a GPU.
     """
@@ -55,7 +64,7 @@ def gpu_kernel(k: int, n_out: int, n: int, m: int, dtype: str, vector_loads: boo
     go = -(-g_all // v)
     nb = num_blocks(n_out)
     chunks = go * n
-    lanes = _lanes(chunks)
+    lanes = lanes or lanes_for(chunks, max_threads)
     iters = -(-chunks // lanes)
     unroll = min(UNROLL, iters)
     outer = -(-iters // unroll)

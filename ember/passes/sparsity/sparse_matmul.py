@@ -243,7 +243,8 @@ def sparse_matmul_func(batch, k: int, n_out: int, n: int, m: int, dtype: str, ta
         from .gpu_kernel import gpu_kernel
 
         # (the GPU kernel is shape-generic in the batch, like the x86 one)
-        return gpu_kernel(k, n_out, n, m, dtype, vector_loads=kind != "metal")
+        max_threads = int(target.attrs.get("max_num_threads", 256))
+        return gpu_kernel(k, n_out, n, m, dtype, vector_loads=kind != "metal", max_threads=max_threads)
     isa = gather_isa(target, dtype) if kind == "llvm" else None
     if isa is not None:
         from ...schedules.cpu.common import num_cores
