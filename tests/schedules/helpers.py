@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import tvm
+import tvm.sym
 from tvm import relax, tirx
 
 from ember.schedules.cpu import common
@@ -56,8 +57,13 @@ def random_args(func: tirx.PrimFunc, shape_vars: dict | None = None, seed: int =
         for s in p.shape:
             if isinstance(s, tirx.IntImm):
                 shape.append(int(s))
-            else:
+            elif isinstance(s, tirx.Var):
                 shape.append(int(shape_vars[s.name]))
+            else:  # an expression of shape vars, e.g. ``batch * 7`` (a dynamic batch flattened into rows)
+                ana = tvm.sym.Analyzer()
+                for v in common.vars_in(s):
+                    ana.bind(v, tirx.const(int(shape_vars[v.name]), "int64"))
+                shape.append(int(ana.simplify(s)))
         dt = str(p.dtype)
         if dt == "bool":
             arrays.append(rng.integers(0, 2, shape).astype(bool))

@@ -153,6 +153,49 @@ def test_matmul_symbolic_batch(batch):
     assert any(not isinstance(p.shape[0], tirx.IntImm) for p in sched.params)
 
 
+def reshape_epilogue_kernel(batch, seq, k, n, gelu=False):
+    """``y = view(x @ w + b, [batch, seq, n]) + r`` (then GELU): what ember's epilogue fusion gives FuseTIR for a
+    linear layer over a flattened ``[batch * seq, k]`` input. The reshape's read ``C[(b * seq + s) % (batch *
+    seq), j]`` is a computed row index; ``batch`` may be symbolic. Built with topi's reshape, as LegalizeOps
+    does."""
+    from tvm import te, topi
+
+    bdim = tirx.Var("batch", "int64") if batch is None else tirx.IntImm("int64", batch)
+    x = te.placeholder((bdim * seq, k), "float32", name="x")
+    w = te.placeholder((k, n), "float32", name="w")
+    b = te.placeholder((n,), "float32", name="b")
+    r = te.placeholder((bdim, seq, n), "float32", name="r")
+    rk = te.reduce_axis((0, k), name="k")
+    c = te.compute((bdim * seq, n), lambda i, j: te.sum(x[i, rk] * w[rk, j], axis=rk), name="matmul")
+    y = topi.add(topi.reshape(topi.add(c, b), (bdim, seq, n)), r)
+    if gelu:
+        y = topi.multiply(y, topi.sigmoid(topi.multiply(y, 1.702)))
+    return te.create_prim_func([x, w, b, r, y], index_dtype_override="int64")
+
+
+@pytest.mark.parametrize("batch,seq,k,n", [
+    (2, 13, 24, 40),  # 8-row register tiles straddle the batch boundary (13 rows per batch)
+    (5, 7, 17, 33),  # odd everything
+    (3, 128, 32, 48),  # tiles inside one batch row block (the MiniLM batch-8 case, smaller)
+])
+def test_epilogue_across_reshape(batch, seq, k, n):
+    """Regression: computed per register tile, this epilogue read rows no tile had written (NaN) or wrote some
+    twice, whenever a row tile straddled a ``b`` boundary (TVM's reverse_compute_at picks a wrong box for the
+    computed row index). Fixed by re-indexing the epilogue by the product's rows (matmul._align_consumer)."""
+    _check(Matmul(), reshape_epilogue_kernel(batch, seq, k, n, gelu=True))
+
+
+@pytest.mark.parametrize("seq", [7, 13])
+def test_epilogue_across_reshape_symbolic_batch(seq):
+    """The same with a symbolic batch (``% (batch * seq)`` in the read): what ember.passes.fusion's
+    ``_symbolic_view`` used to keep out of matmul kernels because this rule computed wrong values."""
+    func = reshape_epilogue_kernel(None, seq, 24, 40)
+    sched = _apply(Matmul(), func)
+    assert sched is not None
+    for batch in (1, 3, 5):
+        assert_same_result(func, sched, shape_vars={"batch": batch})
+
+
 # ---------------------------------------------------------------------------------------------------- conv2d
 @pytest.mark.parametrize("n,c,hw,f,ks,stride,pad", [
     (2, 3, 17, 8, 3, 1, 1),

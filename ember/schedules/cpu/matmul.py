@@ -386,8 +386,15 @@ class Matmul(ScheduleRule):
                     sch.compute_inline(blk)
                 except Exception:  # pylint: disable=broad-except
                     return None
-            sch.set_scope(main, 0, "local")
             consumer = epilogue[-1]
+            if _align_consumer(sch, consumer, sch.get(main).body.buffer):
+                sch.set_scope(main, 0, "local")
+            else:
+                # The epilogue reads the product through an index map TVM cannot invert exactly (a reshape that
+                # splits the tiled row axis, see _align_consumer): computed at the tile, TVM's region analysis
+                # would give it rows of other tiles. It runs after the product instead, as its own parallel loop.
+                leftover.append(consumer)
+                consumer = sch.cache_write(main, 0, "local")
         else:
             consumer = sch.cache_write(main, 0, "local")
         if tile_anchor is not None:
@@ -429,6 +436,65 @@ class Matmul(ScheduleRule):
         for blk in leftover:
             _parallel_injective(sch, blk, lanes)
         return sch
+
+
+def _loads_of(stmt, buffer) -> list:
+    found = []
+
+    def _visit(node):
+        if _load_buffer(node).same_as(buffer):
+            found.append(node)
+
+    tvm_ffi.structural_walk(stmt, (_LOAD_TYPE, _visit), order="post")
+    return found
+
+
+def _reads_plainly(sch: s_tir.Schedule, consumer, buffer) -> bool:
+    """Whether every read of ``buffer`` in the block is at the same indices, each a distinct block iter var or a
+    constant: then the block's iteration space maps 1:1 onto the producer's, and a tile of the producer is
+    a box of the consumer's iterations."""
+    stmt = sch.get(consumer)
+    loads = _loads_of(stmt.body, buffer)
+    if not loads:
+        return False
+    first = list(loads[0].indices)
+    if any(len(ld.indices) != len(first) or not all(_same_index(a, b) for a, b in zip(ld.indices, first))
+           for ld in loads[1:]):
+        return False
+    block_vars = [iv.var for iv in stmt.iter_vars]
+    used = [i for i in first if isinstance(i, tirx.Var)]
+    if len(used) + sum(isinstance(i, tirx.IntImm) for i in first) != len(first):
+        return False
+    return len({v.name for v in used}) == len(used) and all(any(v.same_as(b) for b in block_vars) for v in used)
+
+
+def _align_consumer(sch: s_tir.Schedule, consumer, buffer) -> bool:
+    """Make the epilogue block iterate over the product's own index space, so it can be computed per tile.
+
+    An epilogue across a reshape reads the product at a *computed* row, e.g. ``y[b, s, j] = C[(b * S + s) %
+    (batch * S), j] + r[b, s, j]`` for a ``[batch * S, N]`` product viewed as ``[batch, S, N]``. Computed at a
+    tile of 8 rows of C, ``reverse_compute_at`` must find the (b, s) box those rows are; when 8 rows straddle a
+    ``b`` boundary (S = 13, or a symbolic batch) they are no box, and TVM 0.27 picks a wrong one -- the
+    epilogue then read rows no tile had computed (NaN) or skipped some (tests/schedules/test_cpu_rules.py,
+    ``test_epilogue_across_reshape``). So when the read is not plain (:func:`_reads_plainly`), the block's
+    iteration space is re-indexed by the read itself (``transform_block_layout``: (b, s, j) -> (b * S + s,
+    j)); TVM accepts that only if the map is a bijection onto the product's box, and the read then becomes
+    ``C[i, j]``. Returns whether the block now reads plainly; if not, the caller keeps it out of the tile.
+    """
+    if _reads_plainly(sch, consumer, buffer):
+        return True
+    stmt = sch.get(consumer)
+    if any(iv.iter_type != tirx.IterVar.DataPar for iv in stmt.iter_vars):
+        return False
+    loads = _loads_of(stmt.body, buffer)
+    if not loads or len(loads[0].indices) != len(buffer.shape):
+        return False
+    block_vars = [iv.var for iv in stmt.iter_vars]
+    try:
+        sch.transform_block_layout(consumer, tirx.IndexMap(block_vars, list(loads[0].indices), None))
+    except Exception:  # pylint: disable=broad-except
+        return False  # not a bijection TVM can prove (the schedule is unchanged by a failed primitive)
+    return _reads_plainly(sch, consumer, buffer)
 
 
 def _parallel_injective(sch: s_tir.Schedule, blk, lanes: int) -> None:
