@@ -654,9 +654,11 @@ _PACKED_CORES = ("packed_dense", "packed_conv")
 
 
 def _symbolic_view(expr) -> bool:
-    """A reshape to a shape with symbolic dims (a dynamic batch). Fused behind a matmul, its index map keeps a
-    ``% (batch * 16)`` that TVM cannot simplify, and the CPU matmul rule's epilogue tiling then computed wrong
-    values (TinyTransformer with a dynamic batch, 2026-11-26); such chains stay TVM-fused instead."""
+    """A reshape to a shape with symbolic dims (a dynamic batch); such chains stay TVM-fused. Why: in a
+    pattern-fused function the symbolic target shape becomes a parameter, and LegalizeOps only legalizes a
+    literal shape (``reshape_call_te``: AssertionError). (The CPU matmul rule's wrong values on such epilogues,
+    the first reason for this check, are fixed in the rule: ember.schedules.cpu.matmul._align_consumer,
+    tests/schedules/test_cpu_rules.py::test_epilogue_across_reshape*.)"""
     if _op_name(expr) != "relax.reshape":
         return False
     shape = expr.args[1]
