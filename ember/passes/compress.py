@@ -28,7 +28,8 @@ def compress(imported, *, quantization=None, sparsity=None, target=None, example
             raise ConfigError(f"sparsity={sparsity!r}: use ember.NM(n, m), e.g. ember.NM(1, 16)")
         from .sparsity import apply_sparsity
 
-        imported, report["sparsity"] = apply_sparsity(imported, sparsity, target)
+        # The sparse layers are quantized by the sparsity pass itself (int8 values), the rest by quantization.
+        imported, report["sparsity"] = apply_sparsity(imported, sparsity, target, quantization=quantization)
     if quantization is not None:
         if not isinstance(quantization, QUANTIZATION_TYPES):
             raise ConfigError(f"quantization={quantization!r}: use ember.WeightOnly, ember.Int8Dynamic, "

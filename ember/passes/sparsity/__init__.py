@@ -9,17 +9,44 @@
 from __future__ import annotations
 
 
-def apply_sparsity(imported, cfg, target):
+def int8_values_for(quantization, target) -> bool:
+    """Whether the sparse layers store int8 values, given the quantization asked for alongside the sparsity.
+
+    The sparse layers are ember's to quantize (the quantization pass only matches dense matmuls, and runs after
+    this one): int8 schemes (``Int8Dynamic``, ``Int8Static``, ``WeightOnly(bits=8)``) get int8 values with one
+    scale per output row on CPU targets; the activations of sparse layers stay fp32 (the kernel gathers them, and
+    a gather of int8 activations buys nothing). 4-bit and mixed schemes keep float values in sparse layers.
+    """
+    from ...config import Int8Dynamic, Int8Static, WeightOnly
+
+    if quantization is None or target is None or target.kind.name != "llvm":
+        return False
+    if isinstance(quantization, (Int8Dynamic, Int8Static)):
+        return True
+    return isinstance(quantization, WeightOnly) and int(quantization.bits) == 8
+
+
+def apply_sparsity(imported, cfg, target, quantization=None):
     """The hook ``ember.compile`` calls (via :func:`ember.passes.compress.compress`) before quantization.
 
-    imported: an :class:`~ember.frontends.spec.ImportedModel`; cfg: :class:`ember.NM`; target: the tvm Target.
+    imported: an :class:`~ember.frontends.spec.ImportedModel`; cfg: :class:`ember.NM`; target: the tvm Target;
+    quantization: the quantization config of the same compile, if any (see :func:`int8_values_for`).
     Returns ``(imported, report)``: the rewritten model whose weights include the packed arrays instead of the
     dense ones, and a JSON-able report (per layer: shape, sparsity, bytes dense/packed, whether ember had to
     prune it; totals; warnings; layers left dense and why).
     """
     from .rewrite import rewrite_to_sparse
 
-    return rewrite_to_sparse(imported, int(cfg.n), int(cfg.m), target)
+    int8 = int8_values_for(quantization, target)
+    imported, report = rewrite_to_sparse(imported, int(cfg.n), int(cfg.m), target, int8=int8)
+    if quantization is not None and not int8:
+        report["note"] = (f"sparse layers keep float values with {type(quantization).__name__}"
+                          + ("" if target is None or target.kind.name == "llvm" else f" on {target.kind.name}")
+                          + ": int8 sparse values are made for int8 schemes on CPU targets")
+    elif int8:
+        report["note"] = "sparse layers: int8 values (per-row scales), fp32 activations; the quantization pass " \
+                         "handles the remaining dense layers"
+    return imported, report
 
 
-__all__ = ["apply_sparsity"]
+__all__ = ["apply_sparsity", "int8_values_for"]

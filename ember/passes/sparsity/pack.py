@@ -52,6 +52,7 @@ class PackedNM:
     m: int
     shape: tuple[int, int]
     layout: str = "rows"  # "rows" (CPU: 16 rows per vector) or "groups" (GPU: V groups per vector)
+    scales: np.ndarray | None = None  # int8 values only: fp32 scale per row [NB * 16] (padded rows: 1.0)
 
     @property
     def groups(self) -> int:
@@ -63,7 +64,7 @@ class PackedNM:
 
     @property
     def nbytes(self) -> int:
-        return int(self.values.nbytes + self.indices.nbytes)
+        return int(self.values.nbytes + self.indices.nbytes + (0 if self.scales is None else self.scales.nbytes))
 
 
 def index_bits(m: int) -> int:
@@ -183,6 +184,37 @@ def pack(w: np.ndarray, n: int, m: int) -> PackedNM:
     else:
         indices = pos.astype(np.uint8)
     return PackedNM(values, np.ascontiguousarray(indices), int(n), int(m), (rows, k))
+
+
+def quantize_rows_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output row (per output channel): ``w ≈ q * scale[:, None]``, q in [-127, 127].
+
+    The scale is max|w_row| / 127 over the row's kept weights (zeros do not widen it); an all-zero row gets 1.0.
+    A kept weight that rounds to 0 becomes a zero slot (harmless: it multiplies x by 0).
+    """
+    w = np.asarray(w, dtype=np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def pack_int8(w: np.ndarray, n: int, m: int) -> PackedNM:
+    """:func:`pack` of the int8 codes of ``w`` (:func:`quantize_rows_int8`), with the row scales: 1 byte per kept
+    weight + its 4-bit index, 1.5 bytes against 4.5 for fp32 values (3x fewer bytes at 1:16)."""
+    q, scale = quantize_rows_int8(w)
+    p = pack(q, n, m)
+    padded = np.ones(num_blocks(q.shape[0]) * BLOCK, np.float32)
+    padded[:q.shape[0]] = scale
+    return PackedNM(p.values, p.indices, p.n, p.m, p.shape, p.layout, padded)
+
+
+def dequantized(p: PackedNM) -> np.ndarray:
+    """The fp32 dense weight an int8-packed one stands for (``unpack`` × row scales); float packs: ``unpack``."""
+    dense = unpack(p)
+    if p.scales is None:
+        return dense
+    return dense.astype(np.float32) * p.scales[:dense.shape[0], None]
 
 
 def gpu_vector(dtype) -> int:

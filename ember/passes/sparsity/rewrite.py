@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .pack import PackedNM, nm_mask, nm_violations
+from .pack import PackedNM, dequantized, nm_mask, nm_violations, pack_int8
 from .sparse_matmul import KERNEL_NAME, gather_isa, is_gpu, pack_for, sparse_matmul_func
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -45,6 +45,16 @@ class _Packed:
     values_var: object
     indices_var: object
     report: dict = field(default_factory=dict)
+    scales_var: object = None  # int8 values: the fp32 row scales
+
+    @property
+    def vars(self):
+        return [self.values_var, self.indices_var] + ([self.scales_var] if self.scales_var is not None else [])
+
+    @property
+    def arrays(self):
+        p = self.packed
+        return [p.values, p.indices] + ([p.scales] if p.scales is not None else [])
 
 
 def _static_shape(sinfo):
@@ -84,9 +94,11 @@ def _find_sites(func, weight_vars: set):
     return sites
 
 
-def _usable(site, weights_np: dict) -> str | None:
+def _usable(site, weights_np: dict, int8: bool = False) -> str | None:
     """Why this site cannot use the sparse kernel (None: it can)."""
     w = weights_np[site.weight]
+    if int8 and str(w.dtype) != "float32":
+        return f"weight dtype {w.dtype}: int8 sparse values are made from float32 weights"
     x_sinfo = site.call.args[0].ty
     out_dtype = str(site.call.attrs.out_dtype or "")
     if w.ndim != 2:
@@ -104,10 +116,12 @@ def _usable(site, weights_np: dict) -> str | None:
     return None
 
 
-def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1):
+def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1, int8: bool = False):
     """Rewrite ``imported`` (an ImportedModel) in place of a copy; returns ``(imported, report)``.
 
-    Each matmul on a 2-D weight parameter becomes the packed sparse kernel (see the module doc)."""
+    Each matmul on a 2-D weight parameter becomes the packed sparse kernel (see the module doc). ``int8``: the
+    kept values are stored as int8 codes with an fp32 scale per output row (:func:`.pack.pack_int8`; CPU only),
+    and the kernel dequantizes in registers — 1.5 bytes per kept weight instead of 4.5."""
     from tvm import relax, tirx
 
     from ...frontends.spec import ImportedModel
@@ -120,11 +134,12 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1):
     names = {v: nm for v, nm in zip(wparams, imported.param_names)}
     sites = _find_sites(func, set(wparams))
 
-    report = {"scheme": f"{n}:{m}", "kernel": None, "layers": [], "skipped": [], "warnings": []}
+    report = {"scheme": f"{n}:{m}", "values": "int8 (per-row scales)" if int8 else "float", "kernel": None,
+              "layers": [], "skipped": [], "warnings": []}
     packed: dict = {}   # weight Var -> _Packed
     plan = {}           # matmul Call -> (_Site, _Packed)
     for site in sites:
-        why = _usable(site, weights_np)
+        why = _usable(site, weights_np, int8)
         name = names[site.weight]
         if why is None and (site.weight.ty.shape is None):
             why = "weight shape unknown"
@@ -147,14 +162,18 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1):
                     f"ember pruned it by magnitude. For accuracy, prune and fine-tune first "
                     f"(ember.sparsity.prune_nm + ember.sparsity.finetune).")
                 w_nk = w_nk * nm_mask(w_nk, n, m)
-            p = pack_for(target, w_nk, n, m)
+            p = pack_int8(w_nk, n, m) if int8 else pack_for(target, w_nk, n, m)
             dense_bytes = int(w.nbytes)
             entry.update({"sparsity": round(float(1.0 - np.count_nonzero(w_nk) / w_nk.size), 6),
                           "dense_bytes": dense_bytes, "packed_bytes": p.nbytes,
                           "bytes_saved": dense_bytes - p.nbytes})
             vals_var = relax.Var(f"{name}_nm_values", relax.TensorType(list(p.values.shape), str(p.values.dtype)))
             idx_var = relax.Var(f"{name}_nm_indices", relax.TensorType(list(p.indices.shape), "uint8"))
-            packed[site.weight] = _Packed(name, p, vals_var, idx_var, entry)
+            sc_var = (relax.Var(f"{name}_nm_scales", relax.TensorType(list(p.scales.shape), "float32"))
+                      if p.scales is not None else None)
+            if int8:
+                entry["int8_max_abs_error"] = float(np.abs(dequantized(p) - w_nk).max())
+            packed[site.weight] = _Packed(name, p, vals_var, idx_var, entry, sc_var)
         plan[site.call] = (site, packed[site.weight])
 
     if not plan:
@@ -177,11 +196,11 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1):
             # The kernel's batch is one symbolic var however x's leading dims are spelled (s, s*128, ...).
             batch = int(rows.value) if isinstance(rows, tirx.IntImm) else (
                 rows if isinstance(rows, int) else tirx.Var("batch", "int64"))
-            prim = sparse_matmul_func(batch, k, n_out, n, m, str(pk.packed.values.dtype), target)
+            dtype = str(x.ty.dtype)
+            prim = sparse_matmul_func(batch, k, n_out, n, m, dtype, target, int8=int8)
             prim = prim.with_attr("op_pattern", _OPAQUE)
-            gv = self.builder_.add_func(prim, f"{KERNEL_NAME}_{k}x{n_out}_{n}_{m}")
-            out = relax.call_tir(gv, [x2, pk.values_var, pk.indices_var],
-                                 relax.TensorType([rows, n_out], str(pk.packed.values.dtype)))
+            gv = self.builder_.add_func(prim, f"{KERNEL_NAME}_{k}x{n_out}_{n}_{m}" + ("_int8" if int8 else ""))
+            out = relax.call_tir(gv, [x2] + pk.vars, relax.TensorType([rows, n_out], dtype))
             if len(shape) == 2:
                 return out
             y = self.builder_.emit(out, "nm_y")
@@ -190,8 +209,7 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1):
     mutator = _Mutator(mod)
     new_body = mutator.visit_expr(func.body)
     # The dense weights' transposes are dead now; a weight still used elsewhere (tied) keeps its dense copy.
-    tmp = relax.Function(list(func.params) + [p.values_var for p in packed.values()]
-                         + [p.indices_var for p in packed.values()], new_body, func.ret_ty,
+    tmp = relax.Function(list(func.params) + [v for p in packed.values() for v in p.vars], new_body, func.ret_ty,
                          func.is_pure, func.attrs)
     tmp = relax.analysis.remove_all_unused(tmp)
     used = set(relax.analysis.free_vars(tmp.body))
@@ -203,9 +221,9 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1):
             new_names.append(nm)
         if v in packed:
             pk = packed[v]
-            new_params += [pk.values_var, pk.indices_var]
-            new_arrays += [pk.packed.values, pk.packed.indices]
-            new_names += [pk.values_var.name, pk.indices_var.name]
+            new_params += pk.vars
+            new_arrays += pk.arrays
+            new_names += [v.name for v in pk.vars]
             if v in used:
                 pk.report["dense_copy_kept"] = True
                 pk.report["bytes_saved"] = -pk.packed.nbytes
@@ -217,7 +235,8 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1):
     isa = gather_isa(target, "float32") if target is not None else None
     report.update({
         "kernel": (f"cpu gather ({isa})" if isa else (f"gpu ({target.kind.name})" if is_gpu(target)
-                                                       else "cpu (TVM vectorized, scalar gather)")),
+                                                       else "cpu (TVM vectorized, scalar gather)"))
+                  + (", int8 values" if int8 else ""),
         "layers": layers,
         "dense_bytes": int(sum(p["dense_bytes"] for p in layers)),
         "packed_bytes": int(sum(p["packed_bytes"] for p in layers)),

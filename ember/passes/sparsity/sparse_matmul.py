@@ -30,6 +30,7 @@ from __future__ import annotations
 import tvm
 from tvm import te, tirx
 
+from ...errors import ConfigError
 from .pack import BLOCK, index_bits, index_rows, num_blocks, num_groups
 
 KERNEL_NAME = "ember_sparse_matmul"
@@ -39,12 +40,14 @@ def _i64(v):
     return tirx.IntImm("int64", int(v)) if isinstance(v, int) else v
 
 
-def sparse_matmul_te(batch, k: int, n_out: int, n: int, m: int, dtype: str = "float32"):
-    """The compute definition (TE): returns ``(x, values, indices, y)``; ``batch`` may be an int or a tirx.Var."""
+def sparse_matmul_te(batch, k: int, n_out: int, n: int, m: int, dtype: str = "float32", int8: bool = False):
+    """The compute definition (TE): returns ``(x, values, indices, y)`` — ``(x, values, indices, scales, y)`` with
+    int8 values (``y = Σ value * scale[row] * x``); ``batch`` may be an int or a tirx.Var."""
     g = num_groups(k, m)
     nb = num_blocks(n_out)
     x = te.placeholder((_i64(batch), _i64(k)), dtype, name="x")
-    values = te.placeholder((_i64(nb), _i64(g), _i64(n), _i64(BLOCK)), dtype, name="values")
+    values = te.placeholder((_i64(nb), _i64(g), _i64(n), _i64(BLOCK)), "int8" if int8 else dtype, name="values")
+    scales = te.placeholder((_i64(nb * BLOCK),), "float32", name="scales") if int8 else None
     indices = te.placeholder((_i64(nb), _i64(index_rows(g, m)), _i64(n), _i64(BLOCK)), "uint8", name="indices")
     rg = te.reduce_axis((_i64(0), _i64(g)), name="g")
     rs = te.reduce_axis((_i64(0), _i64(n)), name="s")
@@ -57,19 +60,23 @@ def sparse_matmul_te(batch, k: int, n_out: int, n: int, m: int, dtype: str = "fl
             pos = indices[j // BLOCK, gi, si, j % BLOCK]
         return gi * _i64(m) + pos.astype("int64")
 
+    def weight(gi, si, j):
+        v = values[j // BLOCK, gi, si, j % BLOCK]
+        return v.astype(dtype) * scales[j] if int8 else v
+
     y = te.compute(
         (_i64(batch), _i64(n_out)),
-        lambda b, j: te.sum(values[j // BLOCK, rg, rs, j % BLOCK] * x[b, column(rg, rs, j)], axis=[rg, rs]),
+        lambda b, j: te.sum(weight(rg, rs, j) * x[b, column(rg, rs, j)], axis=[rg, rs]),
         name="sparse_matmul",
     )
-    return x, values, indices, y
+    return (x, values, indices, scales, y) if int8 else (x, values, indices, y)
 
 
-def _prim_func(batch, k, n_out, n, m, dtype) -> tirx.PrimFunc:
-    x, values, indices, y = sparse_matmul_te(batch, k, n_out, n, m, dtype)
+def _prim_func(batch, k, n_out, n, m, dtype, int8=False) -> tirx.PrimFunc:
+    tensors = sparse_matmul_te(batch, k, n_out, n, m, dtype, int8)
     # create_prim_func names every function "main" (global_symbol): that would clash in a module, and an
     # exported symbol keeps the function alive through dead-code elimination. The module names it.
-    return te.create_prim_func([x, values, indices, y]).without_attr("global_symbol")
+    return te.create_prim_func(list(tensors)).without_attr("global_symbol")
 
 
 def _row_lanes(n_out: int, lanes: int) -> int:
@@ -145,7 +152,7 @@ def gather_isa(target, dtype: str) -> str | None:
     return None
 
 
-def _gather_kernel(k: int, n_out: int, n: int, m: int, isa: str, parallel: bool) -> tirx.PrimFunc:
+def _gather_kernel(k: int, n_out: int, n: int, m: int, isa: str, parallel: bool, int8: bool = False) -> tirx.PrimFunc:
     """The x86 kernel, written out by hand: TVM's vectorizer turns a load at a non-affine vector index into one
     scalar load per lane (16 loads + 16 inserts), so the gather of x is an explicit ``vgatherdps``: 2.3× faster
     on 4096×4096 1:16 here (0.82 vs 1.88 ms). One pass over a row block's contiguous packed stream keeps
@@ -181,16 +188,13 @@ def _gather_kernel(k: int, n_out: int, n: int, m: int, isa: str, parallel: bool)
     def lane(h):
         return T.Ramp(h * lanes, 1, lanes)
 
-    @T.prim_func(private=True)
-    def kernel(x_h: T.handle, v_h: T.handle, i_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        batch = T.int64()
-        x = T.match_buffer(x_h, (batch, k), "float32")
-        values = T.match_buffer(v_h, (nb, g_all, n, BLOCK), "float32")
-        indices = T.match_buffer(i_h, (nb, gi_rows, n, BLOCK), "uint8")
-        y = T.match_buffer(y_h, (batch, n_out), "float32")
+    def weight(values, jb, g, s, h):  # a vector of 16-row values as fp32 (int8 codes: converted, scaled later)
+        return T.Cast(vt, values[jb, g, s, lane(h)])
+
+    @T.macro
+    def body(x, values, indices, scales, y):
         for jb in T.parallel(nb) if parallel else T.serial(nb):
-            for b in range(batch):
+            for b in range(x.shape[0]):
                 acc = T.decl_buffer((halves,), vt, scope="local")  # per thread: registers, never shared
                 for h in T.unroll(halves):
                     acc[h] = T.Broadcast(T.float32(0), lanes)
@@ -201,20 +205,23 @@ def _gather_kernel(k: int, n_out: int, n: int, m: int, isa: str, parallel: bool)
                                 byte = T.Cast(it, indices[jb, g2, s, lane(h)])
                                 for p in T.unroll(2):
                                     xv = gather(T.address_of(x[b, 0]), nib(byte, p) + col(g2 * 2 + p))
-                                    acc[h] = acc[h] + values[jb, g2 * 2 + p, s, lane(h)] * xv
+                                    acc[h] = acc[h] + weight(values, jb, g2 * 2 + p, s, h) * xv
                     if odd:
                         for s in range(n):
                             for h in T.unroll(halves):
                                 byte = T.Cast(it, indices[jb, pairs, s, lane(h)])
                                 xv = gather(T.address_of(x[b, 0]), nib(byte, 0) + col(g_all - 1))
-                                acc[h] = acc[h] + values[jb, g_all - 1, s, lane(h)] * xv
+                                acc[h] = acc[h] + weight(values, jb, g_all - 1, s, h) * xv
                 else:
                     for g in range(g_all):
                         for s in range(n):
                             for h in T.unroll(halves):
                                 pos = T.Cast(it, indices[jb, g, s, lane(h)])
                                 xv = gather(T.address_of(x[b, 0]), pos + col(g))
-                                acc[h] = acc[h] + values[jb, g, s, lane(h)] * xv
+                                acc[h] = acc[h] + weight(values, jb, g, s, h) * xv
+                if int8:  # the row scales, once per output instead of once per weight
+                    for h in T.unroll(halves):
+                        acc[h] = acc[h] * scales[T.Ramp(jb * BLOCK + h * lanes, 1, lanes)]
                 if rem == 0:
                     for h in T.unroll(halves):
                         y[b, T.Ramp(jb * BLOCK + h * lanes, 1, lanes)] = acc[h]
@@ -229,16 +236,54 @@ def _gather_kernel(k: int, n_out: int, n: int, m: int, isa: str, parallel: bool)
                         for r in range(rem):
                             y[b, jb * BLOCK + r] = tmp[r]
 
+    if int8:
+        return _int8_entry(body, k, n_out, n, m, nb, g_all, gi_rows)
+
+    @T.prim_func(private=True)
+    def kernel(x_h: T.handle, v_h: T.handle, i_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch = T.int64()
+        x = T.match_buffer(x_h, (batch, k), "float32")
+        values = T.match_buffer(v_h, (nb, g_all, n, BLOCK), "float32")
+        indices = T.match_buffer(i_h, (nb, gi_rows, n, BLOCK), "uint8")
+        y = T.match_buffer(y_h, (batch, n_out), "float32")
+        body(x, values, indices, values, y)
+
     return kernel
 
 
-def sparse_matmul_func(batch, k: int, n_out: int, n: int, m: int, dtype: str, target) -> tirx.PrimFunc:
+def _int8_entry(body, k, n_out, n, m, nb, g_all, gi_rows):
+    """The int8-values entry of :func:`_gather_kernel` (a separate function: TVMScript parses every prim_func it
+    meets, and the fp32 one has no scales buffer for the macro's int8 branch)."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def kernel_int8(x_h: T.handle, v_h: T.handle, i_h: T.handle, s_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch = T.int64()
+        x = T.match_buffer(x_h, (batch, k), "float32")
+        values = T.match_buffer(v_h, (nb, g_all, n, BLOCK), "int8")
+        indices = T.match_buffer(i_h, (nb, gi_rows, n, BLOCK), "uint8")
+        scales = T.match_buffer(s_h, (nb * BLOCK,), "float32")
+        y = T.match_buffer(y_h, (batch, n_out), "float32")
+        body(x, values, indices, scales, y)
+
+    return kernel_int8
+
+
+def sparse_matmul_func(batch, k: int, n_out: int, n: int, m: int, dtype: str, target,
+                       int8: bool = False) -> tirx.PrimFunc:
     """The scheduled kernel for ``target`` (llvm or a GPU kind); marked ``tirx.is_scheduled``. On a GPU target it
     reads :func:`.pack.pack_gpu`'s layout, elsewhere :func:`.pack.pack`'s (:func:`pack_for` picks).
 
     ``batch``: an int, or a ``tirx.Var("batch", "int64")`` for a model compiled with a dynamic batch (the x86
-    gather kernel is always shape-generic in the batch)."""
+    gather kernel is always shape-generic in the batch).
+    int8: the values are int8 codes with an fp32 scale per row (:func:`.pack.pack_int8`); the kernel takes
+    ``(x, values, indices, scales, y)``. CPU targets only."""
     kind = target.kind.name if target is not None else "llvm"
+    if int8 and (kind != "llvm" or dtype != "float32"):
+        raise ConfigError(f"N:M sparsity with int8 values is implemented for CPU (llvm) targets with fp32 "
+                          f"activations, not {kind}/{dtype}: compile without quantization, or for a CPU")
     if is_gpu(target):
         from .gpu_kernel import gpu_kernel
 
@@ -249,8 +294,8 @@ def sparse_matmul_func(batch, k: int, n_out: int, n: int, m: int, dtype: str, ta
     if isa is not None:
         from ...schedules.cpu.common import num_cores
 
-        return _gather_kernel(k, n_out, n, m, isa, parallel=num_cores(target) > 1)
-    func = _prim_func(batch, k, n_out, n, m, dtype)
+        return _gather_kernel(k, n_out, n, m, isa, parallel=num_cores(target) > 1, int8=int8)
+    func = _prim_func(batch, k, n_out, n, m, dtype, int8)
     if kind == "llvm":
         func = schedule_cpu(func, target, n_out, k, m, dtype)
     else:
