@@ -68,13 +68,7 @@ def _compression():
 COMPRESSION = ["plain", "int8", "sparse-1:16"]
 # (compression, target) -> why it does not compile yet (found 2026-11-26; owners: quantization / sparsity).
 # Not strict, so fixing one does not fail CI; remove the entry when it passes (pytest -rX shows XPASS).
-_QUANT_CPU_ONLY = ("ember.passes.quantize refuses GPU targets (ConfigError: quantized kernels are scheduled for "
-                   "CPU targets only so far)")
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("int8", "cuda-sm90"): _QUANT_CPU_ONLY,
-    ("int8", "rocm-gfx942"): _QUANT_CPU_ONLY,
-    ("int8", "metal"): _QUANT_CPU_ONLY,
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _compile_export(model, args, target, path, **kw):

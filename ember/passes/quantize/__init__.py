@@ -144,7 +144,7 @@ def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False
     if is_gpu_target(target):
         from .gpu import GpuEmitter
 
-        emitter = GpuEmitter(imported, plans, target)
+        emitter = GpuEmitter(imported, plans, target, sites)
     else:
         emitter = Emitter(imported, plans, target)
     rewriter = Rewriter(imported.mod, sites, emitter)

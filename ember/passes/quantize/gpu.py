@@ -166,8 +166,34 @@ def _static_rows(m):
     return int(v) if isinstance(v, (int, np.integer)) else None
 
 
+def _input_dependent(func) -> set:
+    """The vars of ``func`` whose values depend on a model input (not only on weights and constants)."""
+    n_in = int(func.attrs["num_input"])
+    dep = set(func.params[:n_in])
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if any(v in dep for v in relax.analysis.free_vars(b.value)) or \
+                    (isinstance(b.value, relax.Var) and b.value in dep):
+                dep.add(b.var)
+    return dep
+
+
 class GpuEmitter(Emitter):
     """:class:`.emit.Emitter` with the GPU layouts and kernels (see module doc); same plans, report, params."""
+
+    def __init__(self, imported, plans: dict, target, sites=()):
+        super().__init__(imported, plans, target)
+        self._from_inputs = _input_dependent(imported.mod["main"])
+        for site in sites:  # refuse before rewriting (an error raised inside the Relax mutator loses its type)
+            plan = plans.get(site.name, {})
+            if site.kind == "matmul" and plan.get("scheme") == "weight_only":
+                bits, group = plan["bits"], plan["group"]
+                epw = 32 // bits
+                if site.k % epw or (group != -1 and group % epw):
+                    raise ConfigError(
+                        f"WeightOnly(bits={bits}, group_size={group}) on a GPU target: layer '{site.name}' (K={site.k}) "
+                        f"needs K and the group size to be multiples of {epw} (codes are packed {epw} per 32-bit "
+                        f"word); use a group size that is a multiple of {epw} and a model whose K is, or a CPU target")
 
     def _rows(self, m):
         rows = _static_rows(m)
@@ -175,12 +201,6 @@ class GpuEmitter(Emitter):
 
     def _weight_only(self, bb, site, x2, m, plan, bias):
         bits, group, sym = plan["bits"], plan["group"], plan["symmetric"]
-        epw = 32 // bits
-        g = site.k if group == -1 else group
-        if site.k % epw or g % epw:
-            raise ConfigError(f"WeightOnly(bits={bits}, group_size={group}) on a GPU target: layer '{site.name}' "
-                              f"(K={site.k}) needs K and the group size to be multiples of {epw} (codes are packed "
-                              f"{epw} per 32-bit word); use group_size={max(epw, 32)} or a CPU target")
         arrays, deq = qmath.weight_only_pack(self._weight_kn(site), bits, group, sym, plan.get("gptq_x"))
         self.dequantized[site.name] = deq
         codes = qmath.unpack_int4(arrays["qweight"], site.n) if bits == 4 else arrays["qweight"]  # [K, N]
@@ -198,7 +218,14 @@ class GpuEmitter(Emitter):
                                                                      self.target)))
         return bb.emit(relax.call_tir(gv, args, relax.TensorType([m, site.n], "float32")))
 
-    def _int8(self, bb, site, x2, m, plan, bias):
+    def norm(self, bb, ns, a, r, gamma, beta):
+        """The CPU path fuses a layer norm with the per-token quantizer of its INT8 consumers; on GPUs the layer
+        norm stays a Relax op (scheduled by the GPU rules) and each consumer quantizes its input itself."""
+        x = a if r is None else bb.emit(relax.op.add(a, r))
+        return bb.emit(relax.op.nn.layer_norm(x, gamma, beta, axes=[-1], epsilon=float(ns.eps)))
+
+    def _int8(self, bb, site, x2, m, plan, bias, pre=None):
+        assert pre is None, "GPU INT8 layers quantize their own inputs (no fused layer-norm quantizer)"
         smooth = plan.get("smooth")
         w = self._weight_kn(site)
         q, ws = qmath.int8_weight(w if smooth is None else w * smooth[:, None])
@@ -245,6 +272,14 @@ class GpuEmitter(Emitter):
     def _embedding(self, bb, site, ids, plan):
         bits, group, sym = plan["bits"], plan["group"], plan["symmetric"]
         table = np.asarray(self.imported.params[site.weight_index], np.float32)
+        if not (isinstance(site.x, relax.Var) and site.x in self._from_inputs):
+            # ids known at compile time (position / token-type ids): ember lifts weight-only computations into the
+            # weight transform that runs once on the build machine's CPU, where a GPU kernel cannot run; the
+            # lookup stays a plain take of the fp32 table (computed once there), and the report shows no error.
+            self.dequantized[site.name] = table
+            func = self.imported.mod["main"]
+            weight = func.params[int(func.attrs["num_input"]) + site.weight_index]
+            return bb.emit(relax.op.take(weight, ids, axis=0))
         arrays, deq = qmath.embedding_pack(table, bits, group, sym)
         self.dequantized[site.name] = deq
         ids_shape = list(sinfo(ids).shape.values)

@@ -30,14 +30,36 @@ is then re-read once per row tile (from L2 for small models): a GEMV, not a tens
 from __future__ import annotations
 
 import numpy as np
-from tvm import tirx
+
+# TVM is imported inside the kernel builders: the packing functions below are numpy only, so the GPU benchmark
+# can use them on a machine with TVM's runtime alone.
 
 WARP = 32
 WARPS = 4  # warps (output columns) per block
-UNROLL = 8  # 16-byte chunks a lane loads before decoding them
+UNROLL = 4  # 16-byte chunks a lane loads before decoding them (4 beat 8 and 11 on the H100, run 1)
 ROW_TILE = 4  # activation rows per block when the row count is symbolic
 MAX_STATIC_ROWS = 8
 CHUNK_WORDS = 4  # 16 bytes
+
+
+# One word of 8 INT4 codes times 8 fp16 activations on CUDA: 4 x (LOP3 [+ SHF], HSUB2, HFMA2) on half2 registers,
+# one conversion to fp32. (TVM prints float16x2 arithmetic lane by lane, so this is a device function.)
+_DOT8_CUDA = r"""
+__forceinline__ __device__ float ember_i4_dot8(unsigned int w, void* xp, float zb) {
+  const half2* x = (const half2*)xp;
+  const half2 bias = __float2half2_rn(zb);
+  unsigned int t0 = (w & 0x000F000Fu) | 0x64006400u;
+  unsigned int t1 = ((w >> 4) & 0x000F000Fu) | 0x64006400u;
+  unsigned int t2 = ((w >> 8) & 0x000F000Fu) | 0x64006400u;
+  unsigned int t3 = ((w >> 12) & 0x000F000Fu) | 0x64006400u;
+  half2 acc = __hmul2(__hsub2(*reinterpret_cast<half2*>(&t0), bias), x[0]);
+  acc = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t1), bias), x[1], acc);
+  acc = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t2), bias), x[2], acc);
+  acc = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t3), bias), x[3], acc);
+  float2 f = __half22float2(acc);
+  return f.x + f.y;
+}
+"""
 
 
 # -- packing (numpy, compile time) -------------------------------------------------------------------------
@@ -94,12 +116,14 @@ def _warps_for(n: int) -> int:
 
 
 def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool, act_dtype: str,
-                     rows: int | None, target, unroll: int = UNROLL, warps: int | None = None) -> tirx.PrimFunc:
+                     rows: int | None, target, unroll: int = UNROLL, warps: int | None = None,
+                     half_decode: bool | None = None) -> tirx.PrimFunc:
     """The fused decode + GEMV kernel (module doc). Arguments: x [m, K], qweight [N, K*bits/32] uint32,
     scales [N, K/g] fp16, [zeros [N, K/g] uint8], [bias [N] fp32], out y [m, N] (x's dtype).
 
     ``rows``: the static row count m (<= 8), or None for a symbolic m. K must be a multiple of ``32 // bits``
-    and ``group`` (K for -1) a multiple of it too, so a word never straddles a group.
+    and ``group`` (K for -1) a multiple of it too, so a word never straddles a group. ``unroll``, ``warps`` and
+    ``half_decode`` (None: fp16x2 decode for fp16 x with INT4 on CUDA) are tuning knobs the benchmark compares.
     """
     from tvm.script import tirx as T
 
@@ -119,7 +143,23 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
     mt = rows if rows is not None else ROW_TILE
     symbolic = rows is None
     mask = (1 << bits) - 1
-    half_path = act_dtype == "float16" and bits == 4 and target.kind.name == "cuda"
+    # decode: "half2" (CUDA, fp16 x, INT4: a device function on packed half2 registers), "half" (the same
+    # arithmetic written in TIR, which TVM prints lane by lane: 2.3x the instructions), or "fp32".
+    decode = "half2" if act_dtype == "float16" and bits == 4 and target.kind.name == "cuda" else "fp32"
+    if half_decode is not None:  # the benchmark compares the decodes
+        decode = half_decode if isinstance(half_decode, str) else ("half" if half_decode else "fp32")
+        if act_dtype != "float16" or bits != 4:
+            decode = "fp32"
+    half_path = decode == "half"
+    half2_path = decode == "half2"
+    if half2_path:
+        from tvm.backend.cuda.op import cuda_func_call
+
+        def dot8(word, xaddr, zb):
+            return cuda_func_call("ember_i4_dot8", word, xaddr, zb, source_code=_DOT8_CUDA, return_type="float32")
+    else:
+        def dot8(word, xaddr, zb):
+            raise AssertionError("half2 decode only")
     vec = _vec_elems(act_dtype, target)
     xv_len = epw
     zero_sym = float(1 << (bits - 1))
@@ -178,7 +218,11 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
                                                                 by * mt + i,
                                                                 (((ob * unroll + u) * WARP + tx) * CHUNK_WORDS + w)
                                                                 * epw + v0 * vec + v]
-                                                    if half_path:
+                                                    if half2_path:
+                                                        acc[i] = acc[i] + dot8(wv[u * CHUNK_WORDS + w],
+                                                                               T.address_of(xv[0]),
+                                                                               zf + T.float32(1024)) * sc
+                                                    elif half_path:
                                                         hacc[T.ramp(0, 1, 2)] = T.Broadcast(T.float16(0), 2)
                                                         for p in T.unroll(epw // 2):
                                                             hacc[T.ramp(0, 1, 2)] = (
@@ -228,7 +272,7 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
 def with_root_block(func: tirx.PrimFunc, params=None) -> tirx.PrimFunc:
     """The kernel with its body in a root block (Relax's passes expect one, e.g. RewriteDataflowReshape's check)
     and only ``params`` (default: all) as arguments."""
-    from tvm import s_tir
+    from tvm import s_tir, tirx
 
     body = func.body
     if not isinstance(body, s_tir.SBlockRealize):

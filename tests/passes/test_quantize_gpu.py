@@ -1,0 +1,245 @@
+"""Quantized models for GPU targets (ember/passes/quantize/gpu.py, ember/schedules/gpu/quant_gemv.py).
+
+CI has no GPU: the layouts and the decode arithmetic are checked in numpy (bit for bit, the same operations the
+kernels do), the kernels' buffers structurally (no full-precision weight anywhere), and the artifacts for CUDA,
+ROCm and Metal for the quantized kernels they must hold. The numerics on a GPU are in the tests marked ``gpu``
+(run where a CUDA device exists; on the H100 through benchmarks/quant_gpu_bench.py, see BENCHMARKS.md).
+"""
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ember
+from ember.errors import ConfigError
+from ember.schedules.gpu import quant_gemv as qg
+from models import MLP, seeded
+
+RNG = np.random.default_rng(0)
+
+
+def _target(name):
+    from ember.compiler.targets import resolve
+
+    return resolve(name)[1]
+
+
+# -- layouts and decode arithmetic (numpy) ------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_words_round_trip_and_magic_decode(bits):
+    """pack_words/unpack_words invert each other, and the kernels' decode (OR into the mantissa of 2^23 / 1024,
+    subtract) gives exactly ``code - zero`` for every element, as the kernels compute it."""
+    codes = RNG.integers(0, 1 << bits, (7, 96)).astype(np.uint8)
+    words = qg.pack_words(codes, bits)
+    assert words.dtype == np.uint32 and words.shape == (7, 96 * bits // 32)
+    np.testing.assert_array_equal(qg.unpack_words(words, bits, 96), codes)
+    epw = 32 // bits
+    zero = float(1 << (bits - 1))
+    for e in range(epw):  # fp32 path: one element per shift + mask
+        v = ((words >> np.uint32(qg.element_shift(e, bits))) & np.uint32((1 << bits) - 1)) | np.uint32(0x4B000000)
+        dec = v.view(np.float32) - np.float32(8388608 + zero)
+        np.testing.assert_array_equal(dec, codes[:, e::epw].astype(np.float32) - zero)
+    if bits == 4:  # fp16x2 path: two neighbouring elements per shift + mask
+        for p in range(4):
+            v = ((words >> np.uint32(4 * p)) & np.uint32(0x000F000F)) | np.uint32(0x64006400)
+            h = v.view(np.float16).reshape(7, -1, 2) - np.float16(1024 + zero)
+            np.testing.assert_array_equal(h[..., 0], codes[:, 2 * p::8] - zero)
+            np.testing.assert_array_equal(h[..., 1], codes[:, 2 * p + 1::8] - zero)
+
+
+def test_int8_words_and_sign_extension():
+    """int8 codes four per int32 word (byte j = element 4w+j), and the portable dot product (sign-extend each byte
+    with shifts, multiply, add) equals the int8 dot product — what __dp4a computes on CUDA."""
+    a = RNG.integers(-127, 128, (3, 10)).astype(np.int8)
+    b = RNG.integers(-127, 128, (3, 10)).astype(np.int8)
+    wa, wb = qg.pack_int8_words(a), qg.pack_int8_words(b)
+    assert wa.shape == (3, 3)
+    total = np.zeros(3, np.int64)
+    for j in range(4):
+        sa = (wa.astype(np.int32) << (24 - 8 * j)) >> 24
+        sb = (wb.astype(np.int32) << (24 - 8 * j)) >> 24
+        total += (sa.astype(np.int64) * sb).sum(1)
+    np.testing.assert_array_equal(total, (a.astype(np.int64) * b).sum(1))
+
+
+# -- the kernels hold no full-precision weight --------------------------------------------------------------
+def _allocations(func):
+    import tvm_ffi
+    from tvm import tirx
+
+    found = []
+
+    def visit(node):
+        buf = node.buffer
+        found.append((str(buf.dtype), buf.scope(), int(np.prod([int(d) for d in buf.shape]))))
+
+    for node_type in (tirx.AllocBuffer, tirx.DeclBuffer):
+        tvm_ffi.structural_walk(func.body, (node_type, visit), order="post")
+    return found
+
+
+@pytest.mark.parametrize("target", ["cuda-sm90", "rocm-gfx942", "metal"])
+@pytest.mark.parametrize("rows,act", [(1, "float16"), (None, "float32")])
+def test_weight_only_kernel_buffers_are_registers_only(target, rows, act):
+    """The decoded weights never exist as a buffer: every buffer the kernel declares is thread-local (registers)
+    and holds at most one 16-byte chunk per unrolled step, far from the K x N weight."""
+    k, n = 4096, 512
+    func = qg.weight_only_gemv(k, n, 4, 128, True, True, act, rows, _target(target))
+    allocs = _allocations(func)
+    assert allocs, "expected the kernel's register buffers"
+    assert all(scope == "local" for _, scope, _ in allocs), allocs
+    assert max(size for _, _, size in allocs) <= qg.UNROLL * qg.CHUNK_WORDS < k * n
+    names = [p.name for p in func.params]
+    assert len(names) == 5 and "z" not in names  # x, qweight, scales, bias, y: no zeros for symmetric codes
+
+
+# -- artifacts ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mlp():
+    model = seeded(MLP, d_in=64, hidden=96, d_out=10)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+    return model, x
+
+
+def _available(target):
+    from ember.compiler import cuda_aot, rocm_aot
+    from ember.compiler.cross import find_ld64
+
+    if target.startswith("cuda") and cuda_aot.find_nvcc() is None:
+        return "nvcc missing"
+    if target.startswith("rocm") and (rocm_aot.find_bitcode_dir() is None or not rocm_aot.find_lld()):
+        return "rocm-device-libs / lld missing"
+    if target == "metal" and find_ld64() is None:
+        return "ld64.lld missing"
+    return None
+
+
+def _kernel_names(lib, target):
+    """The kernels a library launches, read from the device code (no GPU, no TVM)."""
+    if target.startswith("rocm"):
+        from ember.compiler.rocm_aot import inspect_code_objects
+
+        return {k for co in inspect_code_objects(lib) for k in co.kernels}
+    if target == "metal":
+        from ember.compiler.metal import inspect_metal
+
+        return set(inspect_metal(lib).functions)
+    data = open(lib, "rb").read()  # CUDA: kernel names are in TVM's function table and the cubin symbols
+    return {name for name in ("ember_gpu_wo_gemv", "ember_gpu_int8_gemv", "ember_gpu_quant_rows")
+            if name.encode() in data}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["cuda-sm90", "rocm-gfx942", "metal"])
+@pytest.mark.parametrize("scheme", ["int4", "int8dyn"])
+def test_quantized_mlp_artifact_holds_gpu_kernels(mlp, target, scheme, tmp_path):
+    why = _available(target)
+    if why:
+        pytest.skip(why)
+    model, x = mlp
+    cfg = ember.WeightOnly(bits=4, group_size=32) if scheme == "int4" else ember.Int8Dynamic()
+    cm = ember.compile(model, (x,), target=target, quantization=cfg)
+    art = cm.export(tmp_path / "art")
+    manifest = json.load(open(f"{art}/manifest.json"))
+    rep = manifest["compression"]["quantization"]
+    assert rep["scheme"]["type"] == type(cfg).__name__ and len(rep["layers"]) == 3
+    assert "skipped" in rep["end_to_end"]  # a GPU build does not run here; the report says so
+    assert manifest["target"]["gpu"]["device_code"] in ("fatbin", "hsaco", "msl")
+    names = _kernel_names(f"{art}/model.so", target)
+    wanted = ["ember_gpu_wo_gemv"] if scheme == "int4" else ["ember_gpu_int8_gemv", "ember_gpu_quant_rows"]
+    for w in wanted:
+        assert any(n.startswith(w) for n in names), (w, sorted(names))
+    # the artifact's weights are the packed codes: no fp32 matrix left
+    from tvm.runtime import load_param_dict
+
+    params = load_param_dict(open(f"{art}/params.bin", "rb").read())
+    mats = {k: v.numpy() for k, v in params.items() if len(v.shape) == 2}
+    assert mats and all(a.dtype != np.float32 for a in mats.values()), {k: a.dtype for k, a in mats.items()}
+    if target.startswith("cuda") and scheme == "int8dyn" and shutil.which("cuobjdump", path="/usr/local/cuda/bin"):
+        sass = subprocess.run([shutil.which("cuobjdump", path="/usr/local/cuda/bin"), "-sass", f"{art}/model.so"],
+                              capture_output=True, text=True, timeout=120).stdout
+        if sass:
+            assert "IDP4A" in sass, "the int8 GEMV should use the dp4a instruction"
+
+
+@pytest.mark.slow
+def test_cuda_lowered_module_has_no_fp32_weight_buffer(mlp):
+    """The whole CUDA module as lowered for the VM: no Relax tensor and no kernel buffer as large as a weight
+    matrix in float — the weights stay packed until registers."""
+    import tvm
+    from tvm import relax
+
+    from ember.compiler.build import import_model
+    from ember.compiler.cuda_aot import cuda_build_environment
+    from ember.compiler.pipeline import lower, prepare
+    from ember.passes.quantize import apply_quantization
+
+    if _available("cuda-sm90"):
+        pytest.skip(_available("cuda-sm90"))
+    model, x = mlp
+    tgt = _target("cuda-sm90")
+    imported = import_model(model, (x,))
+    imported, _ = apply_quantization(imported, ember.WeightOnly(bits=4, group_size=32), tgt)
+    mod = prepare(imported.mod, target=tgt)
+    with cuda_build_environment(tgt, "cuda-sm90"), tgt:
+        lowered = lower(tgt)(mod)
+    smallest_weight = 64 * 96  # elements of the smallest linear weight of the MLP
+    for gv, func in lowered.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            for dtype, scope, size in _allocations(func):
+                if "float" in dtype:
+                    assert size < smallest_weight, (gv.name_hint, dtype, scope, size)
+    # Relax side: every float tensor the VM allocates or takes is activation-sized (6 rows) or a bias/scale
+    shapes = []
+
+    def visit(e):
+        si = getattr(e, "struct_info", None)
+        if isinstance(si, relax.TensorStructInfo) and "float" in str(si.dtype) and si.shape is not None \
+                and hasattr(si.shape, "values"):
+            dims = [int(d) for d in si.shape.values if hasattr(d, "value")]
+            if len(dims) == len(si.shape.values):
+                shapes.append((tuple(dims), str(si.dtype)))
+
+    relax.analysis.post_order_visit(lowered["main"], visit)
+    assert shapes
+    assert all(int(np.prod(s)) < smallest_weight for s, _ in shapes), sorted(set(shapes))
+
+
+def test_gpu_group_must_fit_words(mlp):
+    model = nn.Sequential(nn.Linear(36, 16)).eval()
+    x = torch.randn(2, 36)
+    with pytest.raises(ConfigError, match=r"layer '.*weight'.*multiples of 8"):
+        ember.compile(model, (x,), target="cuda-sm90", quantization=ember.WeightOnly(bits=4, group_size=-1))
+
+
+# -- on a CUDA GPU ------------------------------------------------------------------------------------------
+def _cuda_device():
+    try:
+        import tvm
+
+        from ember.runtime.load import _load_device_runtime
+
+        _load_device_runtime("cuda")
+        return tvm.cuda(0).exist
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg,tol", [(ember.WeightOnly(bits=4, group_size=32), 0.15),
+                                     (ember.WeightOnly(bits=8, group_size=-1, symmetric=False), 0.03),
+                                     (ember.Int8Dynamic(), 0.03)])
+def test_quantized_mlp_on_cuda_matches_torch_and_cpu_build(mlp, cfg, tol, tmp_path):
+    if not _cuda_device():
+        pytest.skip("no CUDA device")
+    model, x = mlp
+    got = ember.compile(model, (x,), target="cuda-sm90", quantization=cfg)(x.numpy())
+    cpu = ember.compile(model, (x,), target="host", quantization=cfg)(x.numpy())
+    ref = model(x).detach().numpy()
+    assert np.abs(np.exp(got) - np.exp(ref)).max() < tol
+    np.testing.assert_allclose(got, cpu, atol=1e-3)  # same codes: only the order of the additions differs
