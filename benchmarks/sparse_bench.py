@@ -1,6 +1,6 @@
 """N:M sparsity, measured in one run: kernel speed, and accuracy after pruning + distillation on real data.
 
-    python benchmarks/sparse_bench.py [--parts linear,digits,minilm] [--out benchmarks/results]
+    python benchmarks/sparse_bench.py [--parts linear,digits,minilm,minilm_int8] [--out benchmarks/results]
 
 1. linear — fp32 Linear 4096×4096, batch 1, this CPU: ember 1:16 (packed weights, sparse kernel) vs ember dense
    vs PyTorch dense (+ ember 2:4 and 1:8 for the curve). Runs are interleaved round by round and the medians
@@ -12,6 +12,10 @@
    dense model on real sentences (Python stdlib docstrings, ember.models.corpus), and the cosine of the sentence
    embeddings to the dense model's on held-out sentences — whatever it is. The 1:16 encoder is also compiled by
    ember (batch 1, seq 128) and timed against ember dense and PyTorch.
+
+4. minilm_int8 — the 1:16 MiniLM (a short distillation) compiled with fp32 and with int8 sparse values
+   (``NM(1, 16)`` + ``Int8Dynamic()``): embedding cosine between the two and to the dense model on held-out
+   sentences, bytes, and latency (batch 1, seq 128) against ember dense. Parts 1 and 2 also compile 1:16 + int8.
 
 Writes ``sparse_bench.json`` (and ``sparse_bench_linear.png``) under --out.
 """
@@ -70,14 +74,25 @@ def bench_linear(threads: int) -> dict:
     xn = x.numpy()
     compiled = {"ember dense": ember.compile(dense, (x,))}
     masked = {}
+    int8_err = {}
     for n, m in ((1, 16), (1, 8), (2, 4)):
         model = copy.deepcopy(dense)
         sp.prune_nm(model, n, m)
         masked[f"{n}:{m}"] = model
         cm = ember.compile(model, (x,), sparsity=ember.NM(n, m))
-        err = float(np.abs(cm(xn) - model(x).detach().numpy()).max())
+        want = model(x).detach().numpy()
+        err = float(np.abs(cm(xn) - want).max())
         assert err < 1e-3, f"ember {n}:{m} differs from the masked torch model by {err}"
         compiled[f"ember {n}:{m}"] = cm
+        if m >= 8:  # sparse + int8 values (per-row scales): what ember.compile makes of NM + Int8Dynamic
+            cq = ember.compile(model, (x,), sparsity=ember.NM(n, m), quantization=ember.Int8Dynamic())
+            got = cq(xn)
+            int8_err[f"{n}:{m}"] = {"max_abs_error_vs_fp32_sparse": float(np.abs(got - want).max()),
+                                    "output_max_abs": float(np.abs(want).max()),
+                                    "cosine_vs_fp32_sparse": float((got * want).sum() / (np.linalg.norm(got)
+                                                                                         * np.linalg.norm(want))),
+                                    "packed_bytes": cq.manifest["compression"]["sparsity"]["packed_bytes"]}
+            compiled[f"ember {n}:{m} int8"] = cq
     rep = compiled["ember 1:16"].manifest["compression"]["sparsity"]
     fns = {}
     for name, cm in compiled.items():
@@ -97,15 +112,22 @@ def bench_linear(threads: int) -> dict:
         "shape": [n_out, k], "batch": 1, "dtype": "float32", "threads": threads, "median_ms": ms,
         "speedup_1_16_vs_ember_dense": ms["ember dense"] / ms["ember 1:16"],
         "speedup_1_16_vs_torch_dense": ms["torch dense"] / ms["ember 1:16"],
-        "bytes": {"dense": rep["dense_bytes"], "packed_1_16": rep["packed_bytes"]},
+        "speedup_1_16_int8_vs_1_16": ms["ember 1:16"] / ms["ember 1:16 int8"],
+        "bytes": {"dense": rep["dense_bytes"], "packed_1_16": rep["packed_bytes"],
+                  "packed_1_16_int8": int8_err["1:16"]["packed_bytes"]},
+        "int8_values": int8_err,
         "kernel": rep["kernel"], "load_avg_1min": [load_before, load_after],
     }
     print("\n== fp32 Linear 4096x4096, batch 1 (median ms, interleaved rounds) ==")
     for name, v in ms.items():
-        print(f"  {name:12s} {v:8.3f} ms   ({ms['ember dense'] / v:5.2f}x ember dense, "
+        print(f"  {name:16s} {v:8.3f} ms   ({ms['ember dense'] / v:5.2f}x ember dense, "
               f"{ms['torch dense'] / v:5.2f}x torch)")
     print(f"  weights: dense {rep['dense_bytes'] / 2**20:.1f} MiB, 1:16 packed {rep['packed_bytes'] / 2**20:.2f} MiB; "
           f"kernel: {rep['kernel']}; load {load_before:.1f} -> {load_after:.1f}")
+    for key, e in int8_err.items():
+        print(f"  {key} int8 values: {e['packed_bytes'] / 2**20:.2f} MiB, max |error| vs fp32 sparse "
+              f"{e['max_abs_error_vs_fp32_sparse']:.2e} (outputs up to {e['output_max_abs']:.2f}), cosine "
+              f"{e['cosine_vs_fp32_sparse']:.6f}")
     return out
 
 
@@ -194,16 +216,23 @@ def bench_digits(threads: int, steps: int) -> dict:
         cm = ember.compile(student, (x1,), sparsity=ember.NM(1, 16), dynamic_batch=True)
         ember_pred = cm(xte).argmax(-1)
         ember_acc = float((ember_pred == yte).mean() * 100)
+        # + int8: sparse layers with int8 values, the dense ones (the convs) by the quantization pass
+        cq = ember.compile(student, (x1,), sparsity=ember.NM(1, 16), quantization=ember.Int8Dynamic(),
+                           dynamic_batch=True)
+        int8_acc = float((cq(xte).argmax(-1) == yte).mean() * 100)
         rep = cm.manifest["compression"]["sparsity"]
         weights = {r["name"]: round(r["sparsity"], 4) for r in sp.sparsity_report(student, masks)}
         results["variants"][label] = {
             "pruned_top1": pruned_acc, "distilled_top1": distilled_acc, "ember_top1": ember_acc,
+            "ember_1_16_int8_top1": int8_acc,
+            "ember_int8_bytes": cq.manifest["compression"]["sparsity"]["packed_bytes"],
             "drop_points": round(dense_acc - distilled_acc, 2), "finetune_steps": steps,
             "finetune_seconds": round(ft_s, 1), "loss_first_last": [losses[0], losses[-1]],
             "weight_sparsity": weights, "ember_packed_layers": [r["name"] for r in rep["layers"]],
             "ember_bytes": {"dense": rep["dense_bytes"], "packed": rep["packed_bytes"]},
         }
         print(f"  {label:24s} pruned {pruned_acc:6.2f}%  distilled {distilled_acc:6.2f}%  ember {ember_acc:6.2f}%  "
+              f"ember+int8 {int8_acc:6.2f}%  "
               f"drop {dense_acc - distilled_acc:+.2f} pt  ({steps} steps, {ft_s:.0f} s)")
     return results
 
@@ -315,6 +344,77 @@ def bench_minilm(threads: int, steps: int, compile_1_16: bool) -> dict:
     return results
 
 
+def bench_minilm_int8(threads: int, steps: int, sentences_n: int = 100) -> dict:
+    """1:16 MiniLM compiled with fp32 sparse values vs int8 sparse values (NM(1, 16) + Int8Dynamic): how much
+    the int8 values change the embeddings, on real held-out sentences, and the latency (batch 1, seq 128)."""
+    import torch
+
+    import ember
+    import ember.sparsity as sp
+    from ember.models import minilm
+    from ember.models.corpus import stdlib_sentences
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    teacher = minilm.load_encoder()
+    tok = minilm.load_tokenizer()
+    sentences = stdlib_sentences(1200)
+    train, held_out = sentences[:1000], sentences[1000:1000 + sentences_n]
+    student = copy.deepcopy(teacher)
+    masks = sp.prune_nm(student, 1, 16, layers=_encoder_linears(teacher))
+    t0 = time.perf_counter()
+    if steps:
+        batches = []
+        for i in range(0, len(train), 16):
+            ids, mask = minilm.tokenize(tok, train[i:i + 16], 64)
+            batches.append((torch.from_numpy(ids), torch.from_numpy(mask)))
+        sp.finetune(student, masks, batches, teacher=teacher, steps=steps, lr=1e-4, loss="cosine+mse")
+    ft_s = time.perf_counter() - t0
+    ids, mask = minilm.tokenize(tok, held_out[:1], 128)
+    kwargs = dict(input_names=["input_ids", "attention_mask"], output_names=["embedding"])
+    example = (torch.from_numpy(ids), torch.from_numpy(mask))
+    cms = {"ember dense": ember.compile(teacher, example, **kwargs),
+           "ember 1:16": ember.compile(student, example, sparsity=ember.NM(1, 16), **kwargs),
+           "ember 1:16 int8": ember.compile(student, example, sparsity=ember.NM(1, 16),
+                                            quantization=ember.Int8Dynamic(), **kwargs)}
+    embs = {k: [] for k in cms}
+    embs["torch 1:16"], embs["torch dense"] = [], []
+    for sent in held_out:
+        ids, mask = minilm.tokenize(tok, [sent], 128)
+        for k, cm in cms.items():
+            embs[k].append(np.asarray(cm(ids, mask)).reshape(-1))
+        with torch.no_grad():
+            embs["torch 1:16"].append(student(torch.from_numpy(ids), torch.from_numpy(mask)).numpy().reshape(-1))
+            embs["torch dense"].append(teacher(torch.from_numpy(ids), torch.from_numpy(mask)).numpy().reshape(-1))
+    embs = {k: np.stack(v) for k, v in embs.items()}
+
+    def cos(a, b):
+        c = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        return {"mean": round(float(c.mean()), 6), "min": round(float(c.min()), 6)}
+
+    res = {"sentences": len(held_out), "distillation_steps": steps, "distillation_seconds": round(ft_s, 1),
+           "cosine": {"int8_vs_fp32_sparse": cos(embs["ember 1:16 int8"], embs["ember 1:16"]),
+                      "fp32_sparse_vs_torch_sparse": cos(embs["ember 1:16"], embs["torch 1:16"]),
+                      "fp32_sparse_vs_dense": cos(embs["ember 1:16"], embs["torch dense"]),
+                      "int8_sparse_vs_dense": cos(embs["ember 1:16 int8"], embs["torch dense"])},
+           "bytes": {k: cms[k].manifest["compression"]["sparsity"]["packed_bytes"]
+                     for k in ("ember 1:16", "ember 1:16 int8")}}
+    fns = {}
+    for name, cm in cms.items():
+        _, dev_inputs = cm._prepare((ids, mask), {})
+        fns[name] = (lambda c=cm, d=dev_inputs: c.run_device(d))
+    torch.set_num_threads(threads)
+    with bench_lock():
+        load = os.getloadavg()[0]
+        res["median_ms_batch1_seq128"] = interleaved_medians(fns, rounds=6, per_round=5, warmup=3)
+        res["load_avg_1min"] = [load, os.getloadavg()[0]]
+    print(f"\n== MiniLM 1:16 ({steps} distillation steps), int8 vs fp32 sparse values, {len(held_out)} held-out "
+          f"sentences ==\n  cosine {res['cosine']}\n  encoder Linears: fp32 values "
+          f"{res['bytes']['ember 1:16'] / 2**20:.2f} MiB, int8 {res['bytes']['ember 1:16 int8'] / 2**20:.2f} MiB\n  "
+          + ", ".join(f"{k} {v:.2f} ms" for k, v in res["median_ms_batch1_seq128"].items()))
+    return res
+
+
 def _plot(linear: dict, path: str):
     try:
         import matplotlib
@@ -340,6 +440,8 @@ def main():
     ap.add_argument("--digits-steps", type=int, default=1200)
     ap.add_argument("--minilm-steps", type=int, default=150)
     ap.add_argument("--no-minilm-compile", action="store_true")
+    ap.add_argument("--int8-minilm-steps", type=int, default=40,
+                    help="minilm_int8 part: distillation steps of the 1:16 student before comparing int8 to fp32")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = ap.parse_args()
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
@@ -355,6 +457,8 @@ def main():
         result["digits"] = bench_digits(a.threads, a.digits_steps)
     if "minilm" in parts:
         result["minilm"] = bench_minilm(a.threads, a.minilm_steps, not a.no_minilm_compile)
+    if "minilm_int8" in parts:
+        result["minilm_int8"] = bench_minilm_int8(a.threads, a.int8_minilm_steps)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)
     os.makedirs(a.out, exist_ok=True)
     full = set(parts) == {"linear", "digits", "minilm"}

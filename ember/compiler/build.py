@@ -114,10 +114,11 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     imported = import_model(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names,
                             output_names=output_names)
     imported, compression = compress(imported, quantization=quantization, sparsity=sparsity, target=tgt,
-                                     example_inputs=example_inputs, verbose=verbose)
+                                     example_inputs=example_inputs, verbose=verbose, precision=precision)
     from ..passes.precision import apply_precision  # precision="fp16": fp32 import, then half the graph
 
-    imported, precision_report = apply_precision(imported, precision)
+    # (with a sparsity, compress ran the precision pass itself, before packing: its report says so)
+    imported, precision_report = apply_precision(imported, None if "precision" in compression else precision)
     if precision_report is not None:
         compression = {**compression, "precision": precision_report}
     t1 = time.perf_counter()

@@ -18,11 +18,20 @@ QUANTIZATION_TYPES = (WeightOnly, Int8Dynamic, Int8Static, Mixed)
 SPARSITY_TYPES = (NM,)
 
 
-def compress(imported, *, quantization=None, sparsity=None, target=None, example_inputs=None, verbose=False):
+def compress(imported, *, quantization=None, sparsity=None, target=None, example_inputs=None, verbose=False,
+             precision=None):
     """Apply ``sparsity`` then ``quantization`` (either may be None); returns ``(imported, report)``.
 
-    example_inputs: what the quantization report evaluates on when the scheme has no calibration data."""
+    example_inputs: what the quantization report evaluates on when the scheme has no calibration data.
+    precision: with ``"fp16"`` and a sparsity, the precision pass runs here, first (and the report gets a
+    "precision" entry, which tells the caller not to run it again): the sparse kernels then read fp16 values, and
+    TVM's ToMixedPrecision, which cannot see through the kernels' ``call_tir``, runs before they exist."""
     report = {"quantization": None, "sparsity": None}
+    if sparsity is not None and precision is not None:
+        from .precision import apply_precision, normalize_precision
+
+        if normalize_precision(precision) == "fp16":
+            imported, report["precision"] = apply_precision(imported, precision)
     if sparsity is not None:
         if not isinstance(sparsity, SPARSITY_TYPES):
             raise ConfigError(f"sparsity={sparsity!r}: use ember.NM(n, m), e.g. ember.NM(1, 16)")

@@ -136,3 +136,46 @@ def test_cuda_kernel_matches_torch_on_a_gpu():
         ref = x.astype(np.float64) @ w.T.astype(np.float64)
         tol = 1e-5 if dtype == "float32" else 1e-3
         np.testing.assert_allclose(out.numpy(), ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))
+
+
+def test_emulated_kernel_fp16_in_fp32_out():
+    """precision="fp16" makes matmul(x16, w16, out_dtype="float32"): the kernel stores its fp32 sums as they are."""
+    w, x = _case(40, 160, 1, 16, 2, "float16", seed=5)
+    p = pack_gpu(w, 1, 16)
+    tgt = resolve("host")[1]
+    func = gpu_kernel(160, 40, 1, 16, "float16", emulate=True, out_dtype="float32")
+    with tgt:
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), tgt)
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.full((2, 40), np.nan, "float32"), dev)
+    lib(*[tvm.runtime.tensor(a, dev) for a in (x, p.values, p.indices)], out)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_cuda_compile_with_fp16_precision_packs_fp16_values():
+    """ember.compile(target="cuda-sm90", precision="fp16", sparsity=NM(1, 16)): the precision pass runs before
+    the packing (compress), so every Linear is sparse with fp16 values (half the packed bytes of fp32)."""
+    import torch
+
+    import ember
+    import ember.sparsity as sp
+    from ember.compiler import cuda_aot
+    from models import MLP
+
+    if cuda_aot.find_nvcc() is None:
+        pytest.skip("nvcc (the CUDA toolkit) is not installed: CUDA cannot be compiled here")
+    torch.manual_seed(0)
+    model = MLP(256, 128, 16).eval()  # reduction sizes that fill whole vectors of 8 fp16 / 4 fp32 groups
+    sp.prune_nm(model, 1, 16)
+    x = torch.randn(3, 256)
+    reps = {}
+    for precision in ("fp16", None):
+        cm = ember.compile(model, (x,), target="cuda-sm90", precision=precision, sparsity=ember.NM(1, 16))
+        reps[precision] = cm.manifest["compression"]
+    half, full = reps["fp16"]["sparsity"], reps[None]["sparsity"]
+    assert reps["fp16"]["precision"]["precision"] == "fp16" and "precision" not in reps[None]
+    assert [layer["name"] for layer in half["layers"]] == ["p_fc1_weight", "p_fc2_weight", "p_fc3_weight"]
+    assert not half["skipped"] and half["kernel"] == "gpu (cuda)"
+    # fp16 values: 2 bytes + half a byte of index per kept weight, against 4 + 0.5 (more groups per vector pad)
+    assert half["packed_bytes"] < 0.6 * full["packed_bytes"]

@@ -44,11 +44,14 @@ def lanes_for(chunks: int, max_threads: int = 1024) -> int:
 
 
 def gpu_kernel(k: int, n_out: int, n: int, m: int, dtype: str, vector_loads: bool = True,
-               emulate: bool = False, lanes: int | None = None, max_threads: int = 256) -> tirx.PrimFunc:
+               emulate: bool = False, lanes: int | None = None, max_threads: int = 256,
+               out_dtype: str | None = None) -> tirx.PrimFunc:
     """The kernel for a weight ``[n_out, k]`` packed by :func:`.pack.pack_gpu`; the batch is symbolic.
 
     vector_loads: load a chunk's values and indices as one vector each (CUDA, ROCm). Metal's shading language has
     no 8-wide half vector, so there the copies are unrolled scalar loads (the Metal compiler merges them).
+    out_dtype: the output's dtype (default ``dtype``; fp16 inputs with an fp32 output is what ``precision="fp16"``
+    makes of a matmul, and the kernel accumulates in fp32 anyway).
     lanes: threads per row (a power of two; 16 × lanes threads per block); default :func:`lanes_for` with the
     target's ``max_threads`` per block.
     emulate: the same arithmetic with serial loops instead of threads (phase 1 every thread's partial sum, phase
@@ -58,6 +61,7 @@ def gpu_kernel(k: int, n_out: int, n: int, m: int, dtype: str, vector_loads: boo
     from tvm.script import tirx as T
 
     v = gpu_vector(np.dtype(dtype) if dtype != "bfloat16" else np.float16)
+    out_dtype = out_dtype or dtype
     four_bit = index_bits(m) == 4
     ib = v // 2 if four_bit else v
     g_all = num_groups(k, m)
@@ -120,7 +124,7 @@ def gpu_kernel(k: int, n_out: int, n: int, m: int, dtype: str, vector_loads: boo
         x = T.match_buffer(x_h, (batch, k), dtype)
         values = T.match_buffer(v_h, (nb, go, n, BLOCK, v), dtype)
         indices = T.match_buffer(i_h, (nb, go, n, BLOCK, ib), "uint8")
-        y = T.match_buffer(y_h, (batch, n_out), dtype)
+        y = T.match_buffer(y_h, (batch, n_out), out_dtype)
         for b in T.thread_binding(batch, thread="blockIdx.y"):
             for jb in T.thread_binding(nb, thread="blockIdx.x"):
                 red = T.decl_buffer((lanes, BLOCK), "float32", scope="shared")
@@ -136,7 +140,7 @@ def gpu_kernel(k: int, n_out: int, n: int, m: int, dtype: str, vector_loads: boo
                             for l in range(1, lanes):
                                 acc[0] = acc[0] + red[l, tx]
                             if row_ok(jb * BLOCK + tx):
-                                y[b, jb * BLOCK + tx] = T.Cast(dtype, acc[0])
+                                y[b, jb * BLOCK + tx] = T.Cast(out_dtype, acc[0])
 
     @T.prim_func(private=True)
     def emulated(x_h: T.handle, v_h: T.handle, i_h: T.handle, y_h: T.handle):
@@ -145,7 +149,7 @@ def gpu_kernel(k: int, n_out: int, n: int, m: int, dtype: str, vector_loads: boo
         x = T.match_buffer(x_h, (batch, k), dtype)
         values = T.match_buffer(v_h, (nb, go, n, BLOCK, v), dtype)
         indices = T.match_buffer(i_h, (nb, go, n, BLOCK, ib), "uint8")
-        y = T.match_buffer(y_h, (batch, n_out), dtype)
+        y = T.match_buffer(y_h, (batch, n_out), out_dtype)
         for b in range(batch):
             for jb in range(nb):
                 red = T.decl_buffer((lanes, BLOCK), "float32")
@@ -162,6 +166,6 @@ def gpu_kernel(k: int, n_out: int, n: int, m: int, dtype: str, vector_loads: boo
                         total[0] = red[0, tx]
                         for l in range(1, lanes):
                             total[0] = total[0] + red[l, tx]
-                        y[b, jb * BLOCK + tx] = T.Cast(dtype, total[0])
+                        y[b, jb * BLOCK + tx] = T.Cast(out_dtype, total[0])
 
     return emulated if emulate else kernel

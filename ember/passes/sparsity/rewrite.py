@@ -94,7 +94,7 @@ def _find_sites(func, weight_vars: set):
     return sites
 
 
-def _usable(site, weights_np: dict, int8: bool = False) -> str | None:
+def _usable(site, weights_np: dict, int8: bool = False, gpu: bool = False) -> str | None:
     """Why this site cannot use the sparse kernel (None: it can)."""
     w = weights_np[site.weight]
     if int8 and str(w.dtype) != "float32":
@@ -105,7 +105,9 @@ def _usable(site, weights_np: dict, int8: bool = False) -> str | None:
         return f"weight is {w.ndim}-D"
     if str(w.dtype) not in _FLOAT_DTYPES:
         return f"weight dtype {w.dtype} (the sparse kernel computes in floating point)"
-    if str(x_sinfo.dtype) != str(w.dtype) or out_dtype not in ("", "void", str(w.dtype)):
+    # GPU kernels also take fp16 x fp16 -> fp32 (what precision="fp16" makes of a matmul)
+    out_ok = ("", "void", str(w.dtype)) + (("float32",) if gpu and str(w.dtype) == "float16" else ())
+    if str(x_sinfo.dtype) != str(w.dtype) or out_dtype not in out_ok:
         return f"mixed dtypes (x {x_sinfo.dtype}, weight {w.dtype}, out {out_dtype or 'same'})"
     shape = _static_shape(x_sinfo)
     if shape is None or len(shape) < 2:
@@ -139,7 +141,7 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1, int8:
     packed: dict = {}   # weight Var -> _Packed
     plan = {}           # matmul Call -> (_Site, _Packed)
     for site in sites:
-        why = _usable(site, weights_np, int8)
+        why = _usable(site, weights_np, int8, is_gpu(target))
         name = names[site.weight]
         if why is None and (site.weight.ty.shape is None):
             why = "weight shape unknown"
@@ -197,10 +199,13 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1, int8:
             batch = int(rows.value) if isinstance(rows, tirx.IntImm) else (
                 rows if isinstance(rows, int) else tirx.Var("batch", "int64"))
             dtype = str(x.ty.dtype)
-            prim = sparse_matmul_func(batch, k, n_out, n, m, dtype, target, int8=int8)
+            out_dtype = str(call.attrs.out_dtype or "")
+            out_dtype = dtype if out_dtype in ("", "void") else out_dtype
+            prim = sparse_matmul_func(batch, k, n_out, n, m, dtype, target, int8=int8, out_dtype=out_dtype)
             prim = prim.with_attr("op_pattern", _OPAQUE)
-            gv = self.builder_.add_func(prim, f"{KERNEL_NAME}_{k}x{n_out}_{n}_{m}" + ("_int8" if int8 else ""))
-            out = relax.call_tir(gv, [x2] + pk.vars, relax.TensorType([rows, n_out], dtype))
+            gv = self.builder_.add_func(prim, f"{KERNEL_NAME}_{k}x{n_out}_{n}_{m}" + ("_int8" if int8 else "")
+                                        + ("" if out_dtype == dtype else f"_{out_dtype}"))
+            out = relax.call_tir(gv, [x2] + pk.vars, relax.TensorType([rows, n_out], out_dtype))
             if len(shape) == 2:
                 return out
             y = self.builder_.emit(out, "nm_y")

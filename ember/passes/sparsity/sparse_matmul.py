@@ -272,14 +272,15 @@ def _int8_entry(body, k, n_out, n, m, nb, g_all, gi_rows):
 
 
 def sparse_matmul_func(batch, k: int, n_out: int, n: int, m: int, dtype: str, target,
-                       int8: bool = False) -> tirx.PrimFunc:
+                       int8: bool = False, out_dtype: str | None = None) -> tirx.PrimFunc:
     """The scheduled kernel for ``target`` (llvm or a GPU kind); marked ``tirx.is_scheduled``. On a GPU target it
     reads :func:`.pack.pack_gpu`'s layout, elsewhere :func:`.pack.pack`'s (:func:`pack_for` picks).
 
     ``batch``: an int, or a ``tirx.Var("batch", "int64")`` for a model compiled with a dynamic batch (the x86
     gather kernel is always shape-generic in the batch).
     int8: the values are int8 codes with an fp32 scale per row (:func:`.pack.pack_int8`); the kernel takes
-    ``(x, values, indices, scales, y)``. CPU targets only."""
+    ``(x, values, indices, scales, y)``. CPU targets only.
+    out_dtype: GPU targets may write an fp32 output from fp16 inputs (``precision="fp16"``'s matmuls)."""
     kind = target.kind.name if target is not None else "llvm"
     if int8 and (kind != "llvm" or dtype != "float32"):
         raise ConfigError(f"N:M sparsity with int8 values is implemented for CPU (llvm) targets with fp32 "
@@ -289,7 +290,11 @@ def sparse_matmul_func(batch, k: int, n_out: int, n: int, m: int, dtype: str, ta
 
         # (the GPU kernel is shape-generic in the batch, like the x86 one)
         max_threads = int(target.attrs.get("max_num_threads", 256))
-        return gpu_kernel(k, n_out, n, m, dtype, vector_loads=kind != "metal", max_threads=max_threads)
+        return gpu_kernel(k, n_out, n, m, dtype, vector_loads=kind != "metal", max_threads=max_threads,
+                          out_dtype=out_dtype)
+    if out_dtype not in (None, dtype):
+        raise ConfigError(f"sparse matmul: an output dtype ({out_dtype}) other than the input's ({dtype}) is "
+                          "implemented for GPU targets only")
     isa = gather_isa(target, dtype) if kind == "llvm" else None
     if isa is not None:
         from ...schedules.cpu.common import num_cores
