@@ -200,3 +200,34 @@ def test_unsupported_target_refused_clearly(mlp):
     model, x, _ = mlp
     with pytest.raises(ConfigError, match="CPU"):
         ember.compile(model, (x,), target={"kind": "opencl"}, quantization=ember.Int8Dynamic())
+
+
+@pytest.mark.slow
+def test_int8_dynamic_fuses_quantizers_into_producers():
+    """Dynamic INT8 on a transformer: each layer norm that feeds int8 GEMMs writes their codes itself
+    (layernorm_quantize), q/k/v share one quantization, GELU runs in the first FFN GEMM's epilogue; only the
+    attention output and the GELU output keep a standalone quantizer (their producers are not ember's)."""
+    from tvm import relax
+
+    from ember.compiler.build import import_model
+    from ember.passes.quantize import apply_quantization
+
+    model = seeded(TinyTransformer)
+    ids = torch.randint(0, 100, (2, 16))
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    imported = import_model(model, (ids, mask))
+    imported, _ = apply_quantization(imported, ember.Int8Dynamic(), None, example_inputs=(ids, mask))
+    calls = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.same_as(relax.op.call_tir(relax.GlobalVar("f"), [], relax.TensorType(
+                [1], "float32")).op):
+            calls.append(e.args[0].name_hint)
+
+    relax.analysis.post_order_visit(imported.mod["main"].body, visit)
+    count = {n: sum(c.startswith(n) for c in calls) for n in ("ember_layernorm_quant", "ember_quant_act",
+                                                               "ember_int8_matmul")}
+    assert count == {"ember_layernorm_quant": 4, "ember_quant_act": 4, "ember_int8_matmul": 8}, calls
+    assert sum(c.endswith("_gelu") for c in calls) == 2
+    assert not any(isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.nn.gelu"
+                   for e in [b.value for blk in imported.mod["main"].body.blocks for b in blk.bindings])

@@ -224,3 +224,69 @@ def test_quantize_activations_smoothing():
     rq, rs = qmath.quantize_activation_rows(x * inv, 127, clip=3.0, per_token=False)
     np.testing.assert_allclose(xs, rs, rtol=1e-6)
     assert np.abs(codes.reshape(rt, k)[:m].astype(np.int32) - 128 - rq).max() <= 1
+
+
+# -- fused producers / epilogues of the dynamic INT8 path ----------------------------------------------------
+@pytest.mark.parametrize("residual,m,k", [(True, 11, 48), (False, 8, 32), (True, 3, 64)])
+def test_layernorm_quantize_kernel(residual, m, k):
+    """layer_norm(a (+ r)) and its per-token codes in one kernel == numpy layer norm, then the quantizer."""
+    a = RNG.standard_normal((m, k)).astype(np.float32) * 3 + 1
+    r = RNG.standard_normal((m, k)).astype(np.float32)
+    gamma = RNG.standard_normal(k).astype(np.float32)
+    beta = RNG.standard_normal(k).astype(np.float32)
+    rt = 8
+    mb = -(-m // rt)
+    y, codes, xs = _run(kernels.layernorm_quantize(k, 1e-5, residual, 127, rt, TARGET),
+                        *([a, r] if residual else [a]), gamma, beta,
+                        outs=[((m, k), "float32"), ((mb, rt, k), "uint8"), ((m,), "float32")])
+    x = (a + r if residual else a).astype(np.float64)
+    ref = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5) * gamma + beta
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
+    rq, rs = qmath.quantize_activation_rows(y, 127)  # quantizing the kernel's own y: codes must agree exactly
+    np.testing.assert_allclose(xs, rs, rtol=1e-6)
+    flat = codes.reshape(mb * rt, k)
+    assert np.abs(flat[:m].astype(np.int32) - 128 - rq).max() <= 1
+    assert (flat[m:] == 128).all()
+
+
+def test_int8_matmul_gelu_epilogue():
+    """The exact (erf) GELU in the int8 GEMM epilogue == torch's GELU of the dequantized product."""
+    m, k, n = 10, 64, 48
+    lanes = kernels.int8_lanes(TARGET)
+    rt = kernels.int8_row_tile(lanes)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    w = RNG.standard_normal((k, n)).astype(np.float32) * 0.3
+    b = RNG.standard_normal(n).astype(np.float32)
+    rq, rs = qmath.quantize_activation_rows(x, 127)
+    mb = -(-m // rt)
+    codes = np.full((mb * rt, k), 128, np.uint8)
+    codes[:m] = (rq + 128).astype(np.uint8)
+    q, ws = qmath.int8_weight(w)
+    wsum = np.zeros(-(-n // lanes) * lanes, np.int32)
+    wsum[:n] = q.astype(np.int32).sum(0)
+    func = kernels.int8_matmul(k, n, lanes, True, TARGET, activation="gelu")
+    (y,) = _run(func, codes.reshape(mb, rt, k), qmath.vnni_pack(q, lanes), wsum, rs, ws, b, outs=[((m, n), "float32")])
+    import torch
+
+    pre = (rq.astype(np.float64) @ q.astype(np.float64)) * rs[:, None] * ws[None] + b
+    ref = torch.nn.functional.gelu(torch.from_numpy(pre)).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-6)
+
+
+def test_gptq_act_order_keeps_format_and_helps():
+    """Act-order GPTQ: same contiguous groups (the kernel's format), lower output error than natural order when
+    input channels differ in scale, and deterministic."""
+    k, n = 128, 24
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    x = RNG.standard_normal((400, k)).astype(np.float32) * np.geomspace(0.05, 5, k).astype(np.float32)[::-1]
+    nat = qmath.gptq_quantize(w, x, 4, 32, False, act_order=False)
+    act = qmath.gptq_quantize(w, x, 4, 32, False, act_order=True)
+    assert act[0].shape == (k, n) and act[1].shape == (k // 32, n) and act[0].max() <= 15
+    rtn = qmath.quantize_groups(w, 4, 32, False, axis=0)
+
+    def err(r):
+        return float(((x @ (qmath.dequantize_groups(*r, 32, 0) - w)) ** 2).mean())
+
+    assert err(act) < err(nat) < err(rtn)
+    again = qmath.gptq_quantize(w, x, 4, 32, False, act_order=True)
+    assert all(np.array_equal(u, v) for u, v in zip(act, again))

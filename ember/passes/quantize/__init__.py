@@ -28,7 +28,8 @@ from ...errors import ConfigError
 from . import calibrate as _cal
 from . import report as _report
 from .emit import Emitter
-from .graph import Rewriter, find_sites, rebuild_main
+from ...schedules.cpu.common import vector_lanes
+from .graph import Rewriter, find_norms, find_sites, rebuild_main
 
 
 def _target(target):
@@ -122,7 +123,8 @@ def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False
                           "without quantization")
     t0 = time.perf_counter()
     func = imported.mod["main"]
-    sites = find_sites(func, imported.param_names, embeddings=isinstance(cfg, (WeightOnly, Mixed)))
+    sites = find_sites(func, imported.param_names, embeddings=isinstance(cfg, (WeightOnly, Mixed)),
+                       activations=isinstance(cfg, (Int8Dynamic, Int8Static)))
     _validate(cfg, sites)
     report = {"scheme": _report.describe(cfg), "layers": [], "end_to_end": None}
     if not sites:
@@ -147,7 +149,8 @@ def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False
         emitter = GpuEmitter(imported, plans, target, sites)
     else:
         emitter = Emitter(imported, plans, target)
-    rewriter = Rewriter(imported.mod, sites, emitter)
+    norms = find_norms(func, sites, plans, vector_lanes(target, "float32"))
+    rewriter = Rewriter(imported.mod, sites, emitter, norms)
     new_body = rewriter.visit_expr(func)
     mod = rewriter.builder_.get()
     new_main, kept = rebuild_main(func, new_body, emitter.new_params)

@@ -25,6 +25,7 @@ class Emitter:
         self._funcs = {}
         self._memo = []
         self.dequantized = {}  # site name -> the fp32 weight the kernel effectively uses (for the report)
+        self._prequantized = []  # (fp32 tensor, (codes, scale)) made by a fused producer (layernorm_quantize)
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _param(self, name, arr):
@@ -56,12 +57,15 @@ class Emitter:
         return np.ascontiguousarray(w.T if site.transposed else w, dtype=np.float32)
 
     # -- emission ----------------------------------------------------------------------------------------------
-    def __call__(self, bb, site, x):
+    def __call__(self, bb, site, x, src=None):
+        """src: the tensor x is a reshape of (same elements, last dim K); the flat [M, K] view is made from it so
+        that sites reading reshapes of one tensor share the view and what is computed from it."""
         plan = self.plans[site.name]
         if site.kind == "embedding":
             return self._embedding(bb, site, x, plan)
         m, dims = leading_rows(x)
-        x2 = self._shared(("reshape", site.k), x, lambda: bb.emit(relax.op.reshape(x, [m, site.k])))
+        src = x if src is None else src
+        x2 = self._shared(("reshape", site.k), src, lambda: bb.emit(relax.op.reshape(src, [m, site.k])))
         bias = None
         if site.bias_index is not None:
             bias = self._param(self.imported.param_names[site.bias_index] + ".fused",
@@ -69,8 +73,9 @@ class Emitter:
         if plan["scheme"] == "weight_only":
             y2 = self._weight_only(bb, site, x2, m, plan, bias)
         else:
-            y2 = self._int8(bb, site, x2, m, plan, bias)
-        return bb.emit(relax.op.reshape(y2, list(dims) + [site.n]))
+            pre = next((q for t, q in self._prequantized if t.same_as(src)), None)
+            y2 = self._int8(bb, site, x2, m, plan, bias, pre)
+        return bb.emit(relax.op.reshape(y2, site.out_shape or (list(dims) + [site.n])))
 
     def _weight_only(self, bb, site, x2, m, plan, bias):
         bits, group, sym = plan["bits"], plan["group"], plan["symmetric"]
@@ -88,7 +93,25 @@ class Emitter:
                                                                     bias is not None, self.target))
         return bb.emit(relax.call_tir(gv, args, relax.TensorType([m, site.n], "float32")))
 
-    def _int8(self, bb, site, x2, m, plan, bias):
+    def norm(self, bb, ns, a, r, gamma, beta):
+        """Emit ``layer_norm(a (+ r))`` fused with the per-token quantizer of its int8 consumers (see
+        :class:`~.graph.NormSite`); returns the fp32 output in the layer norm's shape."""
+        m, dims = leading_rows(a)
+        k = ns.k
+        rt = kernels.int8_row_tile(kernels.int8_lanes(self.target))
+        flat = [bb.emit(relax.op.reshape(t, [m, k])) for t in (a, r) if t is not None]
+        key = ("ember_layernorm_quant", k, int(r is not None), ns.qmax, rt, repr(ns.eps))
+        gv = self._func(bb, key, lambda: kernels.layernorm_quantize(k, ns.eps, r is not None, ns.qmax, rt,
+                                                                     self.target))
+        kp = -(-k // 4) * 4
+        out = bb.emit(relax.call_tir(gv, flat + [gamma, beta], [
+            relax.TensorType([m, k], "float32"), relax.TensorType([(m + rt - 1) // rt, rt, kp], "uint8"),
+            relax.TensorType([m], "float32")]))
+        y = bb.emit(relax.op.reshape(bb.emit(relax.TupleGetItem(out, 0)), list(dims) + [k]))
+        self._prequantized.append((y, (bb.emit(relax.TupleGetItem(out, 1)), bb.emit(relax.TupleGetItem(out, 2)))))
+        return y
+
+    def _int8(self, bb, site, x2, m, plan, bias, pre=None):
         lanes = kernels.int8_lanes(self.target)
         rt = kernels.int8_row_tile(lanes)
         smooth = plan.get("smooth")
@@ -116,14 +139,15 @@ class Emitter:
             return bb.emit(relax.TupleGetItem(qx, 0)), bb.emit(relax.TupleGetItem(qx, 1))
 
         share = qkey + (plan["clip"], None if smooth is None else smooth.tobytes())
-        codes, xs = self._shared(share, x2, quantize)
+        codes, xs = pre if pre is not None else self._shared(share, x2, quantize)
         args = [codes, self._param(f"{site.name}.int8", qmath.vnni_pack(q, lanes)),
                 self._param(f"{site.name}.wsum", wsum), xs, self._param(f"{site.name}.wscale", ws)]
         if bias is not None:
             args.append(bias)
-        key = ("ember_int8_matmul", site.k, site.n, lanes, int(bias is not None))
+        key = ("ember_int8_matmul", site.k, site.n, lanes, int(bias is not None)) + \
+            ((site.activation,) if site.activation else ())
         gv = self._func(bb, key, lambda: kernels.int8_matmul(site.k, site.n, lanes, bias is not None,
-                                                             self.target))
+                                                             self.target, activation=site.activation))
         return bb.emit(relax.call_tir(gv, args, relax.TensorType([m, site.n], "float32")))
 
     def _embedding(self, bb, site, ids, plan):

@@ -30,6 +30,9 @@ _MATMUL = tvm.ir.Op.get("relax.matmul")
 _PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 _ADD = tvm.ir.Op.get("relax.add")
 _TAKE = tvm.ir.Op.get("relax.take")
+_RESHAPE = tvm.ir.Op.get("relax.reshape")
+_GELU = tvm.ir.Op.get("relax.nn.gelu")
+_LAYER_NORM = tvm.ir.Op.get("relax.nn.layer_norm")
 
 
 def sinfo(expr):
@@ -65,12 +68,19 @@ class Site:
     k: int  # reduction size (embedding: row length D)
     n: int  # output columns (embedding: table rows V)
     x: relax.Expr = None  # matmul activation input (embedding: the ids)
+    # The tensor x was reshaped from (last dim K), if any: the torch frontend gives the q, k and v projections one
+    # reshape each of the same hidden state, so sites sharing a source share its run-time quantization.
+    x_src: relax.Expr = None
     out_var: relax.Var = None  # the binding whose value the rewrite replaces
     skip_vars: list = field(default_factory=list)  # bindings made dead by the rewrite (the un-fused matmul)
     bias_index: int | None = None
+    activation: str | None = None  # "gelu": the erf GELU that is the matmul's only consumer, in the epilogue
+    out_shape: list | None = None  # shape of out_var when it is not x's leading dims + [N] (fused through a reshape)
 
 
-def find_sites(func: relax.Function, param_names: list[str], embeddings: bool) -> list[Site]:
+def find_sites(func: relax.Function, param_names: list[str], embeddings: bool, activations: bool = False) \
+        -> list[Site]:
+    """activations: also fuse a GELU that is a matmul's only consumer (for kernels with an activation epilogue)."""
     n_in = int(func.attrs["num_input"])
     weights = {p: i for i, p in enumerate(func.params[n_in:])}
     bindings, uses = {}, {}
@@ -117,6 +127,16 @@ def find_sites(func: relax.Function, param_names: list[str], embeddings: bool) -
             if int(xshape.values[-1].value) != k:
                 continue
             site = Site("matmul", param_names[weights[w]], weights[w], transposed, k, n, x=x, out_var=var)
+            src = x
+            while isinstance(src, relax.Var) and isinstance(bindings.get(src), relax.Call) \
+                    and bindings[src].op.same_as(_RESHAPE):
+                nxt = bindings[src].args[0]
+                nshape = getattr(sinfo(nxt), "shape", None)
+                if dtype_of(nxt) != "float32" or nshape is None or not hasattr(nshape, "values") \
+                        or not nshape.values or getattr(nshape.values[-1], "value", None) != k:
+                    break
+                src = nxt
+            site.x_src = src if src is not x else None
             sites.append(site)
             by_matmul[var] = site
         elif embeddings and value.op.same_as(_TAKE) and fp32_weight(value.args[0]):
@@ -143,24 +163,107 @@ def find_sites(func: relax.Function, param_names: list[str], embeddings: bool) -
         site.bias_index = weights[bias]
         site.skip_vars.append(site.out_var)
         site.out_var = var
+    if activations:  # y = gelu(matmul (+ bias)): the FFN's first layer; GELU then costs no pass over y
+        by_out = {s.out_var: s for s in sites if s.kind == "matmul"}
+        for var, value in bindings.items():
+            if not (isinstance(value, relax.Call) and value.op.same_as(_GELU) and len(value.args) == 1):
+                continue
+            arg, through = value.args[0], None
+            prod = bindings.get(arg) if isinstance(arg, relax.Var) else None
+            if arg not in by_out and isinstance(prod, relax.Call) and prod.op.same_as(_RESHAPE) \
+                    and uses.get(arg, 0) == 1:
+                arg, through = prod.args[0], arg  # gelu(reshape(y)): the torch frontend's [M, N] -> [B, S, N]
+            site = by_out.get(arg)
+            if site is None or uses.get(site.out_var, 0) != 1:
+                continue
+            site.activation = "gelu"
+            site.skip_vars += [site.out_var] + ([through] if through is not None else [])
+            site.out_var = var
+            site.out_shape = list(sinfo(var).shape.values)
     return sites
+
+
+@dataclass
+class NormSite:
+    """``y = layer_norm(a (+ r))`` over the last axis whose output every consumer quantizes the same way: the
+    kernel :func:`~.kernels.layernorm_quantize` writes y and its codes, so no separate quantize pass reads y."""
+
+    var: relax.Var  # the layer_norm binding
+    a: relax.Expr
+    r: relax.Expr | None  # the residual added just before (that add is fused: skip_var)
+    gamma: relax.Expr
+    beta: relax.Expr
+    eps: float
+    k: int
+    qmax: int
+    skip_var: relax.Var | None = None
+
+
+def find_norms(func: relax.Function, sites: list[Site], plans: dict, lanes: int) -> dict:
+    """layer_norm bindings to fuse with the quantizer of the int8 sites that read them (dynamic, per token, no
+    smoothing: the only scheme whose scale depends on the row alone). Returns {layer_norm var: NormSite}."""
+    bindings, uses = {}, {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding):
+                bindings[b.var] = b.value
+            value = b.value
+            for v in relax.analysis.free_vars(value) if not isinstance(value, relax.Var) else [value]:
+                uses[v] = uses.get(v, 0) + 1
+    consumers = {}
+    for s in sites:
+        if s.kind == "matmul":
+            consumers.setdefault(s.x_src if s.x_src is not None else s.x, []).append(s)
+    out = {}
+    for var, readers in consumers.items():
+        value = bindings.get(var) if isinstance(var, relax.Var) else None
+        if not (isinstance(value, relax.Call) and value.op.same_as(_LAYER_NORM)) or dtype_of(var) != "float32":
+            continue
+        qp = [plans[s.name] for s in readers]
+        if any(p["scheme"] != "int8" or not p["per_token"] or p["static"] or p.get("smooth") is not None
+               for p in qp) or len({p["act_bits"] for p in qp}) != 1:
+            continue
+        attrs = value.attrs
+        shape = static_shape(var)
+        if shape is None or not attrs.center or not attrs.scale or shape[-1] % lanes:
+            continue
+        axes = [int(a) for a in attrs.axes]
+        if axes not in ([-1], [len(shape) - 1]):
+            continue
+        x, gamma, beta = value.args
+        ns = NormSite(var, x, None, gamma, beta, float(attrs.epsilon), shape[-1],
+                      (1 << (qp[0]["act_bits"] - 1)) - 1)
+        prod = bindings.get(x) if isinstance(x, relax.Var) else None
+        if isinstance(prod, relax.Call) and prod.op.same_as(_ADD) and uses.get(x, 0) == 1 \
+                and all(static_shape(t) == shape and dtype_of(t) == "float32" for t in prod.args):
+            ns.a, ns.r, ns.skip_var = prod.args[0], prod.args[1], x
+        out[var] = ns
+    return out
 
 
 @relax.expr_functor.mutator
 class Rewriter(relax.PyExprMutator):
     """Replace each site's binding by what ``emit(builder, site, x)`` returns (see module docstring)."""
 
-    def __init__(self, mod, sites, emit):
+    def __init__(self, mod, sites, emit, norms=None):
         super().__init__(mod)
         self.by_out = {s.out_var: s for s in sites}
         self.skip = {v for s in sites for v in s.skip_vars}
+        self.norms = norms or {}
+        self.skip |= {n.skip_var for n in self.norms.values() if n.skip_var is not None}
         self.emit = emit
 
     def visit_var_binding_(self, binding):
+        norm = self.norms.get(binding.var)
+        if norm is not None:
+            ins = [None if e is None else self.visit_expr(e) for e in (norm.a, norm.r, norm.gamma, norm.beta)]
+            self.set_var_remap(binding.var, self.emit.norm(self.builder_, norm, *ins))
+            return
         site = self.by_out.get(binding.var)
         if site is not None:
             x = self.visit_expr(site.x)
-            new = self.emit(self.builder_, site, x)
+            src = self.visit_expr(site.x_src) if site.x_src is not None else x
+            new = self.emit(self.builder_, site, x, src)
             self.set_var_remap(binding.var, new)
             return
         if binding.var in self.skip:

@@ -109,7 +109,7 @@ def weight_only_pack(w_kn: np.ndarray, bits: int, group: int, symmetric: bool, x
     Returns (arrays: dict name → ndarray in kernel argument order, dequantized fp32 ``[K, N]``).
     """
     if x is not None:
-        q, s, z = gptq_quantize(w_kn, x, bits, group, symmetric)
+        q, s, z = gptq_quantize(w_kn, x, bits, group, symmetric, damp=GPTQ_DAMP, act_order=True)
     else:
         q, s, z = quantize_groups(w_kn, bits, group, symmetric, axis=0)
     deq = dequantize_groups(q, s, z, group, axis=0)
@@ -183,14 +183,24 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 # -- GPTQ-style error compensation -------------------------------------------------------------------------
+# Measured on the real MiniLM (32 stdlib sentences, 32 calibration sequences of 128 tokens, INT4-g32 asym, weights
+# and embedding tables): natural order, damp 0.01: cos 0.9797 (16 sequences); act-order: 0.9816 (16) / 0.9841 (32);
+# act-order + damp 0.1: 0.9835 (16) / 0.9848 (32); damp 0.03 / 0.3: 0.9839 / 0.9825 (16); symmetric: 0.9784;
+# sequential (inputs from the already quantized layers): 0.9829, no gain. Hence act-order and 10% damping.
+GPTQ_DAMP = 0.1
+
 def gptq_quantize(w_kn: np.ndarray, x: np.ndarray, bits: int, group: int, symmetric: bool,
-                  damp: float = 0.01, block: int = 128):
+                  damp: float = 0.01, block: int = 128, act_order: bool = False):
     """Group-wise quantization of a matmul weight ``[K, N]`` that compensates each column's rounding error on the
     not-yet-quantized columns, weighted by the layer inputs ``x`` ``[rows, K]`` (GPTQ, Frantar et al. 2022).
 
     Returns (codes uint8 [K, N], scale f32 [K/g, N], zero f32 [K/g, N]) in the same format as
-    :func:`quantize_groups` with ``axis=0``, so the kernels and the packer are unchanged. Deterministic (no random
-    ordering; columns in natural order).
+    :func:`quantize_groups` with ``axis=0``, so the kernels and the packer are unchanged. Deterministic.
+
+    act_order: quantize the input channels in order of decreasing ``diag(H)`` (the channels with the largest
+    inputs first, while the most columns are left to absorb their error). The groups stay the contiguous K
+    ranges the kernel reads ("static groups"): each group's scale/zero is chosen from the weights as
+    compensated when the group's first column comes up in that order.
     """
     W = np.asarray(w_kn, np.float64).T.copy()  # [N, K]: rows are output channels
     n, k = W.shape
@@ -200,32 +210,44 @@ def gptq_quantize(w_kn: np.ndarray, x: np.ndarray, bits: int, group: int, symmet
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
     H += np.eye(k) * damp * float(np.mean(np.diag(H)))
     try:
         Hinv = np.linalg.cholesky(np.linalg.inv(H)).T  # upper triangular
     except np.linalg.LinAlgError:
         return quantize_groups(w_kn, bits, group, symmetric, axis=0)
-    block = g if g >= block else block // g * g  # groups never straddle blocks
+    if not act_order:
+        block = g if g >= block else block // g * g  # groups never straddle blocks
     Q = np.zeros((n, k), np.uint8)
     S = np.zeros((n, k // g), np.float32)
     Z = np.zeros((n, k // g), np.float32)
+    done = np.zeros(k // g, bool)
+    pos = np.empty(k, np.int64)
+    pos[perm] = np.arange(k)  # original channel -> its column in the permuted W
+    qmax = (1 << bits) - 1
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)
         W1 = W[:, b0:b1].copy()
         E = np.zeros_like(W1)
         Hb = Hinv[b0:b1, b0:b1]
         for j in range(b1 - b0):
-            col = b0 + j
-            if col % g == 0:  # this group's scale, from the weights as compensated so far
-                grp = W1[:, j:j + g].astype(np.float32)
-                _, s, z = quantize_groups(grp, bits, -1, symmetric, axis=1)
-                S[:, col // g], Z[:, col // g] = s[:, 0], z[:, 0]
-            s, z = S[:, col // g].astype(np.float64), Z[:, col // g].astype(np.float64)
-            qmax = (1 << bits) - 1
+            col = perm[b0 + j]  # original input channel
+            gi = col // g
+            if not done[gi]:  # this group's scale, from the weights as compensated so far
+                members = pos[gi * g:(gi + 1) * g]
+                cur = np.empty((n, g), np.float64)
+                for t, c in enumerate(members):  # columns still in this block come from W1, later ones from W
+                    cur[:, t] = W1[:, c - b0] if b0 <= c < b1 else W[:, c]
+                _, sg, zg = quantize_groups(cur.astype(np.float32), bits, -1, symmetric, axis=1)
+                S[:, gi], Z[:, gi] = sg[:, 0], zg[:, 0]
+                done[gi] = True
+            s, z = S[:, gi].astype(np.float64), Z[:, gi].astype(np.float64)
             q = np.clip(np.round(W1[:, j] / s) + z, 0, qmax)
             Q[:, col] = q.astype(np.uint8)
             err = (W1[:, j] - (q - z) * s) / Hb[j, j]
             W1[:, j:] -= np.outer(err, Hb[j, j:])
             E[:, j] = err
+        W[:, b0:b1] = W1
         W[:, b1:] -= E @ Hinv[b0:b1, b1:]
     return Q.T.copy(), S.T.copy(), Z.T.copy()
