@@ -28,13 +28,13 @@ def _apply(rule, func):
     return None if sch is None else sch.mod["main"]
 
 
-def _check(rule, func, shape_vars=None, expect_parallel=True, n_outputs=1):
+def _check(rule, func, shape_vars=None, expect_parallel=True, n_outputs=1, **tol):
     sched = _apply(rule, func)
     assert sched is not None, f"{type(rule).__name__} declined a kernel of its kind"
     kinds = loop_kinds(sched)
     if expect_parallel:
         assert tirx.ForKind.PARALLEL in kinds, "expected the outer loops to run in parallel"
-    assert_same_result(func, sched, shape_vars=shape_vars, n_outputs=n_outputs)
+    assert_same_result(func, sched, shape_vars=shape_vars, n_outputs=n_outputs, **tol)
     return sched
 
 
@@ -249,6 +249,29 @@ def test_layernorm(shape, residual):
 
 def test_sum_over_middle_axis():
     _check(RowReduction(), sum_middle_kernel((4, 17, 9)), expect_parallel=False)
+
+
+@pytest.mark.parametrize("hw,c,pool,stride,pad", [
+    (112, 64, 3, 2, 1),  # ResNet's stem max-pool
+    (13, 16, 3, 2, 1),  # odd image, one vector of channels
+    (9, 8, 2, 2, 0),  # an AVX2-wide channel axis, no padding
+])
+def test_max_pool_nhwc_vectorized_over_channels(hw, c, pool, stride, pad):
+    """NHWC max-pool: the window loops run outside the channel axis, which is vectorized (results identical)."""
+    mod = relax_graph([("x", (1, hw, hw, c))], lambda x: op.nn.max_pool2d(
+        x, pool_size=pool, strides=stride, padding=pad, layout="NHWC"))
+    sched = _check(RowReduction(), the_kernel(mod, "pool"), rtol=0, atol=0)
+    assert tirx.ForKind.VECTORIZED in loop_kinds(sched)
+
+
+@pytest.mark.parametrize("shape", [(1, 7, 7, 512), (1, 5, 5, 16), (3, 5, 5, 16), (2, 3, 3, 7)])
+def test_global_mean_nhwc(shape):
+    """A global average pool in NHWC (mean over H, W). At batch 1 (a ResNet's head) the channel axis is
+    vectorized; batched, the row-wise schedule takes it (rows = images; its reduction stays scalar)."""
+    mod = relax_graph([("x", shape)], lambda x: op.mean(x, axis=[1, 2]))
+    sched = _check(RowReduction(), the_kernel(mod, "mean"), expect_parallel=False)
+    if shape[0] == 1:
+        assert tirx.ForKind.VECTORIZED in loop_kinds(sched)
 
 
 def test_big_softmax_is_parallel():
