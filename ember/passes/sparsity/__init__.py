@@ -4,6 +4,8 @@
 * :mod:`.pack` — the packed N:M format (values + 4/8-bit indices) and its inverse.
 * :mod:`.sparse_matmul` — the TIR kernels (x86 gather, generic CPU, CUDA) that read only the packed weights.
 * :mod:`.rewrite` — the Relax rewrite of ``matmul(x, permute_dims(W))`` into ``call_tir(sparse kernel)``.
+* :mod:`.gpu_kernel` — the GPU kernel (CUDA, ROCm, Metal) on the GPU layout of :func:`.pack.pack_gpu`.
+* :mod:`.conv` — sparse 2-D convolutions on x86 (a direct gather kernel with precomputed input offsets).
 """
 
 from __future__ import annotations
@@ -37,8 +39,19 @@ def apply_sparsity(imported, cfg, target, quantization=None):
     """
     from .rewrite import rewrite_to_sparse
 
+    from .conv import rewrite_convs
+    from .sparse_matmul import gather_isa
+
     int8 = int8_values_for(quantization, target)
     imported, report = rewrite_to_sparse(imported, int(cfg.n), int(cfg.m), target, int8=int8)
+    isa = gather_isa(target, "float32") if target is not None else None
+    n_linear = len(report["layers"])
+    imported = rewrite_convs(imported, int(cfg.n), int(cfg.m), target, report, isa)
+    if len(report["layers"]) > n_linear:
+        conv = f"conv: direct gather ({isa}), fp32 values"
+        report["kernel"] = f"{report['kernel']}; {conv}" if report["kernel"] else conv
+        for key in ("dense_bytes", "packed_bytes", "bytes_saved"):
+            report[key] = int(sum(layer[key] for layer in report["layers"]))
     if quantization is not None and not int8:
         report["note"] = (f"sparse layers keep float values with {type(quantization).__name__}"
                           + ("" if target is None or target.kind.name == "llvm" else f" on {target.kind.name}")

@@ -1,0 +1,230 @@
+"""N:M sparse 2-D convolutions on x86 CPUs: ``conv2d(x, W)`` with W pruned along ``in·kh·kw`` runs a kernel that
+reads only the kept weights.
+
+Before (what the torch and ONNX importers emit, NCHW / OIHW, groups 1)::
+
+    y = R.nn.conv2d(x, p_conv_weight, strides, padding, dilation)            # x [B, C, H, W]
+
+After::
+
+    xp = R.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right])                 # only when padding != 0
+    yt = R.call_tir(ember_sparse_conv2d_..., (xp, p_conv_weight_nm_values, p_conv_weight_nm_offsets),
+                    out_sinfo=R.Tensor((B, OH, OW, O), "float32"))
+    y  = R.permute_dims(yt, [0, 3, 1, 2])                                     # back to NCHW
+
+The weight ``[O, C·kh·kw]`` is packed like a linear weight (:func:`.pack.pack`: 16 output channels per vector),
+but each kept weight's index is stored as its *element offset in the padded input* relative to the receptive
+field's corner (``c·Hp·Wp + r·dil·Wp + q·dil``, int32), worked out at compile time. The kernel then needs no index
+arithmetic at all: per output pixel and 16-channel block it loads 16 values and 16 offsets and gathers x with one
+``vgatherdps`` (AVX-512; two of 8 lanes with AVX2) — a direct convolution with no im2col buffer. Offsets take 4
+bytes where a linear's indices take half a byte, which matters little: conv weights are small next to their
+activations. Other CPUs and GPUs keep sparse convolutions dense (the report says why).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx
+
+from .pack import BLOCK, num_blocks, num_groups, pack, unpack_indices
+
+KERNEL_NAME = "ember_sparse_conv2d"
+
+
+def conv_offsets(packed, c_in: int, kh: int, kw: int, hp: int, wp: int, dilation=(1, 1)) -> np.ndarray:
+    """int32 ``[NB, G, n, 16]``: for each kept weight, its x offset from the receptive field's corner."""
+    g = packed.values.shape[1]
+    pos = unpack_indices(packed.indices, g, packed.m).astype(np.int64)  # [NB, G, n, 16]
+    k = np.arange(g)[None, :, None, None] * packed.m + pos              # column of [O, C*kh*kw]
+    c, rest = k // (kh * kw), k % (kh * kw)
+    r, q = rest // kw, rest % kw
+    off = c * hp * wp + r * dilation[0] * wp + q * dilation[1]
+    assert off.max() < c_in * hp * wp
+    return np.ascontiguousarray(off.astype(np.int32))
+
+
+def conv_kernel(c_in: int, hp: int, wp: int, o: int, kh: int, kw: int, oh: int, ow: int, stride, n: int, m: int,
+                isa: str, parallel: bool) -> tirx.PrimFunc:
+    """The AVX-512 / AVX2 kernel: ``yt[b, oh, ow, o] = Σ values[o, g, s] * xp[b, corner(oh, ow) + offset[o, g, s]]``;
+    the batch is symbolic. Loops: (batch, output row) in parallel, then 16-channel blocks (their packed weights,
+    ``G·n·16`` floats each, stay in L1 across the row), then output columns."""
+    from tvm.script import tirx as T
+
+    lanes = 16 if isa == "avx512" else 8
+    halves = BLOCK // lanes
+    vt = f"float32x{lanes}"
+    k = c_in * kh * kw
+    g_all = num_groups(k, m)
+    nb = num_blocks(o)
+    full = o // BLOCK
+    rem = o - full * BLOCK
+    sh, sw = stride
+
+    def gather(base, off):
+        if isa == "avx512":
+            return T.call_llvm_intrin(vt, "llvm.x86.avx512.mask.gather.dps.512", T.Broadcast(T.float32(0), lanes),
+                                      base, off, T.Broadcast(T.bool(True), lanes), T.int32(4))
+        return T.call_llvm_intrin(vt, "llvm.x86.avx2.gather.d.ps.256", T.Broadcast(T.float32(0), lanes), base, off,
+                                  T.reinterpret(vt, T.Broadcast(T.int32(-1), lanes)), T.int8(4))
+
+    def lane(h):
+        return T.Ramp(h * lanes, 1, lanes)
+
+    @T.prim_func(private=True)
+    def kernel(x_h: T.handle, v_h: T.handle, o_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch = T.int64()
+        xp = T.match_buffer(x_h, (batch, c_in, hp, wp), "float32")
+        values = T.match_buffer(v_h, (nb, g_all, n, BLOCK), "float32")
+        offsets = T.match_buffer(o_h, (nb, g_all, n, BLOCK), "int32")
+        y = T.match_buffer(y_h, (batch, oh, ow, o), "float32")
+        for bo in T.parallel(batch * oh) if parallel else T.serial(batch * oh):
+            for jb in range(nb):
+                for c in range(ow):
+                    acc = T.decl_buffer((halves,), vt, scope="local")
+                    for h in T.unroll(halves):
+                        acc[h] = T.Broadcast(T.float32(0), lanes)
+                    for g in range(g_all):
+                        for s in range(n):
+                            for h in T.unroll(halves):
+                                xv = gather(T.address_of(xp[bo // oh, 0, bo % oh * sh, c * sw]),
+                                            offsets[jb, g, s, lane(h)])
+                                acc[h] = acc[h] + values[jb, g, s, lane(h)] * xv
+                    if rem == 0:
+                        for h in T.unroll(halves):
+                            y[bo // oh, bo % oh, c, T.Ramp(jb * BLOCK + h * lanes, 1, lanes)] = acc[h]
+                    else:
+                        if jb < full:
+                            for h in T.unroll(halves):
+                                y[bo // oh, bo % oh, c, T.Ramp(jb * BLOCK + h * lanes, 1, lanes)] = acc[h]
+                        else:
+                            tmp = T.decl_buffer((BLOCK,), "float32", scope="local")
+                            for h in T.unroll(halves):
+                                tmp[lane(h)] = acc[h]
+                            for r in range(rem):
+                                y[bo // oh, bo % oh, c, jb * BLOCK + r] = tmp[r]
+
+    return kernel
+
+
+def _attr_ints(v, n=2):
+    vals = [int(a) for a in v]
+    return vals if len(vals) == n else vals * n
+
+
+def _usable_conv(call, w, x_shape) -> str | None:
+    a = call.attrs
+    if int(a.groups) != 1:
+        return f"grouped convolution (groups={int(a.groups)})"
+    if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout or "NCHW") != "NCHW":
+        return f"layout {a.data_layout}/{a.kernel_layout} (the sparse conv takes NCHW/OIHW)"
+    if str(w.dtype) != "float32" or str(a.out_dtype or "float32") not in ("float32", "", "void"):
+        return f"dtype {w.dtype} (the sparse conv computes in float32)"
+    if x_shape is None or len(x_shape) != 4 or not all(isinstance(d, int) for d in x_shape[1:]):
+        return "input shape is not static (C, H, W)"
+    return None
+
+
+def rewrite_convs(imported, n: int, m: int, target, report: dict, isa: str | None):
+    """Replace each conv2d on a 4-D weight parameter by the sparse conv kernel; returns the new ImportedModel and
+    fills ``report`` (its "layers", "skipped", "warnings" lists and byte totals) like the linear rewrite."""
+    import tvm
+    from tvm import relax
+
+    from ...frontends.spec import ImportedModel
+    from ...schedules.cpu.common import num_cores
+    from .pack import nm_mask, nm_violations
+    from .rewrite import _static_shape
+
+    conv_op = tvm.ir.Op.get("relax.nn.conv2d")
+    func = imported.mod["main"]
+    n_in = int(func.attrs["num_input"])
+    wparams = list(func.params[n_in:])
+    weights_np = {v: np.asarray(a) for v, a in zip(wparams, imported.params)}
+    names = {v: nm for v, nm in zip(wparams, imported.param_names)}
+    calls = [b.value for blk in func.body.blocks for b in blk.bindings
+             if isinstance(b.value, relax.Call) and b.value.op.same_as(conv_op) and b.value.args[1] in weights_np
+             and weights_np[b.value.args[1]].ndim == 4]
+    if not calls:
+        return imported
+    plan = {}
+    for call in calls:
+        w_var = call.args[1]
+        name, w = names[w_var], weights_np[w_var]
+        why = (f"sparse convolutions run on x86 CPUs with AVX2 or AVX-512 only ({target.kind.name} target"
+               f"{'' if target.kind.name != 'llvm' else ' without them'}): kept dense, on the pruned weights") \
+            if isa is None else _usable_conv(call, w, _static_shape(call.args[0].ty))
+        if why is not None:
+            report["skipped"].append({"name": name, "reason": why})
+            continue
+        plan[call] = w_var
+
+    packed = {}  # (weight var, padded shape) -> (values var, offsets var, arrays)
+
+    @relax.expr_functor.mutator
+    class _Mutator(relax.PyExprMutator):
+        def visit_call_(self, call):  # pylint: disable=arguments-renamed
+            if call not in plan:
+                return super().visit_call_(call)
+            w_var = plan[call]
+            name, w = names[w_var], weights_np[w_var]
+            x = self.visit_expr(call.args[0])
+            b_dim, c_in, h, wd = _static_shape(x.ty)
+            o, _, kh, kw = w.shape
+            a = call.attrs
+            stride, dil = _attr_ints(a.strides), _attr_ints(a.dilation)
+            pad = _attr_ints(a.padding, 4) if len(a.padding) != 2 else _attr_ints(a.padding) * 2  # top left bottom right
+            top, left, bottom, right = pad
+            hp, wp = h + top + bottom, wd + left + right
+            oh = (hp - dil[0] * (kh - 1) - 1) // stride[0] + 1
+            ow = (wp - dil[1] * (kw - 1) - 1) // stride[1] + 1
+            key = (w_var, hp, wp)
+            if key not in packed:
+                w2 = w.reshape(o, -1)
+                bad = nm_violations(w2, n, m)
+                if bad:
+                    report["warnings"].append(
+                        f"{name}: not {n}:{m} sparse ({bad} groups held more than {n} non-zeros); ember pruned it by "
+                        f"magnitude. For accuracy, prune and fine-tune first (ember.sparsity.prune_nm + finetune).")
+                    w2 = w2 * nm_mask(w2, n, m)
+                p = pack(w2, n, m)
+                offs = conv_offsets(p, c_in, kh, kw, hp, wp, dil)
+                vv = relax.Var(f"{name}_nm_values", relax.TensorType(list(p.values.shape), "float32"))
+                ov = relax.Var(f"{name}_nm_offsets", relax.TensorType(list(offs.shape), "int32"))
+                entry = {"name": name, "shape": [int(s) for s in w.shape], "op": "conv2d", "was_nm_sparse": bad == 0,
+                         "pruned_groups": int(bad),
+                         "sparsity": round(float(1.0 - np.count_nonzero(w2) / w2.size), 6),
+                         "dense_bytes": int(w.nbytes), "packed_bytes": int(p.values.nbytes + offs.nbytes)}
+                entry["bytes_saved"] = entry["dense_bytes"] - entry["packed_bytes"]
+                packed[key] = (vv, ov, [p.values, offs], entry)
+            vv, ov, _, _ = packed[key]
+            if any(pad):
+                x = self.builder_.emit(relax.op.nn.pad(x, [0, 0, 0, 0, top, bottom, left, right]), "nm_pad")
+            prim = conv_kernel(c_in, hp, wp, o, kh, kw, oh, ow, stride, n, m, isa, parallel=num_cores(target) > 1)
+            prim = prim.with_attr("op_pattern", 8)  # opaque: FuseOps leaves the scheduled kernel alone
+            gv = self.builder_.add_func(prim, f"{KERNEL_NAME}_{c_in}x{hp}x{wp}_{o}x{kh}x{kw}_{n}_{m}")
+            yt = self.builder_.emit(relax.call_tir(gv, [x, vv, ov], relax.TensorType([b_dim, oh, ow, o], "float32")),
+                                    "nm_conv")
+            return relax.op.permute_dims(yt, [0, 3, 1, 2])
+
+    mutator = _Mutator(imported.mod)
+    new_body = mutator.visit_expr(func.body)
+    extra = [(vv, ov, arrs, entry) for vv, ov, arrs, entry in packed.values()]
+    tmp = relax.Function(list(func.params) + [v for vv, ov, _, _ in extra for v in (vv, ov)], new_body,
+                         func.ret_ty, func.is_pure, func.attrs)
+    tmp = relax.analysis.remove_all_unused(tmp)
+    used = set(relax.analysis.free_vars(tmp.body))
+    new_params, new_arrays, new_names = list(func.params[:n_in]), [], []
+    for v, arr, nm in zip(wparams, imported.params, imported.param_names):
+        if v in used:  # dense weights still read somewhere (a skipped conv, or another use) are kept
+            new_params.append(v)
+            new_arrays.append(arr)
+            new_names.append(nm)
+    for vv, ov, arrs, entry in extra:
+        new_params += [vv, ov]
+        new_arrays += arrs
+        new_names += [vv.name, ov.name]
+        report["layers"].append(entry)
+    out_mod = mutator.builder_.get()
+    out_mod["main"] = relax.Function(new_params, tmp.body, func.ret_ty, func.is_pure, func.attrs)
+    return ImportedModel(out_mod, new_arrays, new_names, imported.inputs, imported.outputs, source=imported.source)

@@ -1,0 +1,83 @@
+"""N:M sparse convolutions (ember.passes.sparsity.conv): equal to torch's conv on the pruned weights."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ember
+import ember.sparsity as sp
+from ember.compiler.targets import resolve
+from ember.passes.sparsity.pack import nm_mask, pack
+from ember.passes.sparsity.conv import conv_offsets
+from ember.passes.sparsity.sparse_matmul import gather_isa
+
+
+class Convs(nn.Module):
+    """Padding on every side, asymmetric padding with stride 2, a 1x3 dilated kernel, channels not a multiple of
+    16 (padded last block), a reduction (C·kh·kw) not a multiple of 16 (partial last group), a Linear after."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 20, 3, padding=1)
+        self.c2 = nn.Conv2d(20, 37, 3, stride=2, padding=(1, 2))
+        self.c3 = nn.Conv2d(37, 16, (1, 3), dilation=(1, 2))
+        self.fc = nn.Linear(16 * 7 * 3, 10)
+
+    def forward(self, x):
+        y = self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+        return self.fc(torch.flatten(y, 1))
+
+
+def _host_has_gather():
+    return gather_isa(resolve("host")[1], "float32") is not None
+
+
+def _model(n, m):
+    torch.manual_seed(0)
+    model = Convs().eval()
+    sp.prune_nm(model, n, m)
+    return model
+
+
+def test_offsets_point_at_the_kept_weights():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((20, 3, 3, 3)).astype("float32")
+    w2 = (w.reshape(20, -1) * nm_mask(w.reshape(20, -1), 1, 16))
+    p = pack(w2, 1, 16)
+    offs = conv_offsets(p, 3, 3, 3, 10, 12)
+    x = rng.standard_normal((3, 10, 12)).astype("float32")
+    # one output pixel at the corner: sum over kept weights of value * x[offset] == the dense dot product
+    vals = p.values.transpose(0, 3, 1, 2).reshape(-1, p.values.shape[1] * p.values.shape[2])[:20]
+    got = (vals * x.reshape(-1)[offs.transpose(0, 3, 1, 2).reshape(vals.shape[0] + 12, -1)[:20]]).sum(1)
+    np.testing.assert_allclose(got, (w2.reshape(20, 3, 3, 3) * x[None, :, :3, :3]).sum((1, 2, 3)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,m", [(1, 16), (2, 8)])
+def test_sparse_convs_match_torch(n, m):
+    if not _host_has_gather():
+        pytest.skip("this CPU has no AVX2/AVX-512 gather: convolutions stay dense")
+    model = _model(n, m)
+    x = torch.randn(2, 3, 13, 11)
+    cm = ember.compile(model, (x,), sparsity=ember.NM(n, m), dynamic_batch=True)
+    rep = cm.manifest["compression"]["sparsity"]
+    convs = [layer for layer in rep["layers"] if layer["op"] == "conv2d"]
+    assert [layer["name"] for layer in convs] == ["p_c1_weight", "p_c2_weight", "p_c3_weight"]
+    assert "conv: direct gather" in rep["kernel"] and not rep["skipped"]
+    assert rep["packed_bytes"] < rep["dense_bytes"] / (2 if m == 16 else 1.2)
+    for b in (2, 3):
+        xb = torch.randn(b, 3, 13, 11)
+        np.testing.assert_allclose(cm(xb.numpy()), model(xb).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_targets_without_gather_keep_convs_dense():
+    import tvm
+
+    model = _model(1, 16)
+    x = torch.randn(1, 3, 13, 11)
+    generic = tvm.target.Target({"kind": "llvm", "num-cores": 2})  # plain x86-64: no AVX2
+    cm = ember.compile(model, (x,), target=generic, sparsity=ember.NM(1, 16))
+    rep = cm.manifest["compression"]["sparsity"]
+    assert [layer["name"] for layer in rep["layers"]] == ["p_fc_weight"]
+    assert len(rep["skipped"]) == 3 and "AVX2 or AVX-512" in rep["skipped"][0]["reason"]
+    np.testing.assert_allclose(cm(x.numpy()), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
