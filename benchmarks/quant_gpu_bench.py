@@ -13,7 +13,8 @@ measures, in one process:
   * device copy bandwidth: torch ``b.copy_(a)`` on 1 GiB, (bytes read + bytes written) / time;
   * torch fp16 dense GEMV (cuBLAS) on the same shape;
   * each ember INT4 GEMV variant, checked against torch on the dequantized weights (fp32 matmul), timed with CUDA
-    events over 200 back-to-back calls: "cold" rotates over weight copies totalling > 2x the L2 cache, so every
+    events over 200 back-to-back calls from Python, and as 120 calls captured in one CUDA graph (no launch
+    overhead: the "graph" columns); "cold" rotates over weight copies totalling > 2x the L2 cache, so every
     call reads its weights from DRAM (the honest figure: torch's 90 MB fp16 weight never fits L2 either); "hot"
     reuses one copy (23 MB fits the H100's 50 MB L2, so that figure is L2 bandwidth, not DRAM);
   * bandwidth on the bytes the kernel must read (codes + scales + x) and write (y), vs the copy bandwidth;
@@ -44,11 +45,11 @@ SEED = 0
 
 # name -> weight_only_gemv keyword arguments (bits 4, symmetric, fp16 activations, one row)
 KERNELS = {
-    "int4_g128": dict(group=128),  # what ember.compile uses (half2 decode, default unroll / warps)
-    "int4_g128_u8": dict(group=128, unroll=8),
-    "int4_g128_u11_w8": dict(group=128, unroll=11, warps=8),
-    "int4_g128_u2": dict(group=128, unroll=2),
-    "int4_g128_tir_half": dict(group=128, half_decode="half"),  # run 1's decode, for comparison
+    "int4_g128": dict(group=128),  # what ember.compile uses: half2 decode, one word per lane and step, unroll 8
+    "int4_g128_u16": dict(group=128, unroll=16),
+    "int4_g128_u4": dict(group=128, unroll=4),
+    "int4_g128_u8_w8": dict(group=128, warps=8),
+    "int4_g128_cw4_u4": dict(group=128, unroll=4, chunk_words=4),  # run 2's layout: 16-byte weight loads per lane
     "int4_g128_fp32decode": dict(group=128, half_decode="fp32"),
     "int4_g32": dict(group=32),
 }
@@ -375,8 +376,11 @@ def run_minilms(d, index, out):
             c = _cos_rows(data["cpu"], data["torch"])
             row["cos_ember_cpu_vs_torch_mean"] = float(c.mean())
             # the GPU build must track the CPU build of the same quantized model and stay close to fp32
-            row["ok"] = bool(row["cos_vs_ember_cpu_same_quantization_min"] > 0.999
-                             and row["cos_vs_torch_fp32_mean"] > 0.95)
+            # INT8: the same quantized layers as the CPU build, so it must track it closely. INT4: the GPU build
+            # keeps the position / token-type tables fp32 (their ids are compile-time constants; see gpu.py), the
+            # CPU build quantizes them, so only closeness to fp32 is asked.
+            row["ok"] = bool(row["cos_vs_torch_fp32_mean"] > 0.99 and
+                             ("int8" not in name or row["cos_vs_ember_cpu_same_quantization_min"] > 0.999))
             row["ember_ms"] = m.benchmark(ids, mask, repeat=50).median_ms
         except Exception as e:  # report every model, failures included
             import traceback

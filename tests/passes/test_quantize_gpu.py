@@ -198,9 +198,8 @@ def test_cuda_lowered_module_has_no_fp32_weight_buffer(mlp):
     shapes = []
 
     def visit(e):
-        si = getattr(e, "struct_info", None)
-        if isinstance(si, relax.TensorStructInfo) and "float" in str(si.dtype) and si.shape is not None \
-                and hasattr(si.shape, "values"):
+        si = getattr(e, "struct_info", None) or getattr(e, "ty", None)
+        if "float" in str(getattr(si, "dtype", "")) and hasattr(getattr(si, "shape", None), "values"):
             dims = [int(d) for d in si.shape.values if hasattr(d, "value")]
             if len(dims) == len(si.shape.values):
                 shapes.append((tuple(dims), str(si.dtype)))

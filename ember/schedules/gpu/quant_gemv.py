@@ -10,21 +10,28 @@ Two kernels, one loop structure (the weight-only one is the INT4 GEMV of issue 4
 Loop structure (the layout is ``W[N, K]``, K contiguous, like ember's GEMV rule for ``nn.Linear`` weights):
 
 * a warp (32 threads on ``threadIdx.x``; a half wave on AMD, a SIMD group on Apple) owns one output column n;
-  ``WARPS`` warps per block (``threadIdx.y``); consecutive lanes read consecutive 16-byte chunks of the packed row,
-  so a warp reads 512 contiguous bytes per step (``ld.global.v4``);
-* a lane first loads ``UNROLL`` chunks into registers, then decodes them: enough loads in flight to cover DRAM
-  latency (one chunk at a time left the kernel latency-bound);
+  ``WARPS`` warps per block (``threadIdx.y``); at step s lane t reads weight word ``32 s + t``, so both the
+  warp's weight loads (128 contiguous bytes) and its activation loads (8 consecutive fp16 values per lane, 512
+  contiguous bytes) are coalesced. Giving each lane 16 consecutive bytes of weights instead (one 128-bit load)
+  made the lanes' activation loads 64 bytes apart: the L1 then needs 4x the wavefronts per load and the kernel
+  was bound by that (H100: 14.4 us L2-resident vs 8.6 us; BENCHMARKS.md, "INT4 GEMV");
+* a lane first loads ``UNROLL`` words into registers, then decodes them: loads in flight to cover DRAM latency;
 * decoding needs no int→float conversion instruction (a quarter-rate instruction on NVIDIA GPUs): OR-ing a code
   into the mantissa of 2^23 (fp32) or 1024 (fp16) and subtracting ``2^23 + zero`` gives ``code - zero`` exactly.
   With fp16 activations on CUDA (INT4) two codes are decoded per 32-bit operation (``0x000F000F`` masks) and
-  multiplied in fp16 — products of a 4-bit integer and an fp16 value, summed 8 at a time, then promoted to fp32
-  and scaled, so accumulation over K stays fp32. Other cases decode and accumulate in fp32;
+  multiplied in half2 registers by a small CUDA device function (:data:`_DOT8_CUDA`) — products of a 4-bit
+  integer and an fp16 value, summed 8 at a time, then promoted to fp32 and scaled, so accumulation over K stays
+  fp32. Other cases decode and accumulate in fp32;
 * the scale is applied once per word (8 INT4 / 4 INT8 codes), never to each weight;
 * the 32 partial sums meet in a warp all-reduce (shuffles); ``rows`` activation rows share every weight load.
 
 Rows: a static row count (1..8, decode) makes one row tile; a symbolic count (``rows=None``: dynamic batch,
 prefill) tiles rows by ``ROW_TILE`` on ``blockIdx.y`` with a bounds check — correct for any count, and the weight
 is then re-read once per row tile (from L2 for small models): a GEMV, not a tensor-core GEMM.
+
+Measured (H100, fp16 x, 4096 x 11008, INT4 g128, BENCHMARKS.md): 12.9 us with weights from DRAM = 60% of the
+copy bandwidth, 2.7x cuBLAS fp16; 8.6 us L2-resident. Not yet the issue's 80% / 4x: the loads of the next
+``UNROLL`` words are not issued before the current ones are decoded (no software pipelining yet).
 """
 
 from __future__ import annotations
@@ -36,10 +43,10 @@ import numpy as np
 
 WARP = 32
 WARPS = 4  # warps (output columns) per block
-UNROLL = 4  # 16-byte chunks a lane loads before decoding them (4 beat 8 and 11 on the H100, run 1)
+UNROLL = 8  # weight words a lane loads before decoding them (loads in flight)
 ROW_TILE = 4  # activation rows per block when the row count is symbolic
 MAX_STATIC_ROWS = 8
-CHUNK_WORDS = 4  # 16 bytes
+CHUNK_WORDS = 4  # words per lane and step of the INT8 GEMV (16 bytes)
 
 
 # One word of 8 INT4 codes times 8 fp16 activations on CUDA: 4 x (LOP3 [+ SHF], HSUB2, HFMA2) on half2 registers,
@@ -117,24 +124,28 @@ def _warps_for(n: int) -> int:
 
 def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool, act_dtype: str,
                      rows: int | None, target, unroll: int = UNROLL, warps: int | None = None,
-                     half_decode: bool | None = None) -> tirx.PrimFunc:
+                     half_decode: bool | None = None, chunk_words: int = 1) -> tirx.PrimFunc:
     """The fused decode + GEMV kernel (module doc). Arguments: x [m, K], qweight [N, K*bits/32] uint32,
     scales [N, K/g] fp16, [zeros [N, K/g] uint8], [bias [N] fp32], out y [m, N] (x's dtype).
 
     ``rows``: the static row count m (<= 8), or None for a symbolic m. K must be a multiple of ``32 // bits``
     and ``group`` (K for -1) a multiple of it too, so a word never straddles a group. ``unroll``, ``warps`` and
-    ``half_decode`` (None: fp16x2 decode for fp16 x with INT4 on CUDA) are tuning knobs the benchmark compares.
+    ``half_decode`` (None: fp16x2 decode for fp16 x with INT4 on CUDA) and ``chunk_words`` (consecutive words per
+    lane and step: 1 = lane t reads word 32 s + t, so the warp's activation loads are contiguous too; 4 = one
+    16-byte weight load per lane, but the lanes' activation loads then stride 64 bytes and the L1 serves each
+    warp load in 4x the wavefronts) are tuning knobs the benchmark compares.
     """
     from tvm.script import tirx as T
 
+    cw = chunk_words
     epw = 32 // bits
     assert k % epw == 0
     g = k if group == -1 else group
     assert g % epw == 0
     kw = k // epw  # words per row
     ng = k // g
-    nch = -(-kw // CHUNK_WORDS)  # 16-byte chunks per row (the last may be partial)
-    ragged_words = kw % CHUNK_WORDS != 0
+    nch = -(-kw // cw)  # 16-byte chunks per row (the last may be partial)
+    ragged_words = kw % cw != 0
     steps = -(-nch // WARP)  # chunks per lane
     unroll = max(min(unroll, steps), 1)
     outer = -(-steps // unroll)
@@ -144,7 +155,7 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
     symbolic = rows is None
     mask = (1 << bits) - 1
     # decode: "half2" (CUDA, fp16 x, INT4: a device function on packed half2 registers), "half" (the same
-    # arithmetic written in TIR, which TVM prints lane by lane: 2.3x the instructions), or "fp32".
+    # arithmetic written in TIR, which TVM prints lane by lane: 3x the fp16 instructions), or "fp32".
     decode = "half2" if act_dtype == "float16" and bits == 4 and target.kind.name == "cuda" else "fp32"
     if half_decode is not None:  # the benchmark compares the decodes
         decode = half_decode if isinstance(half_decode, str) else ("half" if half_decode else "fp32")
@@ -182,7 +193,7 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
                         acc = T.decl_buffer((mt,), "float32", scope="local")
                         part = T.decl_buffer((1,), "float32", scope="local")
                         hacc = T.decl_buffer((2,), "float16", scope="local")
-                        wv = T.decl_buffer((unroll * CHUNK_WORDS,), "uint32", scope="local")
+                        wv = T.decl_buffer((unroll * cw,), "uint32", scope="local")
                         xv = T.decl_buffer((xv_len,), act_dtype, scope="local")
                         red = T.decl_buffer((1,), "float32", scope="local")
                         for i in T.unroll(mt):
@@ -191,23 +202,23 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
                             for u in T.unroll(unroll):
                                 if every_lane_full or (ob * unroll + u) * WARP + tx < nch:
                                     if not ragged_words:
-                                        for v in T.vectorized(CHUNK_WORDS):
-                                            wv[u * CHUNK_WORDS + v] = q[bx * wb + ty,
+                                        for v in T.vectorized(cw):
+                                            wv[u * cw + v] = q[bx * wb + ty,
                                                                         ((ob * unroll + u) * WARP + tx)
-                                                                        * CHUNK_WORDS + v]
+                                                                        * cw + v]
                                     else:
-                                        for v in T.unroll(CHUNK_WORDS):
-                                            if ((ob * unroll + u) * WARP + tx) * CHUNK_WORDS + v < kw:
-                                                wv[u * CHUNK_WORDS + v] = q[
-                                                    bx * wb + ty, ((ob * unroll + u) * WARP + tx) * CHUNK_WORDS + v]
+                                        for v in T.unroll(cw):
+                                            if ((ob * unroll + u) * WARP + tx) * cw + v < kw:
+                                                wv[u * cw + v] = q[
+                                                    bx * wb + ty, ((ob * unroll + u) * WARP + tx) * cw + v]
                             for u in T.unroll(unroll):
-                                for w in T.unroll(CHUNK_WORDS):
+                                for w in T.unroll(cw):
                                     if (every_lane_full or
-                                            ((ob * unroll + u) * WARP + tx) * CHUNK_WORDS + w < kw):
+                                            ((ob * unroll + u) * WARP + tx) * cw + w < kw):
                                         sc = T.Cast("float32", s[bx * wb + ty, (((ob * unroll + u) * WARP + tx)
-                                                                                * CHUNK_WORDS + w) * epw // g])
+                                                                                * cw + w) * epw // g])
                                         zf = T.Cast("float32", z[bx * wb + ty, (((ob * unroll + u) * WARP + tx)
-                                                                                * CHUNK_WORDS + w) * epw // g]) \
+                                                                                * cw + w) * epw // g]) \
                                             if not symmetric else T.float32(zero_sym)
                                         for i in T.unroll(mt):
                                             if True:  # (kept for the nesting of the row guard below)
@@ -216,10 +227,10 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
                                                         for v in T.vectorized(vec):
                                                             xv[v0 * vec + v] = x[
                                                                 by * mt + i,
-                                                                (((ob * unroll + u) * WARP + tx) * CHUNK_WORDS + w)
+                                                                (((ob * unroll + u) * WARP + tx) * cw + w)
                                                                 * epw + v0 * vec + v]
                                                     if half2_path:
-                                                        acc[i] = acc[i] + dot8(wv[u * CHUNK_WORDS + w],
+                                                        acc[i] = acc[i] + dot8(wv[u * cw + w],
                                                                                T.address_of(xv[0]),
                                                                                zf + T.float32(1024)) * sc
                                                     elif half_path:
@@ -228,7 +239,7 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
                                                             hacc[T.ramp(0, 1, 2)] = (
                                                                 T.reinterpret("float16x2", T.bitwise_or(
                                                                     T.bitwise_and(T.shift_right(
-                                                                        wv[u * CHUNK_WORDS + w],
+                                                                        wv[u * cw + w],
                                                                         T.Cast("uint32", p * 4)),
                                                                         T.uint32(0x000F000F)),
                                                                     T.uint32(0x64006400)))
@@ -242,7 +253,7 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
                                                         for e in T.unroll(epw):
                                                             part[0] = part[0] + (T.reinterpret("float32", T.bitwise_or(
                                                                 T.bitwise_and(T.shift_right(
-                                                                    wv[u * CHUNK_WORDS + w],
+                                                                    wv[u * cw + w],
                                                                     T.Cast("uint32", (e % 2) * 16 + (e // 2) * bits)),
                                                                     T.uint32(mask)),
                                                                 T.uint32(0x4B000000)))
@@ -292,7 +303,7 @@ def _drop_unused(func: tirx.PrimFunc, symmetric: bool, has_bias: bool) -> tirx.P
     return with_root_block(func, params)
 
 
-def int8_gemv(k: int, n: int, has_bias: bool, rows: int | None, target, unroll: int = UNROLL) -> tirx.PrimFunc:
+def int8_gemv(k: int, n: int, has_bias: bool, rows: int | None, target, unroll: int = 4) -> tirx.PrimFunc:
     """int8 x int8 → int32 GEMV with the dequantize epilogue. Arguments: xq [m, ceil(K/4)] int32 (codes),
     wq [N, ceil(K/4)] int32, xs [m] fp32, ws [N] fp32, [bias [N] fp32], out y [m, N] fp32."""
     from tvm.script import tirx as T
