@@ -242,3 +242,22 @@ def test_quantized_mlp_on_cuda_matches_torch_and_cpu_build(mlp, cfg, tol, tmp_pa
     ref = model(x).detach().numpy()
     assert np.abs(np.exp(got) - np.exp(ref)).max() < tol
     np.testing.assert_allclose(got, cpu, atol=1e-3)  # same codes: only the order of the additions differs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [ember.Int8Dynamic(), ember.WeightOnly(bits=4, group_size=16)])
+def test_tiny_transformer_quantized_compiles_for_cuda(cfg, tmp_path):
+    """Layer norms feeding INT8 layers (fused with the quantizer on CPUs, kept as a Relax op on GPUs), GELU after
+    an INT8 layer, attention and a quantized embedding table, for CUDA."""
+    if _available("cuda-sm90"):
+        pytest.skip(_available("cuda-sm90"))
+    from models import TinyTransformer
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (2, 16), generator=g)
+    mask = torch.ones(2, 16, dtype=torch.int64)
+    cm = ember.compile(seeded(TinyTransformer), (ids, mask), target="cuda-sm90", quantization=cfg)
+    art = cm.export(tmp_path / "art")
+    assert json.load(open(f"{art}/manifest.json"))["target"]["gpu"]["device_code"] == "fatbin"
+    names = _kernel_names(f"{art}/model.so", "cuda-sm90")
+    assert ("ember_gpu_int8_gemv" if isinstance(cfg, ember.Int8Dynamic) else "ember_gpu_wo_gemv") in names
