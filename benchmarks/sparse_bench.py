@@ -16,6 +16,8 @@
 4. minilm_int8 — the 1:16 MiniLM (a short distillation) compiled with fp32 and with int8 sparse values
    (``NM(1, 16)`` + ``Int8Dynamic()``): embedding cosine between the two and to the dense model on held-out
    sentences, bytes, and latency (batch 1, seq 128) against ember dense. Parts 1 and 2 also compile 1:16 + int8.
+5. conv — ResNet-style 3x3 convolutions (64 ch 56x56, 128 ch 28x28, 256 ch 14x14, batch 1): ember's sparse
+   conv kernel at 1:16 vs ember dense and torch dense.
 
 Writes ``sparse_bench.json`` (and ``sparse_bench_linear.png``) under --out.
 """
@@ -344,6 +346,51 @@ def bench_minilm(threads: int, steps: int, compile_1_16: bool) -> dict:
     return results
 
 
+def bench_conv(threads: int) -> dict:
+    """ResNet-style 3x3 convolutions (batch 1): ember 1:16 (sparse conv kernel) vs ember dense vs torch dense."""
+    import torch
+
+    import ember
+    import ember.sparsity as sp
+
+    torch.set_num_threads(threads)
+    out = {}
+    print("\n== 3x3 conv, padding 1, batch 1, fp32 (median ms, interleaved rounds) ==")
+    for c, hw in ((64, 56), (128, 28), (256, 14)):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).eval()
+        sparse = copy.deepcopy(conv)
+        sp.prune_nm(sparse, 1, 16)
+        x = torch.randn(1, c, hw, hw)
+        xn = x.numpy()
+        cms = {"ember dense": ember.compile(conv, (x,)), "ember 1:16": ember.compile(sparse, (x,), sparsity=ember.NM(1, 16))}
+        with torch.no_grad():
+            want = sparse(x).numpy()
+        err = float(np.abs(cms["ember 1:16"](xn) - want).max())
+        assert err < 1e-3 * max(1.0, float(np.abs(want).max())), f"sparse conv differs from torch by {err}"
+        fns = {}
+        for name, cm in cms.items():
+            _, dev_inputs = cm._prepare((xn,), {})
+            fns[name] = (lambda c_=cm, d=dev_inputs: c_.run_device(d))
+
+        def torch_dense(conv=conv, x=x):
+            with torch.no_grad():
+                conv(x)
+
+        fns["torch dense"] = torch_dense
+        with bench_lock():
+            load = os.getloadavg()[0]
+            ms = interleaved_medians(fns, rounds=8, per_round=5, warmup=3)
+        key = f"{c}x{hw}x{hw}"
+        rep_ = cms["ember 1:16"].manifest["compression"]["sparsity"]
+        out[key] = {"median_ms": ms, "max_abs_error_vs_torch": err, "load_avg_1min": load,
+                    "bytes": {"dense": rep_["dense_bytes"], "packed": rep_["packed_bytes"]}, "kernel": rep_["kernel"]}
+        print(f"  {key:12s} " + ", ".join(f"{k} {v:.3f} ms" for k, v in ms.items())
+              + f"  -> 1:16 {ms['ember dense'] / ms['ember 1:16']:.2f}x ember dense, "
+              f"{ms['torch dense'] / ms['ember 1:16']:.2f}x torch (load {load:.1f})")
+    return out
+
+
 def bench_minilm_int8(threads: int, steps: int, sentences_n: int = 100) -> dict:
     """1:16 MiniLM compiled with fp32 sparse values vs int8 sparse values (NM(1, 16) + Int8Dynamic): how much
     the int8 values change the embeddings, on real held-out sentences, and the latency (batch 1, seq 128)."""
@@ -457,6 +504,8 @@ def main():
         result["digits"] = bench_digits(a.threads, a.digits_steps)
     if "minilm" in parts:
         result["minilm"] = bench_minilm(a.threads, a.minilm_steps, not a.no_minilm_compile)
+    if "conv" in parts:
+        result["conv"] = bench_conv(a.threads)
     if "minilm_int8" in parts:
         result["minilm_int8"] = bench_minilm_int8(a.threads, a.int8_minilm_steps)
     result["total_seconds"] = round(time.perf_counter() - t0, 1)

@@ -48,7 +48,7 @@ def apply_sparsity(imported, cfg, target, quantization=None):
     n_linear = len(report["layers"])
     imported = rewrite_convs(imported, int(cfg.n), int(cfg.m), target, report, isa)
     if len(report["layers"]) > n_linear:
-        conv = f"conv: direct gather ({isa}), fp32 values"
+        conv = f"conv: {isa} row vectors (horizontal stride 1) or gathers, fp32 values"
         report["kernel"] = f"{report['kernel']}; {conv}" if report["kernel"] else conv
         for key in ("dense_bytes", "packed_bytes", "bytes_saved"):
             report[key] = int(sum(layer[key] for layer in report["layers"]))
