@@ -261,3 +261,21 @@ def test_tiny_transformer_quantized_compiles_for_cuda(cfg, tmp_path):
     assert json.load(open(f"{art}/manifest.json"))["target"]["gpu"]["device_code"] == "fatbin"
     names = _kernel_names(f"{art}/model.so", "cuda-sm90")
     assert ("ember_gpu_int8_gemv" if isinstance(cfg, ember.Int8Dynamic) else "ember_gpu_wo_gemv") in names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [
+    lambda x: ember.Int8Dynamic(granularity="tensor"),  # per-tensor range: a max |x| kernel first
+    lambda x: ember.Int8Static(calibration=[(x,)], granularity="tensor"),  # calibrated clip + SmoothQuant
+    lambda x: ember.Int8Static(calibration=[(x,)], granularity="token"),
+    lambda x: ember.WeightOnly(bits=8, group_size=32, symmetric=False),
+])
+def test_other_schemes_compile_for_cuda(mlp, make, tmp_path):
+    """The activation-quantizer variants (per tensor, calibrated clip, smoothing) and asymmetric INT8 weight-only
+    compile to CUDA device code. (Their numerics on a GPU are not covered by the H100 runs: see BENCHMARKS.md.)"""
+    if _available("cuda-sm90"):
+        pytest.skip(_available("cuda-sm90"))
+    model, x = mlp
+    cm = ember.compile(model, (x,), target="cuda-sm90", quantization=make(x))
+    art = cm.export(tmp_path / "art")
+    assert json.load(open(f"{art}/manifest.json"))["target"]["gpu"]["device_code"] == "fatbin"
