@@ -52,6 +52,9 @@ KERNELS = {
     "int4_g128_cw4_u4": dict(group=128, unroll=4, chunk_words=4),  # run 2's layout: 16-byte weight loads per lane
     "int4_g128_fp32decode": dict(group=128, half_decode="fp32"),
     "int4_g32": dict(group=32),
+    # added after run 3, not yet run: the next batch's loads issued before the current batch is decoded
+    "int4_g128_prefetch": dict(group=128, prefetch=True),
+    "int4_g128_prefetch_u4": dict(group=128, unroll=4, prefetch=True),
 }
 
 MLPS = {  # name -> (quantization factory, dynamic batch)

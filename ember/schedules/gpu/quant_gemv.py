@@ -124,7 +124,7 @@ def _warps_for(n: int) -> int:
 
 def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool, act_dtype: str,
                      rows: int | None, target, unroll: int = UNROLL, warps: int | None = None,
-                     half_decode: bool | None = None, chunk_words: int = 1) -> tirx.PrimFunc:
+                     half_decode: bool | None = None, chunk_words: int = 1, prefetch: bool = False) -> tirx.PrimFunc:
     """The fused decode + GEMV kernel (module doc). Arguments: x [m, K], qweight [N, K*bits/32] uint32,
     scales [N, K/g] fp16, [zeros [N, K/g] uint8], [bias [N] fp32], out y [m, N] (x's dtype).
 
@@ -133,11 +133,14 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
     ``half_decode`` (None: fp16x2 decode for fp16 x with INT4 on CUDA) and ``chunk_words`` (consecutive words per
     lane and step: 1 = lane t reads word 32 s + t, so the warp's activation loads are contiguous too; 4 = one
     16-byte weight load per lane, but the lanes' activation loads then stride 64 bytes and the L1 serves each
-    warp load in 4x the wavefronts) are tuning knobs the benchmark compares.
+    warp load in 4x the wavefronts) are tuning knobs the benchmark compares. ``prefetch`` (off: NOT yet measured
+    on a GPU) issues the next batch's weight loads before decoding the current batch (two register sets), the
+    step the H100 figures point to for weights coming from DRAM.
     """
     from tvm.script import tirx as T
 
     cw = chunk_words
+    assert not prefetch or cw == 1, "prefetch: one word per lane and step"
     epw = 32 // bits
     assert k % epw == 0
     g = k if group == -1 else group
@@ -194,12 +197,24 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
                         part = T.decl_buffer((1,), "float32", scope="local")
                         hacc = T.decl_buffer((2,), "float16", scope="local")
                         wv = T.decl_buffer((unroll * cw,), "uint32", scope="local")
+                        wn = T.decl_buffer((unroll,), "uint32", scope="local")
                         xv = T.decl_buffer((xv_len,), act_dtype, scope="local")
                         red = T.decl_buffer((1,), "float32", scope="local")
                         for i in T.unroll(mt):
                             acc[i] = T.float32(0)
-                        for ob in range(outer):
+                        if prefetch:  # the first batch of words, before the loop
                             for u in T.unroll(unroll):
+                                if every_lane_full or u * WARP + tx < nch:
+                                    wn[u] = q[bx * wb + ty, u * WARP + tx]
+                        for ob in range(outer):
+                            if prefetch:  # take the batch loaded last step, issue the next one's loads now
+                                for u in T.unroll(unroll):
+                                    wv[u] = wn[u]
+                                if ob + 1 < outer:
+                                    for u in T.unroll(unroll):
+                                        if every_lane_full or ((ob + 1) * unroll + u) * WARP + tx < nch:
+                                            wn[u] = q[bx * wb + ty, ((ob + 1) * unroll + u) * WARP + tx]
+                            for u in T.unroll(unroll if not prefetch else 0):
                                 if every_lane_full or (ob * unroll + u) * WARP + tx < nch:
                                     if not ragged_words:
                                         for v in T.vectorized(cw):
