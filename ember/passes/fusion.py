@@ -16,6 +16,10 @@ launches plus three head transposes. This module adds three rewrites, all before
    ``seq x seq`` score matrix. The kernel reads q/k/v straight from the linear layers' outputs in
    ``(batch, seq, heads, head_dim)`` order and writes its output in the same order, so the head transposes
    before and after attention disappear as well (:class:`CancelPermutes` removes the pairs this leaves).
+   The match sees through float casts: ``precision="fp16"`` (scores from an fp32-output matmul cast to fp16 and
+   back, softmax in fp32, P cast to fp16) and ember's torch import of fp16 models (V cast up for an fp32 P @ V).
+   The kernel keeps scores in fp32, writes the dtype the graph casts its output to (the cast pair then cancels),
+   and on CUDA keeps an fp32 P exact (two fp16 parts); fp16 sites on sm_80+ get the tensor-core kernel.
 2. **Matmul / conv epilogues** (:func:`epilogue_patterns`): ``matmul|conv`` + bias + activation (ReLU, GELU,
    GELU-tanh, SiLU, sigmoid, tanh, and ONNX's decomposed ``x * 0.5 * (1 + erf(x / sqrt 2))``) + residual add,
    across the reshapes in between, become one kernel. The CPU matmul rule computes the epilogue on each register
