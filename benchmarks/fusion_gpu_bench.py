@@ -3,8 +3,12 @@
 Step 1, on the build machine (no GPU needed; CUDA compiled ahead of time for sm_90a):
     python benchmarks/fusion_gpu_bench.py prepare --out gpu_artifacts/fusion [--target cuda-sm90] [--only NAMES]
 compiles, each with ember's fusion on and off (``compile_model(..., fusion=False)``: TVM's default FuseOps only),
+  * attention_kernel_cases: the tensor-core attention kernel alone for odd shapes, masks and dtypes (checked
+    against numpy on the GPU);
   * attention_s2048_fp16: batch 1, 12 heads, head dim 64, seq 2048, q @ k^T * scale + key-padding mask, softmax,
-    @ v, a Relax graph in fp16 (see prepare_attention for why not a torch module);
+    @ v, a Relax graph in fp16: fused (tensor cores), fused_cuda_core (the CUDA-core kernel) and unfused;
+  * attention_torch_fp16_s2048: the same attention as a torch module in fp16, imported by ember (fp32 scores,
+    softmax and value product around fp16 inputs);
   * minilm_b1_s128_fp16 / minilm_b1_s128_fp32: the MiniLM-L6 architecture (BertModel with the all-MiniLM-L6-v2
     config, eager attention, random seeded weights, vocabulary cut to 1024), batch 1, seq 128, precision="fp16" /
     fp32. Fused and unfused weights are identical and stored once (params-<hash>.bin). A device-tool call carries
@@ -18,7 +22,10 @@ Step 2, on the GPU machine, with TVM's runtime only (shared/gpu/README.md):
     python benchmarks/fusion_gpu_bench.py run gpu_artifacts/fusion --out $OUT
 checks fused vs unfused vs torch (fp32 on the GPU as the reference, torch fp16 for its own error) and times each
 with ``CompiledModel.benchmark`` (warmup, then >= 200 calls each synchronized; median), the two variants
-interleaved in rounds so that clock changes hit both alike. Writes fusion_gpu_bench.json under --out.
+interleaved in rounds so that clock changes hit both alike. ``--profile``: GPU time per kernel of each MiniLM
+build (torch.profiler sees TVM's kernels too); ``--compile-torch``: torch.compile reduce-overhead (CUDA graphs)
+as the fp16 peer. Writes fusion_gpu_bench.json under --out. (Keep PYTHONPATH=$PWD:$PYTHONPATH there: setup.sh
+puts the runtime-only TVM on it.)
 """
 
 from __future__ import annotations
