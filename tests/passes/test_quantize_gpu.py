@@ -67,6 +67,67 @@ def test_int8_words_and_sign_extension():
     np.testing.assert_array_equal(total, (a.astype(np.int64) * b).sum(1))
 
 
+# -- the kernels' index arithmetic, run on this CPU (the CPU twin: same loops, serial) --------------------------
+def _run_twin(func, *arrays, out_shape, out_dtype):
+    import tvm
+
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      tvm.target.Target({"kind": "llvm"}))
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(out_shape, out_dtype), dev)
+    lib["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), dev) for a in arrays], out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("k,n,bits,group,sym,bias,m,rows,opts", [
+    (1408, 40, 4, 128, True, False, 1, 1, {}),  # 176 words: not a multiple of 32 x unroll, a guarded tail
+    (256, 24, 4, 32, False, True, 3, 3, {"unroll": 4}),
+    (256, 24, 4, 32, True, True, 13, None, {}),  # symbolic rows: tiles of ROW_TILE, last one partial
+    (512, 8, 4, 64, True, False, 2, 2, {"prefetch": True}),  # the opt-in prefetch (not yet timed on a GPU)
+    (688, 16, 4, 16, True, False, 1, 1, {"prefetch": True, "unroll": 4}),
+    (256, 24, 4, 128, True, False, 5, 5, {"chunk_words": 4, "unroll": 2}),  # run 1-2 layout
+    (96, 12, 8, -1, False, True, 4, None, {}),  # INT8 codes, one group per row, asymmetric
+])
+def test_weight_only_gemv_twin_matches_numpy(k, n, bits, group, sym, bias, m, rows, opts):
+    """The GEMV's loops, guards, packing and decode (fp32 path) against a numpy matmul on the dequantized
+    weights; the GPU-only parts (warp shuffles, the half2 device function) ran on the H100 (BENCHMARKS.md)."""
+    from ember.passes.quantize import qmath
+
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    q, sc, z = qmath.quantize_groups(w, bits, group, sym, axis=0, search=False)
+    deq = qmath.dequantize_groups(q, sc, z, group, axis=0)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    b = RNG.standard_normal(n).astype(np.float32)
+    args = [x, qg.pack_words(np.ascontiguousarray(q.T), bits), np.ascontiguousarray(sc.T).astype(np.float16)]
+    if not sym:
+        args.append(np.ascontiguousarray(z.T).astype(np.uint8))
+    if bias:
+        args.append(b)
+    func = qg.weight_only_gemv(k, n, bits, group, sym, bias, "float32", rows, _target("cuda-sm90"), emulate=True,
+                               **opts)
+    y = _run_twin(func, *args, out_shape=(m, n), out_dtype="float32")
+    np.testing.assert_allclose(y, x @ deq + (b if bias else 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,n,bias,m,rows", [(70, 24, True, 3, 3), (512, 16, False, 9, None)])
+def test_int8_gemv_twin_matches_numpy(k, n, bias, m, rows):
+    """INT8 x INT8 → int32 GEMV (the sign-extending dot product, as on ROCm / Metal) against numpy."""
+    from ember.passes.quantize import qmath
+
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    wq, ws = qmath.int8_weight(w)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    xq, xs = qmath.quantize_activation_rows(x)
+    b = RNG.standard_normal(n).astype(np.float32)
+    args = [qg.pack_int8_words(xq.astype(np.int8)), qg.pack_int8_words(np.ascontiguousarray(wq.T)), xs, ws]
+    if bias:
+        args.append(b)
+    func = qg.int8_gemv(k, n, bias, rows, _target("cuda-sm90"), emulate=True)
+    y = _run_twin(func, *args, out_shape=(m, n), out_dtype="float32")
+    ref = (xq.astype(np.int64) @ wq.astype(np.int64)).astype(np.float32) * xs[:, None] * ws[None, :]
+    np.testing.assert_allclose(y, ref + (b if bias else 0), rtol=1e-4, atol=1e-3)
+
+
 # -- the kernels hold no full-precision weight --------------------------------------------------------------
 def _allocations(func):
     import tvm_ffi

@@ -111,6 +111,13 @@ def _vec_elems(dtype: str, target) -> int:
     return min(per, 4) if target.kind.name == "metal" else per
 
 
+def _loop(extent, thread: str, emulate: bool):
+    """A GPU kernel loop: bound to ``thread``, or serial in the CPU twin (``emulate``)."""
+    from tvm.script import tirx as T
+
+    return T.serial(extent) if emulate else T.thread_binding(extent, thread=thread)
+
+
 def _warp_size(target) -> int:
     return int(target.attrs.get("thread_warp_size", 32) or 32)
 
@@ -124,7 +131,8 @@ def _warps_for(n: int) -> int:
 
 def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool, act_dtype: str,
                      rows: int | None, target, unroll: int = UNROLL, warps: int | None = None,
-                     half_decode: bool | None = None, chunk_words: int = 1, prefetch: bool = False) -> tirx.PrimFunc:
+                     half_decode: bool | None = None, chunk_words: int = 1, prefetch: bool = False,
+                     emulate: bool = False) -> tirx.PrimFunc:
     """The fused decode + GEMV kernel (module doc). Arguments: x [m, K], qweight [N, K*bits/32] uint32,
     scales [N, K/g] fp16, [zeros [N, K/g] uint8], [bias [N] fp32], out y [m, N] (x's dtype).
 
@@ -136,6 +144,9 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
     warp load in 4x the wavefronts) are tuning knobs the benchmark compares. ``prefetch`` (off: NOT yet measured
     on a GPU) issues the next batch's weight loads before decoding the current batch (two register sets), the
     step the H100 figures point to for weights coming from DRAM.
+
+    ``emulate``: the CPU twin the tests run (same index arithmetic, guards and decode): block and thread loops
+    serial, the lanes' sums added into ``y`` one after the other instead of warp shuffles, fp32 decode.
     """
     from tvm.script import tirx as T
 
@@ -164,6 +175,8 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
         decode = half_decode if isinstance(half_decode, str) else ("half" if half_decode else "fp32")
         if act_dtype != "float16" or bits != 4:
             decode = "fp32"
+    if emulate:
+        decode = "fp32"
     half_path = decode == "half"
     half2_path = decode == "half2"
     if half2_path:
@@ -189,10 +202,10 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
         z = T.match_buffer(z_h, (n, ng), "uint8")
         bias = T.match_buffer(b_h, (n,), "float32")
         y = T.match_buffer(y_h, (m, n), act_dtype)
-        for by in T.thread_binding((m + mt - 1) // mt if symbolic else 1, thread="blockIdx.y"):
-            for bx in T.thread_binding(n // wb, thread="blockIdx.x"):
-                for ty in T.thread_binding(wb, thread="threadIdx.y"):
-                    for tx in T.thread_binding(WARP, thread="threadIdx.x"):
+        for by in _loop((m + mt - 1) // mt if symbolic else 1, "blockIdx.y", emulate):
+            for bx in _loop(n // wb, "blockIdx.x", emulate):
+                for ty in _loop(wb, "threadIdx.y", emulate):
+                    for tx in _loop(WARP, "threadIdx.x", emulate):
                         acc = T.decl_buffer((mt,), "float32", scope="local")
                         part = T.decl_buffer((1,), "float32", scope="local")
                         hacc = T.decl_buffer((2,), "float16", scope="local")
@@ -275,7 +288,17 @@ def weight_only_gemv(k: int, n: int, bits: int, group: int, symmetric: bool, has
                                                                 - (zf + T.float32(8388608))) \
                                                                 * T.Cast("float32", xv[e])
                                                         acc[i] = acc[i] + part[0] * sc
-                        for i in T.unroll(mt):
+                        for i in T.unroll(mt if emulate else 0):  # CPU twin: lanes in turn, summed into y
+                            if not symbolic or by * mt + i < m:
+                                if tx == 0:
+                                    if has_bias:
+                                        y[by * mt + i, bx * wb + ty] = T.Cast(act_dtype, acc[i] + bias[bx * wb + ty])
+                                    else:
+                                        y[by * mt + i, bx * wb + ty] = T.Cast(act_dtype, acc[i])
+                                else:
+                                    y[by * mt + i, bx * wb + ty] = y[by * mt + i, bx * wb + ty] + \
+                                        T.Cast(act_dtype, acc[i])
+                        for i in T.unroll(0 if emulate else mt):
                             red[0] = acc[i]
                             # lane 0 ends with the sum of the 32 lanes (tvm_warp_shuffle_down: __shfl_down_sync
                             # on CUDA, ds_bpermute on AMD, simd_shuffle_down on Metal)
@@ -318,7 +341,8 @@ def _drop_unused(func: tirx.PrimFunc, symmetric: bool, has_bias: bool) -> tirx.P
     return with_root_block(func, params)
 
 
-def int8_gemv(k: int, n: int, has_bias: bool, rows: int | None, target, unroll: int = 4) -> tirx.PrimFunc:
+def int8_gemv(k: int, n: int, has_bias: bool, rows: int | None, target, unroll: int = 4,
+              emulate: bool = False) -> tirx.PrimFunc:
     """int8 x int8 → int32 GEMV with the dequantize epilogue. Arguments: xq [m, ceil(K/4)] int32 (codes),
     wq [N, ceil(K/4)] int32, xs [m] fp32, ws [N] fp32, [bias [N] fp32], out y [m, N] fp32."""
     from tvm.script import tirx as T
@@ -333,7 +357,7 @@ def int8_gemv(k: int, n: int, has_bias: bool, rows: int | None, target, unroll: 
     wb = _warps_for(n)
     mt = rows if rows is not None else ROW_TILE
     symbolic = rows is None
-    dp4a = target.kind.name == "cuda"
+    dp4a = target.kind.name == "cuda" and not emulate  # emulate: the CPU twin (see weight_only_gemv)
     ws_ = _warp_size(target)
 
     def dot4(a, b):
@@ -355,10 +379,10 @@ def int8_gemv(k: int, n: int, has_bias: bool, rows: int | None, target, unroll: 
         ws = T.match_buffer(ws_h, (n,), "float32")
         bias = T.match_buffer(b_h, (n,), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
-        for by in T.thread_binding((m + mt - 1) // mt if symbolic else 1, thread="blockIdx.y"):
-            for bx in T.thread_binding(n // wb, thread="blockIdx.x"):
-                for ty in T.thread_binding(wb, thread="threadIdx.y"):
-                    for tx in T.thread_binding(WARP, thread="threadIdx.x"):
+        for by in _loop((m + mt - 1) // mt if symbolic else 1, "blockIdx.y", emulate):
+            for bx in _loop(n // wb, "blockIdx.x", emulate):
+                for ty in _loop(wb, "threadIdx.y", emulate):
+                    for tx in _loop(WARP, "threadIdx.x", emulate):
                         acc = T.decl_buffer((mt,), "int32", scope="local")
                         wv = T.decl_buffer((unroll * CHUNK_WORDS,), "int32", scope="local")
                         xv = T.decl_buffer((CHUNK_WORDS,), "int32", scope="local")
@@ -388,7 +412,19 @@ def int8_gemv(k: int, n: int, has_bias: bool, rows: int | None, target, unroll: 
                                                     xv[v] = T.int32(0)
                                             for v in T.unroll(CHUNK_WORDS):
                                                 acc[i] = acc[i] + dot4(xv[v], wv[u * CHUNK_WORDS + v])
-                        for i in T.unroll(mt):
+                        for i in T.unroll(mt if emulate else 0):  # CPU twin: lanes in turn, summed into y
+                            if not symbolic or by * mt + i < m:
+                                if tx == 0:
+                                    if has_bias:
+                                        y[by * mt + i, bx * wb + ty] = T.Cast("float32", acc[i]) * xs[by * mt + i] * \
+                                            ws[bx * wb + ty] + bias[bx * wb + ty]
+                                    else:
+                                        y[by * mt + i, bx * wb + ty] = T.Cast("float32", acc[i]) * xs[by * mt + i] * \
+                                            ws[bx * wb + ty]
+                                else:
+                                    y[by * mt + i, bx * wb + ty] = y[by * mt + i, bx * wb + ty] + \
+                                        T.Cast("float32", acc[i]) * xs[by * mt + i] * ws[bx * wb + ty]
+                        for i in T.unroll(0 if emulate else mt):
                             red[0] = acc[i]
                             # lane 0 ends with the sum of the 32 lanes (tvm_warp_shuffle_down: __shfl_down_sync
                             # on CUDA, ds_bpermute on AMD, simd_shuffle_down on Metal)
