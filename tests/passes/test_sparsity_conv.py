@@ -86,3 +86,17 @@ def test_targets_without_gather_keep_convs_dense():
     assert [layer["name"] for layer in rep["layers"]] == ["p_fc_weight"]
     assert len(rep["skipped"]) == 3 and "AVX2 or AVX-512" in rep["skipped"][0]["reason"]
     np.testing.assert_allclose(cm(x.numpy()), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("width", [1, 17])
+def test_one_pixel_tails(width):
+    """Output rows of 1 and 17 pixels: the row kernel's last tile is a single (scalar) pixel."""
+    if not _host_has_gather():
+        pytest.skip("this CPU has no AVX2/AVX-512 gather: convolutions stay dense")
+    torch.manual_seed(width)
+    conv = nn.Conv2d(4, 24, 3, padding=1).eval()
+    sp.prune_nm(conv, 1, 16)
+    x = torch.randn(1, 4, 5, width)
+    cm = ember.compile(conv, (x,), sparsity=ember.NM(1, 16))
+    assert [layer["op"] for layer in cm.manifest["compression"]["sparsity"]["layers"]] == ["conv2d"]
+    np.testing.assert_allclose(cm(x.numpy()), conv(x).detach().numpy(), rtol=1e-4, atol=1e-4)

@@ -4,6 +4,7 @@
 * :mod:`.pack` — the packed N:M format (values + 4/8-bit indices) and its inverse.
 * :mod:`.sparse_matmul` — the TIR kernels (x86 gather, generic CPU, CUDA) that read only the packed weights.
 * :mod:`.rewrite` — the Relax rewrite of ``matmul(x, permute_dims(W))`` into ``call_tir(sparse kernel)``.
+* :mod:`.rows_kernel` — the x86 kernel for many input rows (vectors along x's rows, no gather).
 * :mod:`.gpu_kernel` — the GPU kernel (CUDA, ROCm, Metal) on the GPU layout of :func:`.pack.pack_gpu`.
 * :mod:`.conv` — sparse 2-D convolutions on x86 (a direct gather kernel with precomputed input offsets).
 """

@@ -138,22 +138,28 @@ def conv_kernel_rows(c_in: int, hp: int, wp: int, o: int, kh: int, kw: int, oh: 
         return r < o if guard_row else T.bool(True)
 
     def make_tile(lanes):
-        vt = f"float32x{lanes}"
+        vt = f"float32x{lanes}" if lanes > 1 else "float32"  # a 1-wide tail is scalar code
+
+        def bcast(v):
+            return T.Broadcast(v, lanes) if lanes > 1 else v
+
+        def ramp(base):
+            return T.Ramp(base, 1, lanes) if lanes > 1 else base
 
         @T.macro
         def tile(xf, values, offsets, y, b, r, jb, hpass, ow0):
             acc = T.decl_buffer((cp,), vt, scope="local")
             for ci in T.unroll(cp):
-                acc[ci] = T.Broadcast(T.float32(0), lanes)
+                acc[ci] = bcast(T.float32(0))
             for g in range(g_all):
                 for s in range(n):
                     for ci in T.unroll(cp):
-                        acc[ci] = acc[ci] + T.Broadcast(values[jb, g, s, hpass * cp + ci], lanes) * xf[T.Ramp(
-                            b * (c_in * hp * wp) + r * stride_h * wp + ow0 + T.Cast("int64", offsets[jb, g, s, hpass * cp + ci]),
-                            1, lanes)]
+                        acc[ci] = acc[ci] + bcast(values[jb, g, s, hpass * cp + ci]) * xf[ramp(
+                            b * (c_in * hp * wp) + r * stride_h * wp + ow0
+                            + T.Cast("int64", offsets[jb, g, s, hpass * cp + ci]))]
             for ci in T.unroll(cp):
                 if row_ok(jb * BLOCK + hpass * cp + ci):
-                    y[b, jb * BLOCK + hpass * cp + ci, r, T.Ramp(ow0, 1, lanes)] = acc[ci]
+                    y[b, jb * BLOCK + hpass * cp + ci, r, ramp(ow0)] = acc[ci]
 
         return tile
 

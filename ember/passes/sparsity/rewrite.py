@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .pack import PackedNM, dequantized, nm_mask, nm_violations, pack_int8
+from .rows_kernel import MIN_ROWS, rows_kernel
 from .sparse_matmul import KERNEL_NAME, gather_isa, is_gpu, pack_for, sparse_matmul_func
 
 _FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -201,6 +202,23 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1, int8:
             dtype = str(x.ty.dtype)
             out_dtype = str(call.attrs.out_dtype or "")
             out_dtype = dtype if out_dtype in ("", "void") else out_dtype
+            isa = gather_isa(target, dtype) if target is not None and target.kind.name == "llvm" else None
+            if isa is not None and isinstance(batch, int) and batch >= MIN_ROWS:
+                # many rows (prefill): vectors along the rows of x^T, no gather (rows_kernel.py)
+                from ...schedules.cpu.common import num_cores
+
+                prim = rows_kernel(k, n_out, n, m, batch, isa, num_cores(target) > 1, int8=int8)
+                prim = prim.with_attr("op_pattern", _OPAQUE)
+                gv = self.builder_.add_func(prim, f"{KERNEL_NAME}_rows_{k}x{n_out}_{n}_{m}_b{batch}"
+                                            + ("_int8" if int8 else ""))
+                xt = self.builder_.emit(relax.op.permute_dims(x2, [1, 0]), "nm_xt")
+                yt = self.builder_.emit(relax.call_tir(gv, [xt] + pk.vars, relax.TensorType([n_out, rows], dtype)),
+                                        "nm_yt")
+                out = relax.op.permute_dims(yt, [1, 0])
+                if len(shape) == 2:
+                    return out
+                y = self.builder_.emit(out, "nm_y")
+                return relax.op.reshape(y, shape[:-1] + [n_out])
             prim = sparse_matmul_func(batch, k, n_out, n, m, dtype, target, int8=int8, out_dtype=out_dtype)
             prim = prim.with_attr("op_pattern", _OPAQUE)
             gv = self.builder_.add_func(prim, f"{KERNEL_NAME}_{k}x{n_out}_{n}_{m}" + ("_int8" if int8 else "")
@@ -239,7 +257,8 @@ def rewrite_to_sparse(imported, n: int, m: int, target, *, min_k: int = 1, int8:
     layers = [p.report for p in packed.values()]
     isa = gather_isa(target, "float32") if target is not None else None
     report.update({
-        "kernel": (f"cpu gather ({isa})" if isa else (f"gpu ({target.kind.name})" if is_gpu(target)
+        "kernel": (f"cpu gather ({isa}; ≥ {MIN_ROWS} static rows: row vectors)" if isa
+                   else (f"gpu ({target.kind.name})" if is_gpu(target)
                                                        else "cpu (TVM vectorized, scalar gather)"))
                   + (", int8 values" if int8 else ""),
         "layers": layers,
