@@ -1,14 +1,14 @@
 """CPU latency of ember against PyTorch eager, torch.compile and ONNX Runtime, in one run.
 
     python benchmarks/cpu_bench.py [--tuning-db DIR] [--workloads minilm-b1,minilm-b8,resnet18-b1]
-                                   [--rounds 10] [--out benchmarks/results]
+                                   [--rounds 10] [--threads N] [--out benchmarks/results]
 
 Workloads: all-MiniLM-L6-v2 (real weights, real sentences, seq 128) at batch 1 and 8, and a ResNet-18-style CNN
 (this file's ``resnet18``: BasicBlocks [2, 2, 2, 2], random weights and BatchNorm statistics from a fixed seed)
 at batch 1, 3x224x224, all fp32. Engines: ember untuned (its rule-based schedules), ember tuned (only with
 ``--tuning-db``: ``ember.compile(..., tuning=ember.Tuning(database=DIR, apply_only=True))``; "n/a" if that
 fails), PyTorch eager, torch.compile (inductor) and ONNX Runtime (CPU provider, all graph optimizations). Every
-engine uses all the machine's cores.
+engine uses all the machine's cores, or ``--threads N`` each (the JSON records the threads each engine had).
 
 How it measures: the engines of one workload run *interleaved* -- ``--rounds`` rounds, each running every
 engine a few times in turn -- and the median over all rounds is reported. On a shared machine the load changes
@@ -278,15 +278,22 @@ def main():
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per workload")
     ap.add_argument("--per-round", type=int, default=3, help="runs of each engine per round")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for every engine (default: all cores). --threads 1 compares the kernels' work per "
+                         "core, which a machine shared with other jobs distorts less than the multi-thread figures")
     a = ap.parse_args()
     if a.tuning_db is not None and not os.path.isdir(a.tuning_db):
         raise SystemExit(f"--tuning-db {a.tuning_db}: no such directory")
+
+    threads = a.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+    if a.threads:
+        # TVM sizes its pool when a thread first runs parallel work: set it before ember/TVM run anything
+        os.environ["TVM_NUM_THREADS"] = str(threads)
 
     import torch
 
     import ember
 
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     results = [run_workload(w.strip(), a, threads) for w in a.workloads.split(",") if w.strip()]
     print_table(results)
@@ -295,6 +302,8 @@ def main():
     doc = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "cores": threads, "llvm_mcpu": _mcpu(),
+                    "threads": {"ember (TVM pool)": _tvm_threads(), "torch": torch.get_num_threads(),
+                                "onnxruntime": threads},
                     "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "versions": {"ember": ember.__version__, "torch": torch.__version__, "tvm": __import__("tvm").__version__,
@@ -307,6 +316,13 @@ def main():
         json.dump(doc, f, indent=2)
     plot(results, ppath)
     print(f"\nwrote {jpath} and {ppath}")
+
+
+def _tvm_threads():
+    try:
+        return int(__import__("tvm").get_global_func("runtime.NumThreads")())
+    except Exception:  # pylint: disable=broad-except
+        return None
 
 
 def _mcpu():

@@ -66,7 +66,7 @@ def fused_module(mod_or_model, target, *, example_inputs=None, dynamic_batch=Fal
     from ..passes.compress import compress
 
     if isinstance(mod_or_model, tvm.IRModule):
-        mod = prepare(mod_or_model)
+        mod = prepare(mod_or_model, target=target)  # the target's layouts (packed weights), as compile has them
         # Weight transforms need the weights; a bare IRModule has none here, so keep main (and its kernels).
         mod = tvm.IRModule({gv: f for gv, f in mod.functions.items()
                             if not isinstance(f, tvm.relax.Function) or gv.name_hint == "main"})
@@ -78,7 +78,7 @@ def fused_module(mod_or_model, target, *, example_inputs=None, dynamic_batch=Fal
             from ..passes.precision import apply_precision  # pylint: disable=import-outside-toplevel
 
             imported, _ = apply_precision(imported, precision)
-        mod, _ = _transform_params(prepare(imported.mod), imported.params)
+        mod, _ = _transform_params(prepare(imported.mod, target=target), imported.params)
     with target:
         return fuse_pass(target)(mod)
 
