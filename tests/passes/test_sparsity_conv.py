@@ -100,3 +100,26 @@ def test_one_pixel_tails(width):
     cm = ember.compile(conv, (x,), sparsity=ember.NM(1, 16))
     assert [layer["op"] for layer in cm.manifest["compression"]["sparsity"]["layers"]] == ["conv2d"]
     np.testing.assert_allclose(cm(x.numpy()), conv(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_after_a_sparse_conv_is_folded_into_it():
+    """conv -> BN and conv(+bias) -> BN: BN's scale goes into the packed weights (zeros stay zeros), its shift
+    into one add — no BN arithmetic left at run time (ember's FoldBatchNorm runs later and cannot see the kernel)."""
+    if not _host_has_gather():
+        pytest.skip("this CPU has no AVX2/AVX-512 gather: convolutions stay dense")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 20, 3, padding=1), nn.BatchNorm2d(20)).eval()
+    for bn in (model[1], model[4]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-1, 1)
+    sp.prune_nm(model, 1, 16)
+    x = torch.randn(2, 3, 9, 9)
+    cm = ember.compile(model, (x,), sparsity=ember.NM(1, 16))
+    layers = cm.manifest["compression"]["sparsity"]["layers"]
+    assert [layer.get("folded_batch_norm") for layer in layers] == [True, True]
+    ops = {op for kern in cm.manifest["kernels"]["ember"]["kernels"] for op in kern["ops"]}
+    assert not ops & {"batch_norm", "subtract", "divide", "rsqrt", "sqrt"}, ops
+    np.testing.assert_allclose(cm(x.numpy()), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)

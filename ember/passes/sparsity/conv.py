@@ -25,7 +25,10 @@ arithmetic. Two direct convolutions, no im2col buffer:
   (``vgatherdps``).
 
 Offsets take 4 bytes where a linear's indices take half a byte, which matters little: conv weights are small next
-to their activations. Other CPUs and GPUs keep sparse convolutions dense (the report says why).
+to their activations. An inference BatchNorm right after a sparse conv (with or without a conv bias) is folded
+into it here — its scale into the packed weights, its shift into one add — since ember's FoldBatchNorm runs later
+in the pipeline and cannot see into the kernel. Other CPUs and GPUs keep sparse convolutions dense (the report
+says why).
 """
 
 from __future__ import annotations
@@ -186,6 +189,73 @@ def conv_kernel_rows(c_in: int, hp: int, wp: int, o: int, kh: int, kw: int, oh: 
     return kernel
 
 
+def _numpy_of(e, weights_np):
+    """A weight parameter's or a Relax constant's value (float64), else None (a runtime value)."""
+    if e in weights_np:
+        return np.asarray(weights_np[e], np.float64)
+    # TVM 0.27 spells Relax constants ir.GenericConst, their tensor is ``.value`` (``.data`` in older TVMs)
+    data = getattr(e, "value", None) if type(e).__name__ == "GenericConst" else getattr(e, "data", None)
+    return np.asarray(data.numpy(), np.float64) if data is not None and hasattr(data, "numpy") else None
+
+
+def _batch_norm_folds(func, plan: dict, weights_np: dict) -> dict:
+    """Inference BatchNorms right after a planned sparse conv, folded into it (as ember's FoldBatchNorm would,
+    which runs later in the pipeline and cannot see into the sparse kernel): per output channel
+    ``s = gamma / sqrt(var + eps)``, weight ``W * s`` (same zeros: still N:M), then ``+ (beta - mean * s)``.
+    Only when the conv output feeds nothing but the BN and every BN operand is a weight or constant."""
+    import tvm
+    from tvm import relax
+
+    bn_op = tvm.ir.Op.get("relax.nn.batch_norm")
+    add_op, reshape_op = tvm.ir.Op.get("relax.add"), tvm.ir.Op.get("relax.reshape")
+    bound, uses = {}, {}
+    for blk in func.body.blocks:
+        for b in blk.bindings:
+            bound[b.var] = b.value
+            for v in relax.analysis.free_vars(b.value) if isinstance(b.value, relax.Expr) else []:
+                uses[v] = uses.get(v, 0) + 1
+    for v in relax.analysis.free_vars(func.body.body):
+        uses[v] = uses.get(v, 0) + 1
+    out = {}
+    for item in bound.values():
+        if not isinstance(item, relax.TupleGetItem) or item.index != 0:
+            continue
+        bn = bound.get(item.tuple_value)
+        if not (isinstance(bn, relax.Call) and bn.op.same_as(bn_op)) or uses.get(item.tuple_value, 0) != 1:
+            continue
+        a = bn.attrs
+        if bool(a.training) or int(a.axis) != 1:
+            continue
+        conv_var, bias = bn.args[0], 0.0
+        add = bound.get(conv_var)
+        if isinstance(add, relax.Call) and add.op.same_as(add_op) and uses.get(conv_var, 0) == 1:
+            # a conv with a bias: conv -> add(reshape(bias, [1, C, 1, 1])) -> BN; the bias joins the shift
+            b_expr = bound.get(add.args[1], add.args[1])
+            if isinstance(b_expr, relax.Call) and b_expr.op.same_as(reshape_op):
+                b_expr = b_expr.args[0]
+            bias = _numpy_of(b_expr, weights_np)
+            if bias is None:
+                continue
+            conv_var, bias = add.args[0], bias.reshape(-1)
+        conv = bound.get(conv_var)
+        if conv not in plan or uses.get(conv_var, 0) != 1:
+            continue
+        gamma, beta, mean, var = (_numpy_of(e, weights_np) for e in bn.args[1:5])
+        if any(t is None for t in (gamma, beta, mean, var)):
+            continue
+        c = weights_np[plan[conv]].shape[0]
+        if np.size(bias) not in (1, c):
+            continue
+        gamma = gamma if bool(a.scale) else np.ones(c)
+        beta = beta if bool(a.center) else np.zeros(c)
+        scale = gamma / np.sqrt(var + float(a.epsilon))
+        w = (np.asarray(weights_np[plan[conv]], np.float64) * scale[:, None, None, None]).astype(np.float32)
+        shift = (beta + (bias - mean) * scale).astype(np.float32)
+        out[conv] = (w, shift)
+        out[item] = (conv_var, shift)
+    return out
+
+
 def _attr_ints(v, n=2):
     vals = [int(a) for a in v]
     return vals if len(vals) == n else vals * n
@@ -237,8 +307,10 @@ def rewrite_convs(imported, n: int, m: int, target, report: dict, isa: str | Non
             report["skipped"].append({"name": name, "reason": why})
             continue
         plan[call] = w_var
+    # conv call -> (folded weight, shift); the BN's TupleGetItem -> (conv output var, shift)
+    folds = _batch_norm_folds(func, plan, weights_np)
 
-    packed = {}  # (weight var, padded shape) -> (values var, offsets var, arrays)
+    packed = {}  # (weight var, padded shape, folded conv or None) -> (values var, offsets var, arrays, entry)
 
     @relax.expr_functor.mutator
     class _Mutator(relax.PyExprMutator):
@@ -247,6 +319,8 @@ def rewrite_convs(imported, n: int, m: int, target, report: dict, isa: str | Non
                 return super().visit_call_(call)
             w_var = plan[call]
             name, w = names[w_var], weights_np[w_var]
+            if call in folds:
+                w = folds[call][0]
             x = self.visit_expr(call.args[0])
             b_dim, c_in, h, wd = _static_shape(x.ty)
             o, _, kh, kw = w.shape
@@ -257,7 +331,7 @@ def rewrite_convs(imported, n: int, m: int, target, report: dict, isa: str | Non
             hp, wp = h + top + bottom, wd + left + right
             oh = (hp - dil[0] * (kh - 1) - 1) // stride[0] + 1
             ow = (wp - dil[1] * (kw - 1) - 1) // stride[1] + 1
-            key = (w_var, hp, wp)
+            key = (w_var, hp, wp, call if call in folds else None)
             if key not in packed:
                 w2 = w.reshape(o, -1)
                 bad = nm_violations(w2, n, m)
@@ -275,6 +349,8 @@ def rewrite_convs(imported, n: int, m: int, target, report: dict, isa: str | Non
                          "sparsity": round(float(1.0 - np.count_nonzero(w2) / w2.size), 6),
                          "dense_bytes": int(w.nbytes), "packed_bytes": int(p.values.nbytes + offs.nbytes)}
                 entry["bytes_saved"] = entry["dense_bytes"] - entry["packed_bytes"]
+                if call in folds:
+                    entry["folded_batch_norm"] = True
                 packed[key] = (vv, ov, [p.values, offs], entry)
             vv, ov, _, _ = packed[key]
             if any(pad):
@@ -292,6 +368,13 @@ def rewrite_convs(imported, n: int, m: int, target, report: dict, isa: str | Non
             yt = self.builder_.emit(relax.call_tir(gv, [x, vv, ov], relax.TensorType([b_dim, oh, ow, o], "float32")),
                                     "nm_conv")
             return relax.op.permute_dims(yt, [0, 3, 1, 2])
+
+        def visit_tuple_getitem_(self, op):  # pylint: disable=arguments-renamed
+            if op not in folds:
+                return super().visit_tuple_getitem_(op)
+            # BN(conv(x, W)) = conv(x, W * s) + shift: the scale went into the packed weights above
+            conv_var, shift = folds[op]
+            return relax.op.add(self.visit_expr(conv_var), relax.const(shift.reshape(1, -1, 1, 1)))
 
     mutator = _Mutator(imported.mod)
     new_body = mutator.visit_expr(func.body)
