@@ -5,7 +5,8 @@
 
 Workloads: all-MiniLM-L6-v2 (real weights, real sentences, seq 128) at batch 1 and 8, and a ResNet-18-style CNN
 (this file's ``resnet18``: BasicBlocks [2, 2, 2, 2], random weights and BatchNorm statistics from a fixed seed)
-at batch 1, 3x224x224, all fp32. Engines: ember untuned (its rule-based schedules), ember tuned (only with
+at batch 1, 3x224x224, all fp32; optionally ``linear4096-b1`` (one nn.Linear 4096x4096: a weight-bound GEMV).
+Engines: ember untuned (its rule-based schedules), ember tuned (only with
 ``--tuning-db``: ``ember.compile(..., tuning=ember.Tuning(database=DIR, apply_only=True))``; "n/a" if that
 fails), PyTorch eager, torch.compile (inductor) and ONNX Runtime (CPU provider, all graph optimizations). Every
 engine uses all the machine's cores, or ``--threads N`` each (the JSON records the threads each engine had).
@@ -112,7 +113,13 @@ def workload(name: str):
         batch = int(name[len("resnet18-b"):])
         x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype("float32"))
         return f"ResNet-18-style CNN, batch {batch}, 3x224x224", resnet18(), (x,), ["x"]
-    raise SystemExit(f"unknown workload {name!r}; use minilm-b<N> or resnet18-b<N>")
+    if name.startswith("linear4096-b"):
+        # a batch-1 dense layer is a GEMV: bound by reading its 64 MiB of weights once (issue 5's dense baseline)
+        batch = int(name[len("linear4096-b"):])
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(4096, 4096).eval()
+        return (f"nn.Linear 4096x4096, batch {batch}", lin, (torch.randn(batch, 4096),), ["x"])
+    raise SystemExit(f"unknown workload {name!r}; use minilm-b<N>, resnet18-b<N> or linear4096-b<N>")
 
 
 # ------------------------------------------------------------------------------------------------- engines
