@@ -17,6 +17,9 @@ some other op — is left as it is. The rewrite (see :class:`Rewriter`) turns a 
     out = R.reshape(y2, [..., N])
 
 and ``main`` then takes the quantized arrays as new weight parameters instead of the fp32 ones.
+
+Dynamic INT8 also fuses producers (:func:`find_norms`): ``layer_norm(add(a, r))`` whose output only int8 sites
+quantize becomes one ``layernorm_quantize`` call returning (y, codes, scale), and the sites use those codes.
 """
 
 from __future__ import annotations

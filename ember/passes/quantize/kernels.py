@@ -13,6 +13,8 @@ inside the matmul — is done by construction, not left to a pass that might not
 * :func:`int8_matmul` — ``u8 x s8 → s32`` GEMM over the VNNI weight layout with the dequantize epilogue
   ``(acc - 128 * wsum[n]) * xs[m] * ws[n] + bias[n]``. On targets with AVX512-VNNI (or AVX-VNNI) the inner
   ``16 x 4`` (``8 x 4``) dot product is tensorized to ``vpdpbusd``; elsewhere it is plain vectorized int32 code.
+* :func:`layernorm_quantize` — ``layer_norm(a (+ r))`` that also writes the per-token codes of the int8 GEMMs it
+  feeds (the quantizer fused into its producer: no second pass over the normalized activations).
 
 The row count ``m`` is symbolic, so one kernel serves every batch size / sequence length.
 """
