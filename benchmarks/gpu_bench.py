@@ -48,12 +48,80 @@ KERNELS = {
     "gemv_4096x4096_b4": ("gemv", dict(m=4, n=4096, k=4096, layout="nt")),
     "gemv_4096x4096_b1_nn": ("gemv", dict(m=1, n=4096, k=4096, layout="nn")),
 }
+# The MiniLM layers' GEMMs as ember compiles them under precision="fp16" (weights stored [K, N], fp32
+# accumulation, cast, bias): b1 = 128 tokens, b32 = 4096. name -> (kind, dict, tile variants besides "ember").
+LINEARS = {
+    "linear_qkvo_b1_128x384x384": (dict(m=128, n=384, k=384), ("micro", "tiny_s2")),
+    "linear_ffn_up_b1_128x1536x384": (dict(m=128, n=1536, k=384), ("micro",)),
+    "linear_ffn_down_b1_128x384x1536": (dict(m=128, n=384, k=1536), ("tiny", "tiny_s2", "micro_s2")),
+    "linear_qkvo_b32_4096x384x384": (dict(m=4096, n=384, k=384), ()),
+    "linear_ffn_up_b32_4096x1536x384": (dict(m=4096, n=1536, k=384), ()),
+    "linear_ffn_down_b32_4096x384x1536": (dict(m=4096, n=384, k=1536), ()),
+}
+for _name, (_cfg, _variants) in LINEARS.items():
+    KERNELS[_name] = ("linear", dict(**_cfg, layout="nn", variants=list(_variants)))
+
+
+def tile_rule(spec):
+    """"tiny_s2" -> TensorCoreMatmul(tiny tiles, split-K 2)."""
+    from ember.schedules.gpu.tensor_core import CONFIGS, TensorCoreMatmul
+
+    name, _, split = spec.partition("_s")
+    return TensorCoreMatmul(CONFIGS[name].with_split(int(split or 1)))
+
+
+def baseline_tensor_core(rev):
+    """Context: ember's tensor-core rule schedules as at git revision ``rev`` (for a before/after model)."""
+    import contextlib
+
+    from ember.schedules.gpu import tensor_core
+
+    base = _baseline_module(rev)
+
+    @contextlib.contextmanager
+    def swapped():
+        saved = tensor_core._schedule, tensor_core.choose_config
+        tensor_core._schedule, tensor_core.choose_config = base._schedule, base.choose_config
+        try:
+            yield
+        finally:
+            tensor_core._schedule, tensor_core.choose_config = saved
+
+    return swapped()
+
+
+def baseline_rules(rev):
+    """ember's GPU rules with the tensor-core rule as it was at git revision ``rev`` (before/after kernels)."""
+    from ember.schedules import gpu_rules
+    from ember.schedules.gpu.tensor_core import TensorCoreMatmul
+
+    mod = _baseline_module(rev)
+    return [mod.TensorCoreMatmul() if isinstance(r, TensorCoreMatmul) else r for r in gpu_rules()]
+
+
+def _baseline_module(rev):
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "-C", ROOT, "show", f"{rev}:ember/schedules/gpu/tensor_core.py"], check=True,
+                         capture_output=True, text=True).stdout
+    src = src.replace("from .common import", "from ember.schedules.gpu.common import")
+    path = os.path.join(tempfile.mkdtemp(), "tensor_core_base.py")
+    open(path, "w").write(src)
+    spec = importlib.util.spec_from_file_location("tensor_core_base", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Build machine
 # ----------------------------------------------------------------------------------------------------------------
-def matmul_func(m, n, k, layout, dtype="float16"):
+def matmul_func(m, n, k, layout, dtype="float16", linear=False):
+    """``linear``: the kernel as ember's MiniLM has it under precision="fp16": fp32 accumulation of fp16
+    operands, cast to fp16, bias add (an extra input b[n])."""
     from tvm import te
 
     x = te.placeholder((m, k), dtype, name="x")
@@ -62,11 +130,18 @@ def matmul_func(m, n, k, layout, dtype="float16"):
     else:
         w = te.placeholder((k, n), dtype, name="w")
     r = te.reduce_axis((0, k), "k")
-    if layout == "nt":
-        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[j, r], axis=r), name="y")
-    else:
-        y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * w[r, j], axis=r), name="y")
-    return te.create_prim_func([x, w, y]).with_attr("global_symbol", "main")
+    acc = "float32" if linear else dtype
+
+    def wv(i, j):
+        return w[j, r] if layout == "nt" else w[r, j]
+
+    y = te.compute((m, n), lambda i, j: te.sum(x[i, r].astype(acc) * wv(i, j).astype(acc), axis=r), name="y")
+    if not linear:
+        return te.create_prim_func([x, w, y]).with_attr("global_symbol", "main")
+    b = te.placeholder((n,), dtype, name="b")
+    h = te.compute((m, n), lambda i, j: y[i, j].astype(dtype), name="cast")
+    o = te.compute((m, n), lambda i, j: h[i, j] + b[j], name="bias")
+    return te.create_prim_func([x, w, b, o]).with_attr("global_symbol", "main")
 
 
 def compile_kernel(func, target, rules):
@@ -88,11 +163,16 @@ def dlight_rules():
     return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
-def minilm(batch):
-    """The MiniLM-L6 architecture (random weights, seeded: the same on both machines) and its inputs."""
+def minilm(batch, attn_implementation=None):
+    """The MiniLM-L6 architecture (random weights, seeded: the same on both machines) and its inputs.
+
+    ember compiles the module with transformers' "eager" attention (matmul, softmax, matmul: what
+    ember.models.minilm loads and what ember's FuseAttention matches; the default "sdpa" export holds
+    scaled_dot_product_attention, which it does not); the torch peers run transformers' default (SDPA), their
+    fastest. Both have the same weights (minilm_arch seeds them)."""
     import torch
 
-    encoder = minilm_arch()
+    encoder = minilm_arch(attn_implementation)
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, MINILM_CONFIG["vocab_size"], (batch, SEQ), generator=g)
     mask = torch.ones(batch, SEQ, dtype=torch.int64)
@@ -120,7 +200,15 @@ def prepare(a):
     for name, (kind, cfg) in KERNELS.items():
         if only and name not in only:
             continue
-        variants = [("ember", gpu_rules()), ("dlight", dlight_rules())]
+        cfg = dict(cfg)
+        tiles = cfg.pop("variants", [])
+        if kind == "linear":  # ember now, ember at --baseline-rev, forced tile configs
+            variants = [("ember", gpu_rules())]
+            if a.baseline_rev:
+                variants.append((f"ember_{a.baseline_rev[:7]}", baseline_rules(a.baseline_rev)))
+            variants += [(f"tc_{t}", [tile_rule(t)]) for t in tiles]
+        else:
+            variants = [("ember", gpu_rules()), ("dlight", dlight_rules())]
         if kind == "gemm":  # which tile config is best is measured, not guessed: every config, plus dlight's
             from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
 
@@ -131,7 +219,7 @@ def prepare(a):
         for variant, rules in variants:
             t0 = time.perf_counter()
             try:
-                lib = compile_kernel(matmul_func(**cfg), target, rules)
+                lib = compile_kernel(matmul_func(**cfg, linear=kind == "linear"), target, rules)
             except Exception as e:  # pylint: disable=broad-except
                 print(f"{name} [{variant}]: does not compile ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''})", flush=True)
@@ -147,19 +235,38 @@ def prepare(a):
         for name, (batch, graph) in MODELS.items():
             if only and name not in only:
                 continue
-            model, args = minilm(batch)
+            model, args = minilm(batch, "eager")
             t0 = time.perf_counter()
             cm = ember.compile(model, args, target=a.target, precision="fp16", cuda_graph=graph)
             art = os.path.join(a.out, name)
             cm.export(art, overwrite=True)
+            if a.baseline_rev and graph:  # the same model with the tensor-core rule of --baseline-rev
+                with baseline_tensor_core(a.baseline_rev):
+                    base = ember.compile(model, args, target=a.target, precision="fp16", cuda_graph=graph)
+                base_name = f"{name}_{a.baseline_rev[:7]}"
+                base.export(os.path.join(a.out, base_name), overwrite=True)
+                os.remove(os.path.join(a.out, base_name, "params.bin"))  # the same weights as `name`'s
+                index["models"][base_name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": base_name,
+                                              "params": None, "baseline": a.baseline_rev}
             # Artifacts with identical weights (same batch, graph on/off) share one params file, named by its
             # hash, outside the artifact: a device-tool call carries 64 MiB. The run puts it back.
             digest = hashlib.sha256(open(os.path.join(art, "params.bin"), "rb").read()).hexdigest()[:16]
             shared = f"params-{digest}.bin"
-            shutil.move(os.path.join(art, "params.bin"), os.path.join(a.out, shared))
+            if a.gzip_params:  # fp16 weights shrink ~10-30%: b1 and b32 then fit one call beside the runtime
+                import gzip
+
+                with open(os.path.join(art, "params.bin"), "rb") as src, \
+                        gzip.open(os.path.join(a.out, shared + ".gz"), "wb", compresslevel=1) as dst:
+                    shutil.copyfileobj(src, dst)
+                os.remove(os.path.join(art, "params.bin"))
+            else:
+                shutil.move(os.path.join(art, "params.bin"), os.path.join(a.out, shared))
             np.savez(os.path.join(a.out, name + ".inputs.npz"), *[t.numpy() for t in args])
             index["models"][name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": name,
                                      "params": shared}
+            for other in index["models"].values():
+                if other["params"] is None and other["dir"].startswith(name + "_"):
+                    other["params"] = shared
             print(f"{name}: compiled in {time.perf_counter() - t0:.1f} s", flush=True)
             save_index(a.out, index, only)
 
@@ -214,11 +321,17 @@ def run_kernels(d, index, results):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
         w = torch.randn(*((n, k) if layout == "nt" else (k, n)), device="cuda", dtype=torch.float16, generator=g)
         x = x * 0.1
-        if layout == "nt":
+        linear = info["kind"] == "linear"
+        bias = torch.randn(n, device="cuda", dtype=torch.float16, generator=g) if linear else None
+        if linear:  # torch's fp16 nn.Linear on the same [K, N] weight (cuBLAS GEMM + bias epilogue)
+            tfn = lambda: torch.addmm(bias, x, w)  # noqa: E731
+        elif layout == "nt":
             tfn = lambda: torch.matmul(x, w.t())  # noqa: E731 - nn.Linear's call
         else:
             tfn = lambda: torch.matmul(x, w)  # noqa: E731
         ref = (x.float() @ (w.float().t() if layout == "nt" else w.float()))
+        if linear:
+            ref = ref + bias.float()
         row = {"kernel": name, **{key: info[key] for key in ("kind", "m", "n", "k", "layout")}}
         row["torch_us"] = _events_us(tfn)
         with torch.inference_mode():
@@ -230,7 +343,7 @@ def run_kernels(d, index, results):
                 lib = tvm.runtime.load_module(os.path.join(d, info[variant]))
                 f = lib["main"]
                 y = torch.empty(m, n, device="cuda", dtype=torch.float16)
-                args = [tvm.runtime.from_dlpack(t) for t in (x, w, y)]
+                args = [tvm.runtime.from_dlpack(t) for t in ((x, w, bias, y) if linear else (x, w, y))]
                 f(*args)
                 torch.cuda.synchronize()
                 err = float((y.float() - ref).abs().max())
@@ -252,16 +365,24 @@ def run_kernels(d, index, results):
         print(json.dumps(row), flush=True)
 
 
-def run_models(d, index, results, compile_torch, deadline):
+def run_models(d, index, results, compile_torch, deadline, modes=("max-autotune-no-cudagraphs", "reduce-overhead"),
+               only=None):
     import torch
 
     import ember
 
     for name, info in index["models"].items():
+        if only and name not in only:
+            continue
         art = os.path.join(d, info["dir"])
         shared = os.path.join(d, info.get("params", SHARED_PARAMS))
         if os.path.exists(shared) and not os.path.exists(os.path.join(art, "params.bin")):
             shutil.copy(shared, os.path.join(art, "params.bin"))
+        elif os.path.exists(shared + ".gz") and not os.path.exists(os.path.join(art, "params.bin")):
+            import gzip
+
+            with gzip.open(shared + ".gz", "rb") as src, open(os.path.join(art, "params.bin"), "wb") as dst:
+                shutil.copyfileobj(src, dst)
         model, args = minilm(info["batch"])
         t_args = [a.cuda() for a in args]
         row = {"model": name, "batch": info["batch"], "seq": info["seq"], "cuda_graph": info["cuda_graph"]}
@@ -286,10 +407,15 @@ def run_models(d, index, results, compile_torch, deadline):
             tol = max(4 * row["torch_fp16_max_err"], 1e-2 * row["scale"])
             row["ember_ok"] = bool(row["ember_max_err"] <= tol and row["ember_max_err_second_input"] <= tol)
             row["ember_ms"] = m.benchmark(*t_args, repeat=200).median_ms
+            if info.get("baseline"):  # an earlier ember (before/after): the peers are timed with the current one
+                row["baseline_rev"] = info["baseline"]
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                continue
             with torch.inference_mode():
                 row["torch_eager_ms"] = _wall_ms(lambda: half(*t_args))
             if compile_torch and not name.endswith("nograph"):
-                for mode in ("max-autotune-no-cudagraphs", "reduce-overhead"):
+                for mode in modes:
                     if time.time() > deadline:
                         row[f"torch_compile_{mode}_ms"] = None
                         row.setdefault("notes", []).append(f"torch.compile {mode} skipped: time budget")
@@ -320,7 +446,8 @@ def run(a):
     if not a.models_only:
         run_kernels(a.dir, index, kernels)
     if not a.kernels_only:
-        run_models(a.dir, index, models, not a.no_compile_torch, t_start + a.budget_s)
+        run_models(a.dir, index, models, not a.no_compile_torch, t_start + a.budget_s,
+                   modes=tuple(a.modes.split(",")), only=set(a.only.split(",")) if a.only else None)
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "target": index["target"],
             "command": " ".join(sys.argv), "kernels": kernels, "models": models}
@@ -397,12 +524,18 @@ def main():
     p.add_argument("--target", default="cuda-sm90")
     p.add_argument("--only", default="", help="comma-separated kernel/model names (default: all)")
     p.add_argument("--skip-models", action="store_true")
+    p.add_argument("--gzip-params", action="store_true", help="store the shared params files gzip'ed")
+    p.add_argument("--baseline-rev", default="", help="linear kernels: also build the tensor-core rule of this "
+                                                       "git revision (before/after)")
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("--out", default=".")
     r.add_argument("--no-compile-torch", action="store_true")
     r.add_argument("--kernels-only", action="store_true")
     r.add_argument("--models-only", action="store_true")
+    r.add_argument("--only", default="", help="comma-separated model names (default: all in the index)")
+    r.add_argument("--modes", default="max-autotune-no-cudagraphs,reduce-overhead",
+                   help="torch.compile modes timed as peers, in this order ('default' is torch.compile())")
     r.add_argument("--budget-s", type=float, default=480, help="skip torch.compile modes after this many seconds")
     q = sub.add_parser("plot")
     q.add_argument("json")

@@ -46,6 +46,11 @@ class TileConfig:
     k_frags: int = 2  # BK = 32
     vector: int = 8  # fp16 per 16-byte load
     pipeline: bool = True
+    split_k: int = 1  # > 1: K cut into this many slices, one block each; a second kernel sums the fp32 slices
+
+    def with_split(self, split_k: int) -> "TileConfig":
+        return TileConfig(self.warps_m, self.warps_n, self.frags_m, self.frags_n, self.k_frags, self.vector,
+                          self.pipeline, split_k)
 
     @property
     def bm(self) -> int:
@@ -69,7 +74,26 @@ CONFIGS = {
     "medium": TileConfig(warps_m=2, warps_n=2, frags_m=4, frags_n=4, k_frags=2),  # 128 x 128
     "small": TileConfig(warps_m=2, warps_n=2, frags_m=2, frags_n=2, k_frags=2),   # 64 x 64
     "tiny": TileConfig(warps_m=2, warps_n=2, frags_m=1, frags_n=2, k_frags=4),    # 32 x 64
+    "micro": TileConfig(warps_m=2, warps_n=1, frags_m=1, frags_n=2, k_frags=4),   # 32 x 32, 2 warps
 }
+
+# Split-K only pays where one block would otherwise walk a long K alone: the MiniLM FFN down-projection
+# (M=128, N=384, K=1536) ran at 8 TFLOP/s on the H100 with 24 blocks of 32x64 (BENCHMARKS.md, "Fusion on an H100").
+# Below this K the second (summing) kernel costs about what the extra blocks win.
+SPLIT_K_MIN_K = 1024
+SPLIT_K_MIN_STEPS = 4  # K tiles per slice: fewer leaves the software pipeline nothing to overlap
+
+
+def split_k_for(blocks: int, k: int, cfg: TileConfig) -> int:
+    """How many K slices bring ``blocks`` tiles close to one wave of SMs (1: no split)."""
+    if k < SPLIT_K_MIN_K or blocks * 2 > SMS:
+        return 1
+    steps = -(-k // cfg.bk)
+    best = 1
+    for s in range(2, steps // SPLIT_K_MIN_STEPS + 1):
+        if steps % s == 0 and blocks * s <= SMS:
+            best = s
+    return best
 
 
 def choose_config(m: int | None, n: int, k: int) -> TileConfig:
@@ -84,7 +108,9 @@ def choose_config(m: int | None, n: int, k: int) -> TileConfig:
         blocks = -(-m // cfg.bm) * -(-n // cfg.bn)
         if blocks >= SMS:
             return cfg
-    return CONFIGS["tiny"]
+    cfg = CONFIGS["tiny"]
+    blocks = -(-m // cfg.bm) * -(-n // cfg.bn)
+    return cfg.with_split(split_k_for(blocks, k, cfg))
 
 
 class TensorCoreMatmul:
@@ -129,9 +155,11 @@ class TensorCoreMatmul:
 
 
 def _schedule(func: tirx.PrimFunc, cfg: TileConfig, out_dtype: str, trans_b: bool = True) -> s_tir.Schedule | None:
-    """``trans_b``: B is stored [N, K] (K contiguous). Else [K, N]: the tile is loaded element by element with
-    the warp along N (coalesced), into the same [N, K] shared layout. (Keeping the shared tile K-major with
-    16-byte loads is the faster way; not done yet.)"""
+    """``trans_b``: B is stored [N, K] (K contiguous) and its shared tile is [BN, BK]. Else B is stored [K, N]
+    (how ember keeps linear weights: the transpose is lifted to compile time) and the shared tile stays K-major,
+    [BK, BN], so that both operands load with 16-byte vectors and the fragments use WMMA's row-major B.
+    ``cfg.split_k > 1``: the K loop is cut into that many slices (``rfactor``), each slice is a block of the
+    tensor-core kernel writing fp32 partial sums, and a second kernel adds the slices and runs the epilogue."""
     from tvm.s_tir.dlight.analysis import get_root_block  # pylint: disable=import-outside-toplevel
     from tvm.s_tir.dlight.gpu.matmul import (  # pylint: disable=import-outside-toplevel
         auto_inline_consumer_chain, auto_inline_producers, get_index_map, get_reduction_blocks)
@@ -153,12 +181,26 @@ def _schedule(func: tirx.PrimFunc, cfg: TileConfig, out_dtype: str, trans_b: boo
     block_map, a_map, b_map, c_map = maps
     sch.transform_layout(ra, ("write", 0), a_map)
     sch.transform_layout(rb, ("write", 0), b_map)
+    if not trans_b:  # keep B K-major: [s, j, k] -> [s, k, j]
+        sch.transform_layout(rb, ("write", 0), lambda s_, j_, k_: (s_, k_, j_))
     sch.transform_layout(rc, ("read", 0), c_map)
     sch.transform_block_layout(main, block_map)
     sch.pad_einsum(main, [1, cfg.bm, cfg.bn, cfg.bk])
 
+    writeback = None
+    if cfg.split_k > 1:
+        # Split-K: C_rf[ks, s, i, j] = sum over slice ks of A * B (fp32), then C = sum_ks C_rf (second kernel).
+        batch, i, j, k = sch.get_loops(main)
+        ks, k = sch.split(k, [cfg.split_k, None])
+        sch.reorder(ks, batch, i, j, k)
+        rf = sch.rfactor(ks, factor_axis=0)
+        writeback, main = main, rf
+        ks, batch, i, j, k = sch.get_loops(main)
+        batch = sch.fuse(ks, batch)
+    else:
+        batch, i, j, k = sch.get_loops(main)
+
     # 2. 16x16x16 tensor-core tiles, then block / warp / fragment levels.
-    batch, i, j, k = sch.get_loops(main)
     i, ii = sch.split(i, [None, FRAG])
     j, jj = sch.split(j, [None, FRAG])
     k, kk = sch.split(k, [None, FRAG])
@@ -181,13 +223,7 @@ def _schedule(func: tirx.PrimFunc, cfg: TileConfig, out_dtype: str, trans_b: boo
         cache = sch.cache_read(outer, idx, "shared.dyn")
         sch.compute_at(cache, ko)
         rows, cols = sch.get_loops(cache)[-2:]
-        vector = cfg.vector
-        if idx == 1 and not trans_b:
-            # B stored [K, N]: walk the tile k-outer so that a warp reads 32 consecutive columns (coalesced);
-            # element-wise, since the shared tile is [N, K] (a vector would be a strided gather).
-            sch.reorder(cols, rows)
-            rows, cols = cols, rows
-            vector = 1
+        vector = cfg.vector  # both tiles are contiguous along their last axis (K for A, K or N for B)
         fused = sch.fuse(rows, cols)
         _, ty, tx, vec = sch.split(fused, [None, n_warps, WARP, vector])
         sch.bind(ty, "threadIdx.y")
@@ -231,7 +267,7 @@ def _schedule(func: tirx.PrimFunc, cfg: TileConfig, out_dtype: str, trans_b: boo
     init_inner = sch.get_child_blocks(init)[0]
 
     group = get_wmma_intrin_group(load_scope="shared.dyn", store_scope=c_scope, in_dtype="float16",
-                                  out_dtype=out_dtype, trans_b=True)  # the shared B tile is [N, K]
+                                  out_dtype=out_dtype, trans_b=trans_b)  # shared B: [N, K] if trans_b
     for frag, intrin in ((a_f, group["load_a"]), (b_f, group["load_b"])):
         fi_, fj_ = sch.get_loops(frag)[-2:]
         f0, f1 = sch.split(fi_, [None, FRAG])
@@ -244,11 +280,14 @@ def _schedule(func: tirx.PrimFunc, cfg: TileConfig, out_dtype: str, trans_b: boo
     sch.tensorize(sch.get_loops(c_f)[-2], group["store"])
     sch.tensorize(sch.get_loops(inner)[-3], group["compute"])
 
-    auto_inline_consumer_chain(sch, c_s)
+    if writeback is None:
+        auto_inline_consumer_chain(sch, c_s)
     fused = sch.fuse(*sch.get_loops(c_s)[-2:])
     _, tx, vec = sch.split(fused, [None, WARP, 4])
     sch.bind(tx, "threadIdx.x")
     sch.vectorize(vec)
+    if writeback is not None:
+        _schedule_writeback(sch, writeback)
 
     if cfg.pipeline:
         # Statements under ko: A and B tiles (each global->registers, registers->shared), then the ki loop.
@@ -257,3 +296,26 @@ def _schedule(func: tirx.PrimFunc, cfg: TileConfig, out_dtype: str, trans_b: boo
         sch.annotate(ki, "software_pipeline_stage", [0, 0, 1])
         sch.annotate(ki, "software_pipeline_order", [0, 1, 2])
     return sch
+
+
+def _schedule_writeback(sch: s_tir.Schedule, writeback) -> None:
+    """Split-K's second kernel: one thread per output element adds the K slices (fp32) and runs the epilogue
+    (the reindex copy, casts, bias...) on its element. The sum cannot absorb the epilogue blocks by inlining (they
+    read a reduction's result), so they are computed under the same thread loop; their intermediate buffers lie
+    inside this one kernel and live in registers."""
+    # rfactor gives the write-back its own loop nest, the slice loop outermost: move it inside.
+    ks, *spatial = sch.get_loops(writeback)
+    sch.reorder(*spatial, ks)
+    fused = sch.fuse(*spatial)
+    bx, tx = sch.split(fused, [None, 128])
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(tx, "threadIdx.x")
+    # Each thread's sum and the epilogue's intermediates stay in registers ("local"); the chain's last block
+    # writes the function's output.
+    block = writeback
+    consumers = sch.get_consumers(block)
+    while len(consumers) == 1:
+        sch.set_scope(block, 0, "local")
+        block = consumers[0]
+        sch.reverse_compute_at(block, tx)
+        consumers = sch.get_consumers(block)
