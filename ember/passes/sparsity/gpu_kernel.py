@@ -1,7 +1,8 @@
 """The GPU sparse matmul kernel (CUDA, ROCm, Metal, any TVM GPU backend), written out as TIR.
 
 It reads the GPU layout of :func:`.pack.pack_gpu` (``values [NB, GO, n, 16, V]``, ``indices [NB, GO, n, 16, IB]``)
-and computes ``y[b, j] = Σ_g Σ_s value(j, g, s) * x[b, g*m + position(j, g, s)]`` in fp32, stored in the weight dtype.
+and computes ``y[b, j] = Σ_g Σ_s value(j, g, s) * x[b, g*m + position(j, g, s)]`` in fp32, stored as the weight
+dtype (or fp32: ``out_dtype``).
 
 Why this shape (a batch-1 GEMV reads each weight byte once, so the kernel lives or dies by memory traffic):
 
@@ -33,8 +34,8 @@ def lanes_for(chunks: int, max_threads: int = 1024) -> int:
 
     Measured on an H100, 4096x11008 fp16 batch 1, weights from HBM (benchmarks/sparse_gpu_bench.py): at 1:16 (86
     chunks per row) 8/16/32/64 lanes took 8.6/6.7/5.2/5.1 us; at 1:8 (172 chunks) 23.3/9.9/8.5/7.4 us; at 2:4
-    (688) 54.9/30.3/26.0/28.7 us. Fewer lanes leave too few loads in flight per SM; more than ~3 chunks per
-    thread queue them behind each other. ROCm and Metal allow 256 threads per block: 16 lanes there.
+    (688) 54.9/30.3/26.0/28.7 us (run 2; run 3 agrees within ~10%). Fewer lanes leave too few loads in flight
+    per SM; more than ~3 chunks per thread queue them behind each other. ROCm and Metal allow 256 threads per block: 16 lanes there.
     """
     want = -(-chunks // CHUNKS_PER_THREAD)
     lanes = 1
