@@ -65,7 +65,41 @@ def _interleaved(runners: dict, rounds: int, per_round: int) -> dict:
     return {k: (float(np.median(v)), float(np.min(v))) for k, v in interleaved_times(runners, rounds, per_round).items()}
 
 
-def bench_minilm(n_eval: int, n_calib: int, tmp: str, only=None, rounds: int = 6) -> dict:
+def kernel_profile(cm, inputs, runs: int = 20) -> dict:
+    """Per-kernel time of one inference of an ember model: {kernel: (calls, ms)}, each kernel's best total over
+    ``runs`` inferences (the VM's instrument hook times every call; on a shared machine the best is the closest to
+    a quiet figure). VM builtins (allocation, reshapes) are listed too."""
+    import tvm
+    from tvm import relax
+
+    cm._vm()  # places the weights on the device
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(cm._executable, dev)
+    args = [tvm.runtime.tensor(a, dev) for a in inputs] + cm._params
+    for _ in range(3):
+        vm["main"](*args)
+    best, this, start = {}, {}, [0.0]
+
+    def instrument(func, sym, before, ret, *a):
+        if before:
+            start[0] = time.perf_counter()
+        else:
+            e = this.setdefault(sym, [0, 0.0])
+            e[0] += 1
+            e[1] += time.perf_counter() - start[0]
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(runs):
+        this.clear()
+        vm["main"](*args)
+        for k, (n, t) in this.items():
+            if k not in best or t < best[k][1]:
+                best[k] = (n, t)
+    return {k: (n, round(t * 1e3, 4)) for k, (n, t) in sorted(best.items(), key=lambda kv: -kv[1][1])}
+
+
+def bench_minilm(n_eval: int, n_calib: int, tmp: str, only=None, rounds: int = 6, profile: bool = False) -> dict:
     import onnxruntime as ort
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -101,6 +135,11 @@ def bench_minilm(n_eval: int, n_calib: int, tmp: str, only=None, rounds: int = 6
         rows[label] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
                        "param_bytes": _dir_bytes(path), "compile_s": round(secs, 1)}
         runners[label] = lambda: cm(ids[:1], mask[:1])
+        if profile:
+            rows[label]["kernels_ms"] = prof = kernel_profile(cm, (ids[:1], mask[:1]))
+            print(f"{label}: per-kernel best of 20 (calls, ms):")
+            for k, (n, ms) in list(prof.items())[:16]:
+                print(f"  {ms:8.3f} ms  {n:4d}x  {k}")
         q = cm.manifest["compression"].get("quantization") if cm.manifest.get("compression") else None
         if q:
             rows[label]["report_end_to_end"] = q["end_to_end"]
@@ -210,13 +249,15 @@ def main():
     ap.add_argument("--only", help="comma-separated MiniLM rows: " + ",".join(ROWS))
     ap.add_argument("--rounds", type=int, default=6, help="interleaved latency rounds (10 runs each)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--profile", action="store_true", help="also time each kernel of the ember models (VM hook)")
     args = ap.parse_args()
     out = {"date": datetime.date.today().isoformat(), "machine": cpu_name(),
            "cpus": os.cpu_count(), "load_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_minilm:
             out["minilm"] = bench_minilm(args.eval, args.calib, tmp,
-                                         only=set(args.only.split(",")) if args.only else None, rounds=args.rounds)
+                                         only=set(args.only.split(",")) if args.only else None, rounds=args.rounds,
+                                         profile=args.profile)
         if not args.skip_digits:
             out["digits"] = bench_digits(tmp)
     out["load_after"] = os.getloadavg()
