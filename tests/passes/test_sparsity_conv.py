@@ -123,3 +123,18 @@ def test_batch_norm_after_a_sparse_conv_is_folded_into_it():
     ops = {op for kern in cm.manifest["kernels"]["ember"]["kernels"] for op in kern["ops"]}
     assert not ops & {"batch_norm", "subtract", "divide", "rsqrt", "sqrt"}, ops
     np.testing.assert_allclose(cm(x.numpy()), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_conv_left_dense_by_the_user_stays_dense():
+    """prune_nm(..., skip=("c1",)) keeps the first conv dense: ember must not prune it behind the user's back."""
+    if not _host_has_gather():
+        pytest.skip("this CPU has no AVX2/AVX-512 gather: every convolution stays dense")
+    torch.manual_seed(0)
+    model = Convs().eval()
+    sp.prune_nm(model, 1, 16, skip=("c1",))
+    x = torch.randn(1, 3, 13, 21)
+    cm = ember.compile(model, (x,), sparsity=ember.NM(1, 16))
+    rep = cm.manifest["compression"]["sparsity"]
+    assert [s["name"] for s in rep["skipped"]] == ["p_c1_weight"] and "kept dense" in rep["skipped"][0]["reason"]
+    assert "p_c1_weight" not in [layer["name"] for layer in rep["layers"]] and not rep["warnings"]
+    np.testing.assert_allclose(cm(x.numpy()), model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
