@@ -187,6 +187,69 @@ def bench_minilm(n_eval: int, n_calib: int, tmp: str, only=None, rounds: int = 6
             "rows": rows}
 
 
+GPTQ_VARIANTS = {  # name -> (gptq keyword arguments or None for round to nearest, symmetric)
+    "rtn": (None, False),
+    "natural-d0.01": ({"act_order": False, "damp": 0.01}, False),
+    "actorder-d0.01": ({"act_order": True, "damp": 0.01}, False),
+    "actorder-d0.1": ({"act_order": True, "damp": 0.1}, False),  # ember's default (qmath.weight_only_pack)
+    "actorder-d0.1-sym": ({"act_order": True, "damp": 0.1}, True),
+}
+
+
+def gptq_variants(n_eval: int, n_calib: int, names) -> dict:
+    """INT4-g32 MiniLM cosine for GPTQ variants without compiling: each Linear's weight and each embedding table
+    is replaced by its dequantized INT4 value (exactly what ember's kernels decode) in the torch model; GPTQ sees
+    the fp32 model's layer inputs on the calibration sequences, as ember's pass does."""
+    import copy
+
+    import torch
+
+    from ember.models import minilm as M
+    from ember.models.corpus import stdlib_sentences
+    from ember.passes.quantize import qmath
+
+    enc, tok = M.load_encoder(), M.load_tokenizer()
+    sentences = stdlib_sentences(1000)
+    ids, mask = M.tokenize(tok, sentences[:n_eval])
+    calib = calibration_sequences(tok, sentences[n_eval:], n_calib)
+    with torch.no_grad():
+        ref = enc(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    linears = [n for n, mod in enc.named_modules() if isinstance(mod, torch.nn.Linear)]
+    store = {n: [] for n in linears}
+    mods = dict(enc.named_modules())
+    hooks = [mods[n].register_forward_hook(
+        lambda mod, inp, out, n=n: store[n].append(inp[0].detach().reshape(-1, inp[0].shape[-1]).numpy()))
+        for n in linears]
+    with torch.no_grad():
+        for c in calib:
+            enc(torch.from_numpy(c[0]), torch.from_numpy(c[1]))
+    for h in hooks:
+        h.remove()
+    xs = {n: np.concatenate(v) for n, v in store.items()}
+    out = {}
+    for name in names:
+        kw, sym = GPTQ_VARIANTS[name]
+        t = time.perf_counter()
+        model = copy.deepcopy(enc)
+        for n, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                w = mod.weight.detach().numpy().T.copy()
+                r = (qmath.gptq_quantize(w, xs[n], 4, 32, sym, **kw) if kw is not None
+                     else qmath.quantize_groups(w, 4, 32, sym, axis=0))
+                mod.weight.data = torch.from_numpy(qmath.dequantize_groups(*r, 32, 0).T.copy())
+            elif isinstance(mod, torch.nn.Embedding):
+                tbl = mod.weight.detach().numpy()
+                _, deq = qmath.embedding_pack(tbl, 4, 32 if tbl.shape[1] % 32 == 0 else -1, sym)
+                mod.weight.data = torch.from_numpy(deq)
+        with torch.no_grad():
+            got = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        cos = _cos_rows(got, ref)
+        out[name] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+                     "seconds": round(time.perf_counter() - t, 1)}
+        print("gptq variant", name, out[name], flush=True)
+    return {"eval_sentences": n_eval, "calibration_sequences": len(calib), "variants": out}
+
+
 def bench_digits(tmp: str) -> dict:
     import torch
     from sklearn.datasets import load_digits
@@ -250,9 +313,21 @@ def main():
     ap.add_argument("--rounds", type=int, default=6, help="interleaved latency rounds (10 runs each)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--profile", action="store_true", help="also time each kernel of the ember models (VM hook)")
+    ap.add_argument("--gptq-variants", metavar="NAMES",
+                    help="only compare INT4-g32 GPTQ variants in torch (no compile): comma-separated of "
+                         + ",".join(GPTQ_VARIANTS) + " or 'all'")
     args = ap.parse_args()
     out = {"date": datetime.date.today().isoformat(), "machine": cpu_name(),
            "cpus": os.cpu_count(), "load_before": os.getloadavg()}
+    if args.gptq_variants:
+        names = list(GPTQ_VARIANTS) if args.gptq_variants == "all" else args.gptq_variants.split(",")
+        out["gptq_variants"] = gptq_variants(args.eval, args.calib, names)
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"quant_gptq_{out['date']}{args.tag}.json")
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {path}")
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_minilm:
             out["minilm"] = bench_minilm(args.eval, args.calib, tmp,
