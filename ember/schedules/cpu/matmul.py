@@ -14,7 +14,8 @@ This covers ``A[m, k] * B[k, n]`` (dense after ember's compile-time weight trans
 (N = output width x, M = output channels f). Injective prologue blocks (reshape/transpose) are inlined into the
 operand reads, except ones that select between values (conv padding), which stay as separate parallel
 blocks; injective epilogue blocks (bias add, GELU, residual add, BatchNorm scale/shift, ReLU) are fused into the
-tile write-back. It returns None on anything else (e.g. a reduction whose innermost output axis is the
+tile write-back (an epilogue that reads the product through a reshape is first re-indexed by the product's own
+rows, see :func:`_align_consumer`; one that cannot be runs as its own parallel loop after the product). It returns None on anything else (e.g. a reduction whose innermost output axis is the
 reduction-side operand's contiguous axis, like ``W[m, k] * x[k]``; the reduction rule handles those).
 
 Why the schedule looks the way it does

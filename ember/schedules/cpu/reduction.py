@@ -25,7 +25,10 @@ unscheduled kernel.
 
 Other reductions (a reduction over a middle axis, broadcasting reads between blocks, symbolic rows): each block
 stays at the root in its own loop nest; its leading spatial loops are fused and parallelized and its innermost
-spatial loop is vectorized. No block is moved, so nothing can be computed for the wrong region.
+spatial loop is vectorized. No block is moved, so nothing can be computed for the wrong region. A reduction
+block whose innermost output axis is not reduced (NHWC pooling, a global mean) gets its reduction loops moved
+outside that axis, which is then vectorized (:func:`_vectorize_over_outputs`), instead of one scalar reduction
+per output element.
 """
 
 from __future__ import annotations
