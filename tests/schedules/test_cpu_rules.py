@@ -196,6 +196,16 @@ def test_epilogue_across_reshape_symbolic_batch(seq):
         assert_same_result(func, sched, shape_vars={"batch": batch})
 
 
+def test_epilogue_that_cannot_be_aligned_runs_after_the_product(monkeypatch):
+    """The rule's fallback when an epilogue cannot be re-indexed by the product's rows: it runs as its own
+    parallel loop after the product (forced here for kernels that normally align)."""
+    import ember.schedules.cpu.matmul as matmul_rule
+
+    monkeypatch.setattr(matmul_rule, "_align_consumer", lambda *args: False)
+    _check(Matmul(), reshape_epilogue_kernel(2, 13, 24, 40, gelu=True))
+    _check(Matmul(), matmul_residual_kernel(37, 53, 71))
+
+
 # ---------------------------------------------------------------------------------------------------- conv2d
 @pytest.mark.parametrize("n,c,hw,f,ks,stride,pad", [
     (2, 3, 17, 8, 3, 1, 1),
