@@ -63,10 +63,13 @@ def rows_kernel(k: int, n_out: int, n: int, m: int, rows: int, isa: str, paralle
             acc = T.decl_buffer((cp,), vt, scope="local")
             for ci in T.unroll(cp):
                 acc[ci] = bcast(T.float32(0))
+            vf = T.decl_buffer((cp,), "float32", scope="local")
             for g in range(g_all):
                 for s in range(n):
+                    if int8:  # the cp codes converted at once (one vpmovsxbd + vcvtdq2ps), then broadcast
+                        vf[T.Ramp(0, 1, cp)] = T.Cast(f"float32x{cp}", values[jb, g, s, T.Ramp(hpass * cp, 1, cp)])
                     for ci in T.unroll(cp):
-                        acc[ci] = acc[ci] + bcast(T.Cast("float32", values[jb, g, s, hpass * cp + ci])) \
+                        acc[ci] = acc[ci] + bcast(vf[ci] if int8 else values[jb, g, s, hpass * cp + ci]) \
                             * xt[column(indices, jb, g, s, hpass * cp + ci), ramp(b0)]
             for ci in T.unroll(cp):
                 if row_ok(jb * BLOCK + hpass * cp + ci):
