@@ -54,12 +54,51 @@ LINEARS = {
     "linear_qkvo_b1_128x384x384": (dict(m=128, n=384, k=384), ("micro", "tiny_s2")),
     "linear_ffn_up_b1_128x1536x384": (dict(m=128, n=1536, k=384), ("micro",)),
     "linear_ffn_down_b1_128x384x1536": (dict(m=128, n=384, k=1536), ("tiny", "tiny_s2", "micro_s2")),
-    "linear_qkvo_b32_4096x384x384": (dict(m=4096, n=384, k=384), ()),
-    "linear_ffn_up_b32_4096x1536x384": (dict(m=4096, n=1536, k=384), ()),
-    "linear_ffn_down_b32_4096x384x1536": (dict(m=4096, n=384, k=1536), ()),
+    "linear_qkvo_b32_4096x384x384": (dict(m=4096, n=384, k=384), ("medium", "wide", "tiny")),
+    "linear_ffn_up_b32_4096x1536x384": (dict(m=4096, n=1536, k=384), ("large", "small", "wide")),
+    "linear_ffn_down_b32_4096x384x1536": (dict(m=4096, n=384, k=1536), ("medium", "medium_s2", "wide",
+                                                                         "wide_s2")),
 }
 for _name, (_cfg, _variants) in LINEARS.items():
     KERNELS[_name] = ("linear", dict(**_cfg, layout="nn", variants=list(_variants)))
+
+
+# Tile policies tried on whole models (prepare --policies): (m, n, k) -> tile spec such as "wide_s2", or None
+# for the rule's own choice. Compiled as extra artifacts sharing the weights of the default one.
+POLICIES = {
+    "wide": lambda m, n, k: "wide" if m is not None and m >= 1024 and n <= 512 else None,
+    "medium": lambda m, n, k: ("medium_s2" if k >= 1024 else "medium") if m is not None and m >= 1024 and n <= 512
+    else None,
+    "nosplit": lambda m, n, k: "tiny" if m is not None and m < 1024 and k >= 1024 else None,  # split-K off
+}
+
+
+def policy_tensor_core(policy):
+    """Context: ember's tensor-core rule with the tile choice of POLICIES[policy] where it names one."""
+    import contextlib
+
+    from ember.schedules.gpu import tensor_core
+
+    choose = POLICIES[policy]
+
+    @contextlib.contextmanager
+    def swapped():
+        saved = tensor_core.choose_config
+
+        def chosen(m, n, k):
+            spec = choose(m, n, k)
+            if spec is None:
+                return saved(m, n, k)
+            name, _, split = spec.partition("_s")
+            return tensor_core.CONFIGS[name].with_split(int(split or 1))
+
+        tensor_core.choose_config = chosen
+        try:
+            yield
+        finally:
+            tensor_core.choose_config = saved
+
+    return swapped()
 
 
 def tile_rule(spec):
@@ -248,6 +287,14 @@ def prepare(a):
                 os.remove(os.path.join(a.out, base_name, "params.bin"))  # the same weights as `name`'s
                 index["models"][base_name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": base_name,
                                               "params": None, "baseline": a.baseline_rev}
+            for policy in (a.policies.split(",") if a.policies and graph else []):
+                with policy_tensor_core(policy):
+                    var = ember.compile(model, args, target=a.target, precision="fp16", cuda_graph=graph)
+                var_name = f"{name}_tiles_{policy}"
+                var.export(os.path.join(a.out, var_name), overwrite=True)
+                os.remove(os.path.join(a.out, var_name, "params.bin"))
+                index["models"][var_name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": var_name,
+                                             "params": None, "baseline": f"tiles_{policy}"}
             # Artifacts with identical weights (same batch, graph on/off) share one params file, named by its
             # hash, outside the artifact: a device-tool call carries 64 MiB. The run puts it back.
             digest = hashlib.sha256(open(os.path.join(art, "params.bin"), "rb").read()).hexdigest()[:16]
@@ -365,8 +412,30 @@ def run_kernels(d, index, results):
         print(json.dumps(row), flush=True)
 
 
+def _kernel_profile(fn, calls=20):
+    """GPU time per call of each kernel name (us; torch.profiler's CUDA activities), largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            key = ev.name[:80]
+            n, t = per.get(key, (0, 0.0))
+            per[key] = (n + 1, t + ev.time_range.elapsed_us())
+    rows = sorted(((k, n / calls, t / calls) for k, (n, t) in per.items()), key=lambda r: -r[2])
+    return {"total_us": round(sum(r[2] for r in rows), 1),
+            "kernels": [{"name": k, "launches": round(n, 1), "us": round(t, 1)} for k, n, t in rows[:30]]}
+
+
 def run_models(d, index, results, compile_torch, deadline, modes=("max-autotune-no-cudagraphs", "reduce-overhead"),
-               only=None):
+               only=None, profile=False, peer_attn=()):
     import torch
 
     import ember
@@ -407,6 +476,8 @@ def run_models(d, index, results, compile_torch, deadline, modes=("max-autotune-
             tol = max(4 * row["torch_fp16_max_err"], 1e-2 * row["scale"])
             row["ember_ok"] = bool(row["ember_max_err"] <= tol and row["ember_max_err_second_input"] <= tol)
             row["ember_ms"] = m.benchmark(*t_args, repeat=200).median_ms
+            if profile and not info.get("baseline"):
+                row["ember_profile_us"] = _kernel_profile(lambda: m(*t_args))
             if info.get("baseline"):  # an earlier ember (before/after): the peers are timed with the current one
                 row["baseline_rev"] = info["baseline"]
                 results.append(row)
@@ -428,6 +499,17 @@ def run_models(d, index, results, compile_torch, deadline, modes=("max-autotune-
                             cm(*t_args)
                         row[f"torch_compile_{mode}_compile_s"] = round(time.perf_counter() - t0, 1)
                         row[f"torch_compile_{mode}_ms"] = _wall_ms(lambda: cm(*t_args))
+                for attn in peer_attn:  # the peer on transformers' other attention code (same weights)
+                    if time.time() > deadline:
+                        break
+                    other_half = minilm(info["batch"], attn)[0].cuda().half()
+                    mode = modes[0]
+                    torch._dynamo.reset()
+                    cm = torch.compile(other_half, mode=mode)
+                    with torch.inference_mode():
+                        for _ in range(3):
+                            cm(*t_args)
+                        row[f"torch_compile_{mode}_{attn}_attn_ms"] = _wall_ms(lambda: cm(*t_args))
         except Exception as e:  # report every model, failures included
             import traceback
 
@@ -447,7 +529,8 @@ def run(a):
         run_kernels(a.dir, index, kernels)
     if not a.kernels_only:
         run_models(a.dir, index, models, not a.no_compile_torch, t_start + a.budget_s,
-                   modes=tuple(a.modes.split(",")), only=set(a.only.split(",")) if a.only else None)
+                   modes=tuple(a.modes.split(",")), only=set(a.only.split(",")) if a.only else None,
+                   profile=a.profile, peer_attn=tuple(x for x in a.peer_attn.split(",") if x))
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "target": index["target"],
             "command": " ".join(sys.argv), "kernels": kernels, "models": models}
@@ -525,6 +608,7 @@ def main():
     p.add_argument("--only", default="", help="comma-separated kernel/model names (default: all)")
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--gzip-params", action="store_true", help="store the shared params files gzip'ed")
+    p.add_argument("--policies", default="", help="also compile each model with these POLICIES (tile choices)")
     p.add_argument("--baseline-rev", default="", help="linear kernels: also build the tensor-core rule of this "
                                                        "git revision (before/after)")
     r = sub.add_parser("run")
@@ -534,6 +618,9 @@ def main():
     r.add_argument("--kernels-only", action="store_true")
     r.add_argument("--models-only", action="store_true")
     r.add_argument("--only", default="", help="comma-separated model names (default: all in the index)")
+    r.add_argument("--profile", action="store_true", help="ember models: GPU time per kernel (torch.profiler)")
+    r.add_argument("--peer-attn", default="", help="also time the first --modes mode on transformers' attention "
+                                                    "implementation(s) named here, e.g. 'eager'")
     r.add_argument("--modes", default="max-autotune-no-cudagraphs,reduce-overhead",
                    help="torch.compile modes timed as peers, in this order ('default' is torch.compile())")
     r.add_argument("--budget-s", type=float, default=480, help="skip torch.compile modes after this many seconds")

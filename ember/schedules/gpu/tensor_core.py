@@ -75,6 +75,7 @@ CONFIGS = {
     "small": TileConfig(warps_m=2, warps_n=2, frags_m=2, frags_n=2, k_frags=2),   # 64 x 64
     "tiny": TileConfig(warps_m=2, warps_n=2, frags_m=1, frags_n=2, k_frags=4),    # 32 x 64
     "micro": TileConfig(warps_m=2, warps_n=1, frags_m=1, frags_n=2, k_frags=4),   # 32 x 32, 2 warps
+    "wide": TileConfig(warps_m=2, warps_n=2, frags_m=4, frags_n=2, k_frags=2),    # 128 x 64
 }
 
 # Split-K only pays where one block would otherwise walk a long K alone: the MiniLM FFN down-projection
