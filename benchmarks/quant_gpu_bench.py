@@ -45,16 +45,25 @@ SEED = 0
 
 # name -> weight_only_gemv keyword arguments (bits 4, symmetric, fp16 activations, one row)
 KERNELS = {
-    "int4_g128": dict(group=128),  # what ember.compile uses: half2 decode, one word per lane and step, unroll 8
-    "int4_g128_u16": dict(group=128, unroll=16),
-    "int4_g128_u4": dict(group=128, unroll=4),
-    "int4_g128_u8_w8": dict(group=128, warps=8),
-    "int4_g128_cw4_u4": dict(group=128, unroll=4, chunk_words=4),  # run 2's layout: 16-byte weight loads per lane
-    "int4_g128_fp32decode": dict(group=128, half_decode="fp32"),
+    # weight_only_gemv: one word (8 codes) per lane and step, one output column per warp (runs 1-4)
+    "int4_g128": dict(group=128),  # unroll 8, half2 decode
+    "int4_g128_prefetch": dict(group=128, prefetch=True),  # run 4's best: 12.2 us cold in a graph
     "int4_g32": dict(group=32),
-    # added after run 3, not yet run: the next batch's loads issued before the current batch is decoded
-    "int4_g128_prefetch": dict(group=128, prefetch=True),
-    "int4_g128_prefetch_u4": dict(group=128, unroll=4, prefetch=True),
+    # weight_only_gemv_tiled (runs 5-6, helper H7): 16-byte weight loads per lane (interleave_words layout),
+    # `cols` output columns per warp sharing each x load, `batch` 16-byte steps loaded before any decode (None: all);
+    # run 6 adds decode="half2s" (one shift per word, scale in half2, fp32 once per step) and stream=True (weight
+    # loads ld.global.nc.L1::no_allocate). Run 5 also had cols 4 / 8 and batch 2 / 5: all slower (run5 JSON).
+    "tiled_g128_c1": dict(group=128, tiled=True, cols=1, decode="half2", stream=False),
+    "tiled_g128_c2": dict(group=128, tiled=True, cols=2, decode="half2", stream=False),
+    "tiled_g128_c1_s": dict(group=128, tiled=True, cols=1, decode="half2", stream=True),
+    "tiled_g128_c1_h2s": dict(group=128, tiled=True, cols=1, decode="half2s", stream=False),
+    "tiled_g128_c1_h2s_s": dict(group=128, tiled=True, cols=1, decode="half2s", stream=True),  # the defaults
+    "tiled_g128_c2_h2s_s": dict(group=128, tiled=True, cols=2, decode="half2s", stream=True),
+    "tiled_g128_c1_w8_h2s_s": dict(group=128, tiled=True, cols=1, warps=8, decode="half2s", stream=True),
+    "tiled_g128_c1_w2_h2s_s": dict(group=128, tiled=True, cols=1, warps=2, decode="half2s", stream=True),
+    "tiled_g128_c1_b5_h2s_s": dict(group=128, tiled=True, cols=1, batch=5, decode="half2s", stream=True),
+    "tiled_g32_c1": dict(group=32, tiled=True, cols=1, decode="half2", stream=False),
+    "tiled_g32_c1_h2s_s": dict(group=32, tiled=True, cols=1, decode="half2s", stream=True),
 }
 
 MLPS = {  # name -> (quantization factory, dynamic batch)
@@ -104,7 +113,7 @@ def prepare(a):
     import ember
     from ember.compiler.cuda_aot import cuda_build_environment
     from ember.compiler.targets import resolve
-    from ember.schedules.gpu.quant_gemv import weight_only_gemv
+    from ember.schedules.gpu.quant_gemv import weight_only_gemv, weight_only_gemv_tiled
     from models import MLP, seeded
 
     os.makedirs(a.out, exist_ok=True)
@@ -112,8 +121,9 @@ def prepare(a):
     index = {"target": a.target, "n": N, "k": K, "kernels": {}, "mlps": {}}
     for name, kw in KERNELS.items():
         t0 = time.perf_counter()
-        opts = {k: v for k, v in kw.items() if k != "group"}
-        func = weight_only_gemv(K, N, 4, kw["group"], True, False, "float16", 1, target, **opts)
+        opts = {k: v for k, v in kw.items() if k not in ("group", "tiled")}
+        make = weight_only_gemv_tiled if kw.get("tiled") else weight_only_gemv
+        func = make(K, N, 4, kw["group"], True, False, "float16", 1, target, **opts)
         mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
         with cuda_build_environment(target, a.target), target:
             lib = tvm.compile(mod, target)
@@ -230,7 +240,7 @@ def run_kernels(d, index, out):
     import torch
     import tvm
 
-    pack_words = _quant_gemv().pack_words
+    qg = _quant_gemv()
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = (torch.randn(1, K, device="cuda", generator=g) * 0.5).half()
@@ -250,19 +260,21 @@ def run_kernels(d, index, out):
     for name, info in index["kernels"].items():
         row = {"kernel": name, **{k: v for k, v in info.items() if k != "file"}}
         try:
-            group = info["group"]
-            if group not in weights:
+            group, tiled = info["group"], bool(info.get("tiled"))
+            if (group, tiled) not in weights:
                 codes, scales = gemv_weights(group)
                 deq = (codes.astype(np.float32) - 8.0) * np.repeat(scales.astype(np.float32), group, axis=1)
                 ref = (x.float() @ torch.from_numpy(deq).cuda().t())
-                words = pack_words(codes, 4)
+                words = qg.pack_words(codes, 4)
+                if tiled:  # the tiled kernel's order of words (same bytes)
+                    words = qg.interleave_words(words)
                 nbytes = words.nbytes + scales.nbytes
                 copies = max(2, int(np.ceil(2 * l2 / nbytes)) + 1)
                 # the cold copies: same values (the output is checked on the first), distinct memory
                 dev = tvm.cuda(0)
                 pool = [(tvm.runtime.tensor(words, dev), tvm.runtime.tensor(scales, dev)) for _ in range(copies)]
-                weights[group] = (ref, pool, nbytes)
-            ref, pool, nbytes = weights[group]
+                weights[(group, tiled)] = (ref, pool, nbytes)
+            ref, pool, nbytes = weights[(group, tiled)]
             lib = tvm.runtime.load_module(os.path.join(d, info["file"]))
             f = lib["main"]
             y = torch.empty(1, N, device="cuda", dtype=torch.float16)

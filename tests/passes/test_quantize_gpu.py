@@ -109,6 +109,61 @@ def test_weight_only_gemv_twin_matches_numpy(k, n, bits, group, sym, bias, m, ro
     np.testing.assert_allclose(y, x @ deq + (b if bias else 0), rtol=1e-4, atol=1e-4)
 
 
+def test_interleave_words_round_trip_and_lane_order():
+    """Tiled layout: lane t's 16 bytes of a 128-word chunk hold logical words t, 32+t, 64+t, 96+t; the tail keeps
+    its order; deinterleave undoes it."""
+    words = np.arange(3 * 192, dtype=np.uint32).reshape(3, 192)  # one whole chunk + two tail stripes
+    il = qg.interleave_words(words)
+    np.testing.assert_array_equal(qg.deinterleave_words(il), words)
+    np.testing.assert_array_equal(il[1, 4 * 5:4 * 5 + 4], words[1, [5, 37, 69, 101]])
+    np.testing.assert_array_equal(il[:, 128:], words[:, 128:])
+    assert qg.tiled_applies(11008, 4096, 4, 128, 1) and not qg.tiled_applies(11008, 4096, 4, 128, None)
+    assert not qg.tiled_applies(1408, 4096, 4, 128, 1)  # 176 words: not whole 32-word stripes
+
+
+@pytest.mark.parametrize("k,n,bits,group,sym,bias,m,opts", [
+    (1536, 16, 4, 128, True, False, 1, {}),  # one 16-byte step + two tail stripes, all loads before the decode
+    (2048, 16, 4, 128, True, True, 2, {"cols": 4, "batch": 1}),  # two batches of one step
+    (2560, 24, 4, 64, False, False, 1, {"cols": 1, "warps": 8, "batch": 4}),  # 5 steps: batch 4 → 1 (divides)
+    (256, 24, 4, 32, False, True, 3, {"cols": 1, "warps": 8}),  # tail only
+    (1024, 16, 8, -1, False, True, 1, {"cols": 2, "warps": 2}),  # INT8 codes, one group per row
+])
+def test_weight_only_gemv_tiled_twin_matches_numpy(k, n, bits, group, sym, bias, m, opts):
+    """The tiled GEMV (interleaved words, columns per warp, batched loads) against numpy, fp32 decode path."""
+    from ember.passes.quantize import qmath
+
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    q, sc, z = qmath.quantize_groups(w, bits, group, sym, axis=0, search=False)
+    deq = qmath.dequantize_groups(q, sc, z, group, axis=0)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    b = RNG.standard_normal(n).astype(np.float32)
+    words = qg.interleave_words(qg.pack_words(np.ascontiguousarray(q.T), bits))
+    args = [x, words, np.ascontiguousarray(sc.T).astype(np.float16)]
+    if not sym:
+        args.append(np.ascontiguousarray(z.T).astype(np.uint8))
+    if bias:
+        args.append(b)
+    func = qg.weight_only_gemv_tiled(k, n, bits, group, sym, bias, "float32", m, _target("cuda-sm90"),
+                                     emulate=True, **opts)
+    y = _run_twin(func, *args, out_shape=(m, n), out_dtype="float32")
+    np.testing.assert_allclose(y, x @ deq + (b if bias else 0), rtol=1e-4, atol=1e-4)
+
+
+def test_weight_only_gemv_tiled_cuda_kernel_shape():
+    """For the issue's shape on CUDA: half2 decode, 16-byte (4-word vectorized) weight loads, no bounds checks,
+    and every buffer thread-local (registers), the largest one the batch of loaded words (10 steps x 1 column)."""
+    func = qg.weight_only_gemv_tiled(11008, 4096, 4, 128, True, False, "float16", 1, _target("cuda-sm90"))
+    text = func.script()
+    assert "ember_i4_dot8s" in text and "ember_ld_stream16" in text  # the defaults: half2s decode, stream loads
+    plain = qg.weight_only_gemv_tiled(11008, 4096, 4, 128, True, False, "float16", 1, _target("cuda-sm90"),
+                                      decode="half2", stream=False).script()
+    assert "ember_i4_dot8(" in plain and "T.vectorized(4)" in plain
+    assert " < " not in text  # no guard anywhere: whole stripes, whole column tiles
+    allocs = _allocations(func)
+    assert all(scope == "local" for _, scope, _ in allocs), allocs
+    assert max(size for _, _, size in allocs) == 10 * 1 * 4
+
+
 @pytest.mark.parametrize("k,n,bias,m,rows", [(70, 24, True, 3, 3), (512, 16, False, 9, None)])
 def test_int8_gemv_twin_matches_numpy(k, n, bias, m, rows):
     """INT8 x INT8 → int32 GEMV (the sign-extending dot product, as on ROCm / Metal) against numpy."""
@@ -196,6 +251,22 @@ def _kernel_names(lib, target):
 
 
 @pytest.mark.slow
+def test_int4_mlp_for_cuda_uses_tiled_kernel_where_it_applies(tmp_path):
+    """First layer K = 256 (32 words: one whole stripe) → the tiled kernel on interleaved words; second layer
+    K = 64 → the one-word kernel. Both in one CUDA artifact."""
+    why = _available("cuda-sm90")
+    if why:
+        pytest.skip(why)
+    model = seeded(MLP, d_in=256, hidden=64, d_out=10)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3))
+    cm = ember.compile(model, (x,), target="cuda-sm90", quantization=ember.WeightOnly(bits=4, group_size=32))
+    art = cm.export(tmp_path / "art")
+    data = open(f"{art}/model.so", "rb").read()
+    assert b"ember_gpu_wo_gemv_4_256_64_32_1_1_4_tiled" in data
+    assert b"ember_gpu_wo_gemv_4_64_10_32_1_1_4_word" in data
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["cuda-sm90", "rocm-gfx942", "metal"])
 @pytest.mark.parametrize("scheme", ["int4", "int8dyn"])
 def test_quantized_mlp_artifact_holds_gpu_kernels(mlp, target, scheme, tmp_path):
@@ -215,6 +286,9 @@ def test_quantized_mlp_artifact_holds_gpu_kernels(mlp, target, scheme, tmp_path)
     wanted = ["ember_gpu_wo_gemv"] if scheme == "int4" else ["ember_gpu_int8_gemv", "ember_gpu_quant_rows"]
     for w in wanted:
         assert any(n.startswith(w) for n in names), (w, sorted(names))
+    if scheme == "int4":  # K = 64 / 96 are 8 / 12 words, not whole 32-word stripes: the one-word kernel
+        assert not qg.tiled_applies(64, 96, 4, 32, 6)
+        assert not any("tiled" in n for n in names) and b"_tiled" not in open(f"{art}/model.so", "rb").read()
     # the artifact's weights are the packed codes: no fp32 matrix left
     from tvm.runtime import load_param_dict
 

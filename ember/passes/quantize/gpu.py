@@ -6,7 +6,9 @@ The quantization itself — codes, scales, zero points, GPTQ — is the CPU path
 * weight-only matmuls: ``W[N, K]`` (K contiguous, so a warp reads 512 contiguous bytes of one output column),
   codes packed into uint32 words along K (:func:`ember.schedules.gpu.quant_gemv.pack_words`), fp16 group scales
   ``[N, K/g]`` (+ uint8 zero points), decoded inside the GEMV kernel
-  (:func:`ember.schedules.gpu.quant_gemv.weight_only_gemv`): no full-precision weight buffer exists at run time;
+  (:func:`ember.schedules.gpu.quant_gemv.weight_only_gemv_tiled` on words reordered by
+  :func:`~ember.schedules.gpu.quant_gemv.interleave_words` for static row counts and whole 32-word stripes, else
+  :func:`ember.schedules.gpu.quant_gemv.weight_only_gemv`): no full-precision weight buffer exists at run time;
 * INT8 (dynamic or static activations): :func:`quantize_rows` turns each activation row into signed int8 codes
   four per int32 word plus a fp32 scale, then :func:`ember.schedules.gpu.quant_gemv.int8_gemv` accumulates
   int8 x int8 products in int32 (``__dp4a`` on CUDA) and applies ``xs[i] * ws[n] (+ bias)``;
@@ -204,18 +206,28 @@ class GpuEmitter(Emitter):
         arrays, deq = qmath.weight_only_pack(self._weight_kn(site), bits, group, sym, plan.get("gptq_x"))
         self.dequantized[site.name] = deq
         codes = qmath.unpack_int4(arrays["qweight"], site.n) if bits == 4 else arrays["qweight"]  # [K, N]
-        gpu = {"qweight": qg.pack_words(np.ascontiguousarray(codes.T), bits),
+        rows = self._rows(m)
+        # the tiled kernel (16-byte weight loads, columns sharing x loads) where the shape allows, else the
+        # one-word-per-lane kernel (symbolic rows, K not a multiple of 32 words, odd N)
+        tiled = qg.TILED and qg.tiled_applies(site.k, site.n, bits, group, rows, qg.TILE_COLS, qg.TILE_WARPS)
+        words = qg.pack_words(np.ascontiguousarray(codes.T), bits)
+        gpu = {"qweight": qg.interleave_words(words) if tiled else words,
                "scales": np.ascontiguousarray(arrays["scales"].T)}
         if not sym:
             gpu["zeros"] = np.ascontiguousarray(arrays["zeros"].T)
         args = [x2] + [self._param(f"{site.name}.{k}", a) for k, a in gpu.items()]
         if bias is not None:
             args.append(bias)
-        rows = self._rows(m)
-        key = ("ember_gpu_wo_gemv", bits, site.k, site.n, group, int(sym), int(bias is not None), rows or "m")
-        gv = self._func(bb, key, lambda: _finish(qg.weight_only_gemv(site.k, site.n, bits, group, sym,
-                                                                     bias is not None, "float32", rows,
-                                                                     self.target)))
+        key = ("ember_gpu_wo_gemv", bits, site.k, site.n, group, int(sym), int(bias is not None), rows or "m",
+               "tiled" if tiled else "word")
+        def make():
+            if tiled:
+                return _finish(qg.weight_only_gemv_tiled(site.k, site.n, bits, group, sym, bias is not None,
+                                                         "float32", rows, self.target, cols=qg.TILE_COLS,
+                                                         warps=qg.TILE_WARPS, stream=qg.TILE_STREAM))
+            return _finish(qg.weight_only_gemv(site.k, site.n, bits, group, sym, bias is not None, "float32",
+                                               rows, self.target))
+        gv = self._func(bb, key, make)
         return bb.emit(relax.call_tir(gv, args, relax.TensorType([m, site.n], "float32")))
 
     def norm(self, bb, ns, a, r, gamma, beta):

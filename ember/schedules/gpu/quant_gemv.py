@@ -30,8 +30,10 @@ prefill) tiles rows by ``ROW_TILE`` on ``blockIdx.y`` with a bounds check — co
 is then re-read once per row tile (from L2 for small models): a GEMV, not a tensor-core GEMM.
 
 Measured (H100, fp16 x, 4096 x 11008, INT4 g128, BENCHMARKS.md): 12.9 us with weights from DRAM = 60% of the
-copy bandwidth, 2.7x cuBLAS fp16; 8.6 us L2-resident. Not yet the issue's 80% / 4x: the loads of the next
-``UNROLL`` words are not issued before the current ones are decoded (no software pipelining yet).
+copy bandwidth, 2.7x cuBLAS fp16; 8.6 us L2-resident. :func:`weight_only_gemv_tiled` (end of this file: 16-byte
+weight loads in an interleaved word order, all loads before any decode, a cheaper half2 decode, L1-bypassing weight
+loads) reaches 10.4 us = 74% (3.5x torch) and is what ``ember.compile`` uses for static row counts where the shape
+allows (:func:`tiled_applies`); this kernel remains for symbolic row counts and other shapes.
 """
 
 from __future__ import annotations
@@ -447,3 +449,287 @@ def int8_gemv(k: int, n: int, has_bias: bool, rows: int | None, target, unroll: 
 
 def _drop_unused_int8(func, has_bias):
     return with_root_block(func, [p for i, p in enumerate(func.params) if has_bias or i != 4])
+
+
+# -- the tiled GEMV: 16-byte weight loads, several output columns per warp ---------------------------------------
+# Why a second kernel: the one above issues per word (8 INT4 codes) one 4-byte weight load, one 16-byte x load and one
+# scale load, and every warp re-reads all of x for its one column — 4x the weight bytes through the L1. Its hot
+# (L2-resident) time, 8.6 us, was already near the issue's 9.7 us target, so deeper prefetching alone could not reach
+# it (run 4: 12.2 us cold). Here a lane loads 16 bytes (4 words) per column and step, a warp owns ``cols`` columns
+# that share each x load, and all of a batch's loads are issued before any decode.
+TILE_LANE_WORDS = 4  # words per lane and step: one 128-bit load
+TILE_CHUNK = WARP * TILE_LANE_WORDS  # words a warp reads per column and step (512 contiguous bytes)
+TILED = True  # ember.compile uses the tiled kernel where tiled_applies (ember/passes/quantize/gpu.py)
+TILE_COLS = 1  # output columns per warp (H100, run 5: 1 column 11.3 us cold, 2 columns 11.9, 4 columns 16.0)
+TILE_WARPS = 4
+TILE_STREAM = True  # weight loads that skip the L1 (ld.global.nc.L1::no_allocate)
+
+
+# Cheaper INT4 decode for the tiled kernel (CUDA, fp16 x): pairs 1 and 3 are masked in place (0x00F000F0 gives
+# 1024 + 16 c, exact in fp16) and rescaled by the HFMA2 that subtracts the zero point, so a word costs one shift
+# instead of three; the group scale is applied in half2 (one HFMA2 into a half2 accumulator) and the conversion to
+# fp32 happens once per 4 words (16-byte step), not once per word.
+_DOT8S_CUDA = r"""
+__forceinline__ __device__ void ember_i4_dot8s(unsigned int w, void* xp, void* accp, half s, float z) {
+  const half2* x = (const half2*)xp;
+  half2* acc = (half2*)accp;
+  const half2 blo = __float2half2_rn(1024.0f + z);
+  const half2 bhi = __float2half2_rn(-64.0f - z);
+  const half2 sixteenth = __float2half2_rn(0.0625f);
+  unsigned int w8 = w >> 8;
+  unsigned int t0 = (w & 0x000F000Fu) | 0x64006400u;
+  unsigned int t1 = (w & 0x00F000F0u) | 0x64006400u;
+  unsigned int t2 = (w8 & 0x000F000Fu) | 0x64006400u;
+  unsigned int t3 = (w8 & 0x00F000F0u) | 0x64006400u;
+  half2 p = __hmul2(__hsub2(*reinterpret_cast<half2*>(&t0), blo), x[0]);
+  p = __hfma2(__hfma2(*reinterpret_cast<half2*>(&t1), sixteenth, bhi), x[1], p);
+  p = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t2), blo), x[2], p);
+  p = __hfma2(__hfma2(*reinterpret_cast<half2*>(&t3), sixteenth, bhi), x[3], p);
+  *acc = __hfma2(p, __half2half2(s), *acc);
+}
+"""
+
+# Weight loads that bypass the L1 (each weight byte is read once): x, read by every warp of the SM, stays there.
+_LD_STREAM_CUDA = r"""
+__forceinline__ __device__ void ember_ld_stream16(void* dst, const void* src) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
+  *reinterpret_cast<uint4*>(dst) = v;
+}
+"""
+_LD_STREAM4_CUDA = r"""
+__forceinline__ __device__ unsigned int ember_ld_stream4(const void* src) {
+  unsigned int v;
+  asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(src));
+  return v;
+}
+"""
+
+
+def tiled_applies(k: int, n: int, bits: int, group: int, rows: int | None, cols: int = 1, warps: int = 4) -> bool:
+    """Whether :func:`weight_only_gemv_tiled` covers the shape: static rows, whole 32-word stripes (no lane idle,
+    no bounds check) and whole column tiles."""
+    epw = 32 // bits
+    g = k if group == -1 else group
+    return (rows is not None and rows <= MAX_STATIC_ROWS and k % (epw * WARP) == 0 and g % epw == 0
+            and n % (cols * warps) == 0)
+
+
+def interleave_words(words: np.ascontiguousarray) -> np.ndarray:
+    """The tiled kernel's weight order: in each whole chunk of 128 words of a row, physical word ``4 t + j`` holds
+    logical word ``32 j + t``. Lane t then reads its 4 words with one 16-byte load (a warp: 512 contiguous bytes)
+    while, for each j, the 32 lanes' logical words — hence their x loads — stay contiguous. The last
+    ``kw % 128`` words (whole 32-word stripes) keep their order; the kernel reads them 4 bytes per lane."""
+    n, kw = words.shape
+    full = kw // TILE_CHUNK * TILE_CHUNK
+    out = words.copy()
+    if full:
+        blk = words[:, :full].reshape(n, full // TILE_CHUNK, TILE_LANE_WORDS, WARP)  # [n, c, j, t]
+        out[:, :full] = blk.transpose(0, 1, 3, 2).reshape(n, full)  # [n, c, t, j]
+    return np.ascontiguousarray(out)
+
+
+def deinterleave_words(words: np.ndarray) -> np.ndarray:
+    n, kw = words.shape
+    full = kw // TILE_CHUNK * TILE_CHUNK
+    out = words.copy()
+    if full:
+        blk = words[:, :full].reshape(n, full // TILE_CHUNK, WARP, TILE_LANE_WORDS)
+        out[:, :full] = blk.transpose(0, 1, 3, 2).reshape(n, full)
+    return out
+
+
+def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool, act_dtype: str,
+                           rows: int, target, cols: int = 1, warps: int = 4, batch: int | None = None,
+                           decode: str = "half2s", stream: bool = True, emulate: bool = False) -> tirx.PrimFunc:
+    """Fused decode + GEMV on :func:`interleave_words` weights; same arguments and results as
+    :func:`weight_only_gemv` (qweight interleaved). Only for :func:`tiled_applies` shapes.
+
+    A block has ``warps`` warps; warp ``ty`` of block ``bx`` owns output columns ``(bx * warps + ty) * cols + r``.
+    Per step a lane loads 16 bytes of each of its ``cols`` columns (4 words: logical words ``128 c + 32 j + t``),
+    the x values of those 4 words once (shared by the columns), and the 4 scales of each column. ``batch`` steps'
+    loads (default: all of them — 10 for K = 11008, 40 registers a column) go out before the first decode,
+    the tail stripes' 4-byte loads before those: nothing but the row count bounds the loops, so no bounds checks.
+
+    CUDA-only knobs (the CPU twin, ``emulate``, keeps the fp32 decode and plain loads): ``decode`` — "half2"
+    (:data:`_DOT8_CUDA`, fp32 scale per word) or "half2s" (:data:`_DOT8S_CUDA`: fewer instructions, scale in half2,
+    fp32 once per step); ``stream`` — weight loads with ``ld.global.nc.L1::no_allocate`` (:data:`_LD_STREAM_CUDA`).
+    Defaults = the fastest measured (H100, 4096 x 11008 INT4 g128, weights from DRAM, CUDA graph; BENCHMARKS.md):
+    1 column, 4 warps, all loads first, half2s, stream: 10.4 us = 74% of the copy bandwidth (the one-word kernel
+    above: 12.9 us; with neither half2s nor stream 11.3 us, stream alone 10.9, half2s alone 11.4; 2 columns 11.5).
+    The fp16 decode sums 8 products in fp16 and 4 scaled words in fp16 before fp32 (rel. error 5.0e-4 vs a fp32
+    matmul on the dequantized weights, 3.8e-4 with "half2").
+    """
+    from tvm.script import tirx as T
+
+    assert tiled_applies(k, n, bits, group, rows, cols, warps), (k, n, bits, group, rows, cols, warps)
+    epw = 32 // bits
+    g = k if group == -1 else group
+    kw, ng = k // epw, k // g
+    nc = kw // TILE_CHUNK  # whole 16-byte steps per lane
+    nt = (kw % TILE_CHUNK) // WARP  # tail stripes (one word per lane each)
+    b = nc if batch is None else max(1, min(batch, nc))
+    while nc and nc % b:  # batches divide the steps: no guard in the loop
+        b -= 1
+    outer = nc // b if nc else 0
+    mt, lw = rows, TILE_LANE_WORDS
+    mask = (1 << bits) - 1
+    zero_sym = float(1 << (bits - 1))
+    cuda = target.kind.name == "cuda" and not emulate
+    half2 = act_dtype == "float16" and bits == 4 and cuda
+    half2s = half2 and decode == "half2s"
+    half2 = half2 and not half2s
+    stream = stream and cuda
+    if cuda:
+        from tvm.backend.cuda.op import cuda_func_call
+
+        def dot8(word, xaddr, zb):
+            return cuda_func_call("ember_i4_dot8", word, xaddr, zb, source_code=_DOT8_CUDA, return_type="float32")
+
+        def dot8s(word, xaddr, accaddr, sc, zf):
+            return cuda_func_call("ember_i4_dot8s", word, xaddr, accaddr, sc, zf, source_code=_DOT8S_CUDA)
+
+        def ld16(dst, src):
+            return cuda_func_call("ember_ld_stream16", dst, src, source_code=_LD_STREAM_CUDA)
+
+        def ld4(src):
+            return cuda_func_call("ember_ld_stream4", src, source_code=_LD_STREAM4_CUDA, return_type="uint32")
+    vec = _vec_elems(act_dtype, target)
+    ws_ = _warp_size(target)
+    wb = warps
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x_h: T.handle, q_h: T.handle, s_h: T.handle, z_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        x = T.match_buffer(x_h, (mt, k), act_dtype)
+        q = T.match_buffer(q_h, (n, kw), "uint32")
+        s = T.match_buffer(s_h, (n, ng), "float16")
+        z = T.match_buffer(z_h, (n, ng), "uint8")
+        bias = T.match_buffer(b_h, (n,), "float32")
+        y = T.match_buffer(y_h, (mt, n), act_dtype)
+        for bx in _loop(n // (wb * cols), "blockIdx.x", emulate):
+            for ty in _loop(wb, "threadIdx.y", emulate):
+                for tx in _loop(WARP, "threadIdx.x", emulate):
+                    acc = T.decl_buffer((mt * cols,), "float32", scope="local")
+                    wv = T.decl_buffer((max(b, 1) * cols * lw,), "uint32", scope="local")
+                    wt = T.decl_buffer((max(nt, 1) * cols,), "uint32", scope="local")
+                    xv = T.decl_buffer((epw,), act_dtype, scope="local")
+                    part = T.decl_buffer((1,), "float32", scope="local")
+                    red = T.decl_buffer((1,), "float32", scope="local")
+                    hacc = T.decl_buffer((mt * cols * 2,), "float16", scope="local")
+                    for a in T.unroll(mt * cols):
+                        acc[a] = T.float32(0)
+                    for a in T.unroll(mt * cols * 2 if half2s else 0):
+                        hacc[a] = T.float16(0)
+                    for j in T.unroll(nt):  # the tail's loads first: they wait on DRAM while the batches go out
+                        for r in T.unroll(cols):
+                            if stream:
+                                wt[j * cols + r] = ld4(T.address_of(q[(bx * wb + ty) * cols + r,
+                                                                      nc * TILE_CHUNK + j * WARP + tx]))
+                            else:
+                                wt[j * cols + r] = q[(bx * wb + ty) * cols + r, nc * TILE_CHUNK + j * WARP + tx]
+                    for ob in range(outer):
+                        for u in T.unroll(b):
+                            for r in T.unroll(cols):
+                                if stream:
+                                    T.evaluate(ld16(T.address_of(wv[(u * cols + r) * lw]),
+                                                    T.address_of(q[(bx * wb + ty) * cols + r,
+                                                                   ((ob * b + u) * WARP + tx) * lw])))
+                                else:
+                                    for v in T.vectorized(lw):
+                                        wv[(u * cols + r) * lw + v] = q[(bx * wb + ty) * cols + r,
+                                                                        ((ob * b + u) * WARP + tx) * lw + v]
+                        for u in T.unroll(b):
+                            for j in T.unroll(lw):
+                                for i in T.unroll(mt):
+                                    for v0 in T.unroll(epw // vec if epw >= vec else 1):
+                                        for v in T.vectorized(min(vec, epw)):
+                                            xv[v0 * vec + v] = x[i, (((ob * b + u) * lw + j) * WARP + tx) * epw
+                                                                 + v0 * vec + v]
+                                    for r in T.unroll(cols):
+                                        sc = T.Cast("float32", s[(bx * wb + ty) * cols + r,
+                                                                 (((ob * b + u) * lw + j) * WARP + tx) * epw // g])
+                                        zf = T.Cast("float32", z[(bx * wb + ty) * cols + r,
+                                                                 (((ob * b + u) * lw + j) * WARP + tx) * epw // g]) \
+                                            if not symmetric else T.float32(zero_sym)
+                                        if half2s:
+                                            T.evaluate(dot8s(wv[(u * cols + r) * lw + j], T.address_of(xv[0]),
+                                                             T.address_of(hacc[(i * cols + r) * 2]),
+                                                             s[(bx * wb + ty) * cols + r,
+                                                               (((ob * b + u) * lw + j) * WARP + tx) * epw // g],
+                                                             zf))
+                                        elif half2:
+                                            acc[i * cols + r] = acc[i * cols + r] + dot8(
+                                                wv[(u * cols + r) * lw + j], T.address_of(xv[0]),
+                                                zf + T.float32(1024)) * sc
+                                        else:
+                                            part[0] = T.float32(0)
+                                            for e in T.unroll(epw):
+                                                part[0] = part[0] + (T.reinterpret("float32", T.bitwise_or(
+                                                    T.bitwise_and(T.shift_right(
+                                                        wv[(u * cols + r) * lw + j],
+                                                        T.Cast("uint32", (e % 2) * 16 + (e // 2) * bits)),
+                                                        T.uint32(mask)), T.uint32(0x4B000000)))
+                                                    - (zf + T.float32(8388608))) * T.Cast("float32", xv[e])
+                                            acc[i * cols + r] = acc[i * cols + r] + part[0] * sc
+                            for a in T.unroll(mt * cols if half2s else 0):  # half2 sums of this step into fp32
+                                acc[a] = acc[a] + (T.Cast("float32", hacc[a * 2]) + T.Cast("float32", hacc[a * 2 + 1]))
+                                hacc[a * 2] = T.float16(0)
+                                hacc[a * 2 + 1] = T.float16(0)
+                    for j in T.unroll(nt):
+                        for i in T.unroll(mt):
+                            for v0 in T.unroll(epw // vec if epw >= vec else 1):
+                                for v in T.vectorized(min(vec, epw)):
+                                    xv[v0 * vec + v] = x[i, (nc * TILE_CHUNK + j * WARP + tx) * epw + v0 * vec + v]
+                            for r in T.unroll(cols):
+                                sc = T.Cast("float32", s[(bx * wb + ty) * cols + r,
+                                                         (nc * TILE_CHUNK + j * WARP + tx) * epw // g])
+                                zf = T.Cast("float32", z[(bx * wb + ty) * cols + r,
+                                                         (nc * TILE_CHUNK + j * WARP + tx) * epw // g]) \
+                                    if not symmetric else T.float32(zero_sym)
+                                if half2s:
+                                    T.evaluate(dot8s(wt[j * cols + r], T.address_of(xv[0]),
+                                                     T.address_of(hacc[(i * cols + r) * 2]),
+                                                     s[(bx * wb + ty) * cols + r,
+                                                       (nc * TILE_CHUNK + j * WARP + tx) * epw // g], zf))
+                                elif half2:
+                                    acc[i * cols + r] = acc[i * cols + r] + dot8(
+                                        wt[j * cols + r], T.address_of(xv[0]), zf + T.float32(1024)) * sc
+                                else:
+                                    part[0] = T.float32(0)
+                                    for e in T.unroll(epw):
+                                        part[0] = part[0] + (T.reinterpret("float32", T.bitwise_or(
+                                            T.bitwise_and(T.shift_right(
+                                                wt[j * cols + r],
+                                                T.Cast("uint32", (e % 2) * 16 + (e // 2) * bits)),
+                                                T.uint32(mask)), T.uint32(0x4B000000)))
+                                            - (zf + T.float32(8388608))) * T.Cast("float32", xv[e])
+                                    acc[i * cols + r] = acc[i * cols + r] + part[0] * sc
+                    for a in T.unroll(mt * cols if half2s else 0):  # the tail's half2 sums
+                        acc[a] = acc[a] + (T.Cast("float32", hacc[a * 2]) + T.Cast("float32", hacc[a * 2 + 1]))
+                    for a in T.unroll(mt * cols if emulate else 0):  # CPU twin: lanes in turn, summed into y
+                        if tx == 0:
+                            if has_bias:
+                                y[a // cols, (bx * wb + ty) * cols + a % cols] = T.Cast(
+                                    act_dtype, acc[a] + bias[(bx * wb + ty) * cols + a % cols])
+                            else:
+                                y[a // cols, (bx * wb + ty) * cols + a % cols] = T.Cast(act_dtype, acc[a])
+                        else:
+                            y[a // cols, (bx * wb + ty) * cols + a % cols] = \
+                                y[a // cols, (bx * wb + ty) * cols + a % cols] + T.Cast(act_dtype, acc[a])
+                    for a in T.unroll(0 if emulate else mt * cols):
+                        red[0] = acc[a]
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 16, WARP, ws_)
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 8, WARP, ws_)
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 4, WARP, ws_)
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 2, WARP, ws_)
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 1, WARP, ws_)
+                        if tx == 0:
+                            if has_bias:
+                                y[a // cols, (bx * wb + ty) * cols + a % cols] = T.Cast(
+                                    act_dtype, red[0] + bias[(bx * wb + ty) * cols + a % cols])
+                            else:
+                                y[a // cols, (bx * wb + ty) * cols + a % cols] = T.Cast(act_dtype, red[0])
+
+    return _drop_unused(kernel, symmetric, has_bias)
