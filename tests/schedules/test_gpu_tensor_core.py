@@ -49,6 +49,13 @@ def test_split_k_only_where_k_is_long_and_tiles_are_few(m, n, k):
     assert choose_config(m, n, k).split_k == 1
 
 
+def test_minilm_b32_projections_take_128x128_tiles():
+    # 96 blocks of 128x128 (3/4 of a wave) beat 384 blocks of 64x64 on the H100 (BENCHMARKS.md).
+    assert choose_config(4096, 384, 384) == CONFIGS["medium"]
+    assert choose_config(4096, 384, 1536) == CONFIGS["medium"]
+    assert choose_config(128, 384, 384).bm == 32
+
+
 def test_split_k_for_respects_the_pipeline_depth():
     cfg = CONFIGS["tiny"]
     assert split_k_for(4, 2048, cfg) >= 2

@@ -98,16 +98,19 @@ def split_k_for(blocks: int, k: int, cfg: TileConfig) -> int:
 
 
 def choose_config(m: int | None, n: int, k: int) -> TileConfig:
-    """The largest tile that still gives ~one block per SM (M symbolic: assume large).
+    """The largest tile that still gives ~one block per SM (M symbolic: assume large); small problems get
+    32x64 tiles and, where K is long, split-K (``split_k_for``).
 
     "large" (128x256) is not tried: on the H100 "medium" (128x128) was faster at 4096^3 (276 vs 265 TFLOP/s,
-    benchmarks/results/gpu_bench_kernels_h100_2026-11-26_rerun.json); it stays in CONFIGS for benchmarking."""
-    for name in ("medium", "small"):
+    benchmarks/results/gpu_bench_kernels_h100_2026-11-26_rerun.json); it stays in CONFIGS for benchmarking.
+    "medium" is taken from 3/4 of a wave up: at 4096x384 (96 blocks) it beat 64x64 tiles (384 blocks) on the H100,
+    10.4 vs 11.0 us at K=384 and 27.5 vs 31.5 us at K=1536 (gpu_bench_h100_2026-11-26_h6_run2_kernels.json)."""
+    for name, fill in (("medium", 0.7), ("small", 1.0)):
         cfg = CONFIGS[name]
         if m is None:
             return CONFIGS["medium"]
         blocks = -(-m // cfg.bm) * -(-n // cfg.bn)
-        if blocks >= SMS:
+        if blocks >= fill * SMS:
             return cfg
     cfg = CONFIGS["tiny"]
     blocks = -(-m // cfg.bm) * -(-n // cfg.bn)
