@@ -64,6 +64,21 @@ def test_split_k_for_respects_the_pipeline_depth():
 
 
 @pytest.mark.slow
+def test_split_k_only_with_fp32_accumulation():
+    # An fp16 accumulator would round every slice's partial sum: such kernels keep one slice.
+    te_fp16 = te.placeholder((128, 1536), "float16", name="x")
+    w = te.placeholder((1536, 384), "float16", name="w")
+    r = te.reduce_axis((0, 1536), "k")
+    y = te.compute((128, 384), lambda i, j: te.sum(te_fp16[i, r] * w[r, j], axis=r), name="y")
+    func = te.create_prim_func([te_fp16, w, y]).with_attr("global_symbol", "main")
+    sch = TensorCoreMatmul().apply(func, H100, False)
+    assert sch is not None
+    assert "_rf" not in sch.mod.script()
+    sch32 = TensorCoreMatmul().apply(linear(128, 384, 1536), H100, False)
+    assert "_rf" in sch32.mod.script()
+
+
+@pytest.mark.slow
 def test_split_k_linear_with_kn_weights_compiles_to_two_kernels():
     # M = 100 is padded to the 32-row tile; W [K, N] keeps a K-major shared tile (row-major WMMA B fragments).
     cfg = CONFIGS["tiny"].with_split(4)

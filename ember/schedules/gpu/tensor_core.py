@@ -20,6 +20,11 @@ The kernel is first normalised to ``C[s, i, j] += A[s, i, k] * B[s, j, k]`` (dli
 layout changes become copies that are inlined into the shared-memory loads, so ``W[K, N]`` and ``W[N, K]`` both
 work, and M may be symbolic (padded to the tile). ``TileConfig`` is chosen from the problem size so that large
 GEMMs get large tiles (more reuse per byte loaded) and small ones enough blocks to fill the GPU.
+
+W [K, N] (how ember stores linear weights) keeps a K-major shared tile, read with 16-byte loads and fed to WMMA's
+row-major B fragments. Small GEMMs with a long K (MiniLM batch 1's FFN down-projection, 128x384x1536: 24 tiles)
+are split along K: the tensor-core kernel writes fp32 partial sums per K slice and a second kernel adds them and
+runs the epilogue (on the H100 the model went from 0.312 to 0.284 ms; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -150,6 +155,9 @@ class TensorCoreMatmul:
             return None
         b_k_major = isinstance(last[1], tirx.Var) and last[1].same_as(k_var)
         cfg = self.config or choose_config(mm.batch, mm.n, mm.k)
+        if cfg.split_k > 1 and mm.out_dtype != "float32" and self.config is None:
+            # The slices' partial sums have the accumulator's dtype: in fp16 they would add a rounding per slice.
+            cfg = cfg.with_split(1)
         tensor_intrinsics_registered()
         try:
             return _schedule(func, cfg, mm.out_dtype, trans_b=b_k_major)
