@@ -8,10 +8,15 @@
 
 #include <algorithm>
 #include <fstream>
+#include <cstdlib>
 #include <set>
 #include <sstream>
 #include <stdexcept>
 #include <sys/stat.h>
+#include <utility>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #if !defined(_WIN32)
 #include <dlfcn.h>
@@ -185,6 +190,32 @@ Manifest Manifest::Read(const std::string& dir) {
   return m;
 }
 
+// TVM's CPU thread pool takes hardware_concurrency()/2 threads on x86-64 unless TVM_NUM_THREADS (or
+// OMP_NUM_THREADS) says otherwise, assuming two hyper-threads per core; on VMs with one thread per core that
+// halves the cores ember's kernels use. Same policy as Python's `import ember` (ember/cpu_threads.py): default
+// to the physical cores this process may run on, counting SMT siblings once; a user's setting wins. TVM reads the
+// variable when the pool first starts, so this runs before the first call.
+static void DefaultCpuThreads() {
+  if (std::getenv("TVM_NUM_THREADS") || std::getenv("OMP_NUM_THREADS")) return;
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return;
+  std::set<std::pair<std::string, std::string>> cores;
+  int cpus = 0;
+  for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+    if (!CPU_ISSET(cpu, &set)) continue;
+    ++cpus;
+    std::string topo = "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/";
+    std::ifstream pkg(topo + "physical_package_id"), core(topo + "core_id");
+    std::string p, c;
+    if (!(pkg >> p) || !(core >> c)) { cores.clear(); break; }  // no topology: every CPU counts
+    cores.insert({p, c});
+  }
+  int n = cores.empty() ? cpus : static_cast<int>(cores.size());
+  if (n > 0) setenv("TVM_NUM_THREADS", std::to_string(n).c_str(), 0);
+#endif
+}
+
 DLDevice ParseDevice(const std::string& name) {
   if (name == "cpu") return {kDLCPU, 0};
   if (name == "cuda") return {kDLCUDA, 0};
@@ -194,6 +225,7 @@ DLDevice ParseDevice(const std::string& name) {
 }
 
 std::shared_ptr<const Model> Model::Load(const std::string& dir, DLDevice device) {
+  DefaultCpuThreads();
   auto model = std::make_shared<Model>();
   Manifest& m = model->manifest_;
   m = Manifest::Read(dir);

@@ -295,13 +295,17 @@ int Run(const Options& o) {
   size_t n = times.size();
   double median = n % 2 ? times[n / 2] : 0.5 * (times[n / 2 - 1] + times[n / 2]);
   double p90 = times[std::min(n - 1, static_cast<size_t>(0.9 * n))];
+  // The CPU thread pool's size (TVM_NUM_THREADS, or the physical-core default Model::Load sets).
+  auto num_threads = tvm::ffi::Function::GetGlobal("runtime.NumThreads");
+  int cpu_threads = num_threads.has_value() ? (*num_threads)().cast<int>() : -1;
   if (o.json) {
     auto mem = ResidentMiB();
     std::printf("{\"median_ms\": %.6f, \"p90_ms\": %.6f, \"min_ms\": %.6f, \"runs\": %zu, \"load_ms\": %.3f, "
-                "\"rss_mib\": %.1f, \"peak_rss_mib\": %.1f}\n",
-                median, p90, times[0], n, load_ms, mem.first, mem.second);
+                "\"rss_mib\": %.1f, \"peak_rss_mib\": %.1f, \"cpu_threads\": %d}\n",
+                median, p90, times[0], n, load_ms, mem.first, mem.second, cpu_threads);
   } else {
-    std::printf("latency: median %.3f ms, p90 %.3f ms, min %.3f ms over %zu runs\n", median, p90, times[0], n);
+    std::printf("latency: median %.3f ms, p90 %.3f ms, min %.3f ms over %zu runs (%d CPU threads)\n", median, p90,
+                times[0], n, cpu_threads);
   }
   return 0;
 }

@@ -121,6 +121,21 @@ def test_random_inputs_take_dim_sizes(ember_run, mlp_artifacts, tmp_path):
 
 
 @pytest.mark.slow
+def test_cpu_threads_default_to_physical_cores(ember_run, mlp_artifacts):
+    """Without TVM_NUM_THREADS, TVM's pool would take hardware_concurrency()/2 (1 thread on a 2-core VM without
+    SMT); ember_run's loader sets the physical-core count as `import ember` does. A user's setting wins."""
+    from ember.cpu_threads import physical_cores
+
+    static = mlp_artifacts[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    for extra, want in (({}, physical_cores()), ({"TVM_NUM_THREADS": "1"}, 1)):
+        res = subprocess.run([str(ember_run), str(static), "--repeat", "1", "--min-seconds", "0", "--json"],
+                             capture_output=True, text=True, timeout=120, env={**env, **extra})
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout.strip().splitlines()[-1])["cpu_threads"] == want, (extra, res.stdout)
+
+
+@pytest.mark.slow
 def test_eight_cpp_threads_share_one_model(ember_run, tmp_path):
     """C++: one Model (library + weights) shared by 8 threads, one Session (VM) each, all results right."""
     torch.manual_seed(0)
