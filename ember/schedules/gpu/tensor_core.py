@@ -108,9 +108,11 @@ def choose_config(m: int | None, n: int, k: int) -> TileConfig:
 
     "large" (128x256) is not tried: on the H100 "medium" (128x128) was faster at 4096^3 (276 vs 265 TFLOP/s,
     benchmarks/results/gpu_bench_kernels_h100_2026-11-26_rerun.json); it stays in CONFIGS for benchmarking.
-    "medium" is taken from 3/4 of a wave up: at 4096x384 (96 blocks) it beat 64x64 tiles (384 blocks) on the H100,
-    10.4 vs 11.0 us at K=384 and 27.5 vs 31.5 us at K=1536 (gpu_bench_h100_2026-11-26_h6_run2_kernels.json)."""
-    for name, fill in (("medium", 0.7), ("small", 1.0)):
+    "medium" needs a full wave of blocks. Alone, at 4096x384 (96 blocks, 3/4 of a wave) it beat 64x64 tiles (384
+    blocks) on the H100 (10.4 vs 11.0 us at K=384, 27.5 vs 31.5 us at K=1536,
+    gpu_bench_h100_2026-11-26_h6_run2_kernels.json), but inside MiniLM fp16 batch 32 the model got slower with it:
+    1.195 ms vs 1.075-1.079 ms with 64x64 (gpu_bench_h100_2026-11-26_final_models.json vs ..._h6_run{1,2}_b32.json)."""
+    for name, fill in (("medium", 1.0), ("small", 1.0)):
         cfg = CONFIGS[name]
         if m is None:
             return CONFIGS["medium"]
