@@ -41,6 +41,27 @@ def interleaved_times(fns: dict, rounds: int, per_round: int, warmup: int = 3) -
     return times
 
 
+def cuda_events_us(fn, iters: int = 200, warmup: int = 20, reps: int = 3, reduce: str = "min") -> float:
+    """Microseconds per call of ``fn()`` issued back to back, from CUDA events around ``iters`` calls (launches
+    overlap, as in a serving loop); ``reps`` such batches reduced by "min" or "median"."""
+    import numpy as np
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / iters)
+    return float(min(times) if reduce == "min" else np.median(times))
+
+
 def cuda_median_ms(fn, repeat: int, warmup: int) -> float:
     """Median wall-clock ms of ``fn()`` on the GPU: synchronized after every call, so queued work is counted."""
     import numpy as np

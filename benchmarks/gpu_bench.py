@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
-from benchtools import MINILM_CONFIG, cuda_median_ms, minilm_arch  # noqa: E402
+from benchtools import MINILM_CONFIG, cuda_events_us, cuda_median_ms, minilm_arch  # noqa: E402
 
 SEQ = 128
 SHARED_PARAMS = "minilm_fp16.params.bin"  # older indexes: one params file for every MiniLM artifact
@@ -332,22 +332,7 @@ def save_index(out, index, only):
 # ----------------------------------------------------------------------------------------------------------------
 # GPU machine
 # ----------------------------------------------------------------------------------------------------------------
-def _events_us(fn, iters=200, warmup=20):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(3):
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / iters)
-    return best
+_events_us = cuda_events_us  # min of 3 batches of 200 back-to-back calls
 
 
 def _wall_ms(fn, repeat=200, warmup=20):

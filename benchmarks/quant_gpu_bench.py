@@ -39,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # models.py (the MLP)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools (the MiniLM architecture)
+from benchtools import cuda_events_us  # noqa: E402
 
 N, K = 4096, 11008  # issue 4: "INT4 weight-only GEMV 4096x11008": 4096 outputs, K = 11008 (an LLM down-projection)
 SEED = 0
@@ -183,22 +184,8 @@ def _cos_rows(a, b):
 # ----------------------------------------------------------------------------------------------------------------
 # GPU machine
 # ----------------------------------------------------------------------------------------------------------------
-def _events_us(fn, iters=200, warmup=20, reps=5):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / iters)
-    return float(np.median(times))
+def _events_us(fn, iters=200, warmup=20):
+    return cuda_events_us(fn, iters=iters, warmup=warmup, reps=5, reduce="median")
 
 
 def _graph_us(calls, reps=5):

@@ -30,6 +30,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
+from benchtools import cuda_events_us  # noqa: E402
 
 # (out features N, in features K): y[1, N] = x[1, K] @ W[N, K].T — gpu_bench.py's names
 SHAPES = {"4096x11008": (4096, 11008), "4096x4096": (4096, 4096)}
@@ -77,22 +79,7 @@ def prepare(a):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def _events_us(fn, iters=200, warmup=20):
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(3):
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / iters)
-    return best
+_events_us = cuda_events_us  # min of 3 batches of 200 back-to-back calls
 
 
 def _graph_us(calls, iters=200, use_tvm_stream=False):
