@@ -62,6 +62,28 @@ def cuda_events_us(fn, iters: int = 200, warmup: int = 20, reps: int = 3, reduce
     return float(min(times) if reduce == "min" else np.median(times))
 
 
+def cuda_kernel_times(fn, calls: int = 20, warmup: int = 1) -> list[tuple[str, float, float]]:
+    """GPU time per kernel name over ``calls`` calls of ``fn()`` (torch.profiler's CUDA activities: CUPTI sees TVM's
+    kernels too): ``(name[:80], launches per call, us per call)``, largest time first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            key = ev.name[:80]
+            n, t = per.get(key, (0, 0.0))
+            per[key] = (n + 1, t + ev.time_range.elapsed_us())
+    return sorted(((k, n / calls, t / calls) for k, (n, t) in per.items()), key=lambda r: -r[2])
+
+
 def cuda_median_ms(fn, repeat: int, warmup: int) -> float:
     """Median wall-clock ms of ``fn()`` on the GPU: synchronized after every call, so queued work is counted."""
     import numpy as np

@@ -44,7 +44,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
-from benchtools import MINILM_CONFIG, cuda_median_ms, minilm_arch  # noqa: E402
+from benchtools import MINILM_CONFIG, cuda_kernel_times, cuda_median_ms, minilm_arch  # noqa: E402
 
 HEADS, DH, ATT_SEQ = 12, 64, 2048
 MINILM_SEQ = 128
@@ -534,26 +534,10 @@ def run(a):
 
 
 def profile_kernels(fn, iters=20):
-    """GPU time per kernel name over ``iters`` calls (torch.profiler/CUPTI sees TVM's kernels too), sorted; us."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    per = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            name = ev.name[:80]
-            t, n = per.get(name, (0.0, 0))
-            per[name] = (t + ev.device_time, n + 1)
-    rows = sorted(((k, t / iters, n // iters) for k, (t, n) in per.items()), key=lambda r: -r[1])
-    return {"total_us": sum(r[1] for r in rows), "kernels": [{"name": k, "us_per_call": round(t, 2), "launches": n}
-                                                            for k, t, n in rows[:30]]}
+    """GPU time per kernel name over ``iters`` calls (benchtools.cuda_kernel_times), sorted; us."""
+    rows = cuda_kernel_times(fn, calls=iters, warmup=5)
+    return {"total_us": sum(r[2] for r in rows), "kernels": [{"name": k, "us_per_call": round(t, 2), "launches": int(n)}
+                                                            for k, n, t in rows[:30]]}
 
 
 def main():

@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
-from benchtools import MINILM_CONFIG, cuda_events_us, cuda_median_ms, minilm_arch  # noqa: E402
+from benchtools import MINILM_CONFIG, cuda_events_us, cuda_kernel_times, cuda_median_ms, minilm_arch  # noqa: E402
 
 SEQ = 128
 SHARED_PARAMS = "minilm_fp16.params.bin"  # older indexes: one params file for every MiniLM artifact
@@ -398,23 +398,8 @@ def run_kernels(d, index, results):
 
 
 def _kernel_profile(fn, calls=20):
-    """GPU time per call of each kernel name (us; torch.profiler's CUDA activities), largest first."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    per = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            key = ev.name[:80]
-            n, t = per.get(key, (0, 0.0))
-            per[key] = (n + 1, t + ev.time_range.elapsed_us())
-    rows = sorted(((k, n / calls, t / calls) for k, (n, t) in per.items()), key=lambda r: -r[2])
+    """GPU time per call of each kernel name (us), largest first (benchtools.cuda_kernel_times)."""
+    rows = cuda_kernel_times(fn, calls=calls, warmup=1)
     return {"total_us": round(sum(r[2] for r in rows), 1),
             "kernels": [{"name": k, "launches": round(n, 1), "us": round(t, 1)} for k, n, t in rows[:30]]}
 
