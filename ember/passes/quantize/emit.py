@@ -162,8 +162,12 @@ class Emitter:
         flat = bb.emit(relax.op.reshape(ids, [t]))
         idx_dtype = str(sinfo(ids).dtype)
         args = [flat] + [self._param(f"{site.name}.{k}", a) for k, a in arrays.items()]
-        key = ("ember_wo_gather", bits, site.n, site.k, group, int(sym), idx_dtype)
-        gv = self._func(bb, key, lambda: kernels.embedding_gather(site.n, site.k, bits, group, sym, idx_dtype,
-                                                                  self.target))
+        gv = self._gather_func(bb, site, bits, group, sym, idx_dtype)
         y = bb.emit(relax.call_tir(gv, args, relax.TensorType([t, site.k], "float32")))
         return bb.emit(relax.op.reshape(y, ids_shape + [site.k]))
+
+    def _gather_func(self, bb, site, bits, group, sym, idx_dtype):
+        """The decode-and-gather kernel of a quantized embedding table (GPU targets have their own)."""
+        key = ("ember_wo_gather", bits, site.n, site.k, group, int(sym), idx_dtype)
+        return self._func(bb, key, lambda: kernels.embedding_gather(site.n, site.k, bits, group, sym, idx_dtype,
+                                                                    self.target))

@@ -282,26 +282,16 @@ class GpuEmitter(Emitter):
         return y
 
     def _embedding(self, bb, site, ids, plan):
-        bits, group, sym = plan["bits"], plan["group"], plan["symmetric"]
-        table = np.asarray(self.imported.params[site.weight_index], np.float32)
         if not (isinstance(site.x, relax.Var) and site.x in self._from_inputs):
             # ids known at compile time (position / token-type ids): ember lifts weight-only computations into the
             # weight transform that runs once on the build machine's CPU, where a GPU kernel cannot run; the
             # lookup stays a plain take of the fp32 table (computed once there), and the report shows no error.
-            self.dequantized[site.name] = table
+            self.dequantized[site.name] = np.asarray(self.imported.params[site.weight_index], np.float32)
             func = self.imported.mod["main"]
             weight = func.params[int(func.attrs["num_input"]) + site.weight_index]
             return bb.emit(relax.op.take(weight, ids, axis=0))
-        arrays, deq = qmath.embedding_pack(table, bits, group, sym)
-        self.dequantized[site.name] = deq
-        ids_shape = list(sinfo(ids).shape.values)
-        t = ids_shape[0]
-        for d in ids_shape[1:]:
-            t = t * d
-        flat = bb.emit(relax.op.reshape(ids, [t]))
-        idx_dtype = str(sinfo(ids).dtype)
-        args = [flat] + [self._param(f"{site.name}.{k}", a) for k, a in arrays.items()]
+        return super()._embedding(bb, site, ids, plan)
+
+    def _gather_func(self, bb, site, bits, group, sym, idx_dtype):
         key = ("ember_gpu_wo_gather", bits, site.n, site.k, group, int(sym), idx_dtype)
-        gv = self._func(bb, key, lambda: embedding_gather(site.n, site.k, bits, group, sym, idx_dtype))
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([t, site.k], "float32")))
-        return bb.emit(relax.op.reshape(y, ids_shape + [site.k]))
+        return self._func(bb, key, lambda: embedding_gather(site.n, site.k, bits, group, sym, idx_dtype))
