@@ -92,6 +92,10 @@ def _transform_params(mod, params):
     out = vm[TRANSFORM_PARAMS](dev_params)
     new_params = [out[i] for i in range(len(out))] if not hasattr(out, "numpy") else [out]
     main_only = tvm.IRModule({gv: f for gv, f in funcs.items() if gv.name_hint != TRANSFORM_PARAMS})
+    # Precomputed weights that repeat along an axis (a broadcast constant) are stored once (passes.shrink_params).
+    from ..passes.shrink_params import shrink_repeated_params
+
+    main_only, new_params, _ = shrink_repeated_params(main_only, new_params)
     return main_only, new_params
 
 
