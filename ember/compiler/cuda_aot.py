@@ -49,6 +49,7 @@ import threading
 from dataclasses import dataclass, field
 
 from ..errors import ArtifactError, TargetError
+from .targets import gpu_arch
 
 SIDECAR = "libtvm_runtime_cuda.so"
 DRIVER_SONAME = "libcuda.so.1"
@@ -306,12 +307,7 @@ def is_cuda_target(target) -> bool:
 
 
 def cuda_arch(target, name: str | None = None) -> str:
-    arch = str(target.attrs.get("arch", "") or "")
-    if not re.fullmatch(r"sm_\d+[a-z]?", arch):
-        raise TargetError(f"CUDA target {name or target} names no GPU architecture; ember compiles CUDA ahead of "
-                          "time and must know it: use a named target (cuda-sm80, cuda-sm89, cuda-sm90) or put "
-                          "\"arch\": \"sm_XX\" in the target dict")
-    return arch
+    return gpu_arch(target, "arch", r"sm_\d+[a-z]?", "CUDA", "cuda-sm80, cuda-sm89, cuda-sm90", name)
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 from ..errors import ArtifactError, TargetError
 from .cuda_aot import _elf_sections, _elf_symbols, _tvm_modules
+from .targets import gpu_arch
 
 EM_AMDGPU = 224
 # EI_ABIVERSION of an AMDHSA object -> code object version.
@@ -121,12 +122,7 @@ def is_rocm_target(target) -> bool:
 
 
 def rocm_arch(target, name: str | None = None) -> str:
-    arch = str(target.attrs.get("mcpu", "") or "")
-    if not re.fullmatch(r"gfx[0-9a-f]+", arch):
-        raise TargetError(f"ROCm target {name or target} names no GPU architecture; ember compiles ROCm ahead of "
-                          "time and must know it: use a named target (rocm-gfx90a, rocm-gfx942) or put "
-                          "\"mcpu\": \"gfxNNN\" in the target dict")
-    return arch
+    return gpu_arch(target, "mcpu", r"gfx[0-9a-f]+", "ROCm", "rocm-gfx90a, rocm-gfx942", name)
 
 
 def plan(target, name: str | None = None) -> RocmBuild:

@@ -14,6 +14,7 @@ the library.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from ..errors import TargetError
@@ -173,3 +174,16 @@ def target_os(target) -> str:
     if "windows" in triple or "msvc" in triple:
         return "windows"
     return "linux"
+
+
+def gpu_arch(target, attr: str, pattern: str, kind: str, named: str, name: str | None = None) -> str:
+    """The GPU architecture a target names in ``attr`` (matching ``pattern``), or a TargetError.
+
+    ember compiles device code ahead of time, so it must know the architecture; ``named`` lists the named targets
+    that carry one (for the message)."""
+    arch = str(target.attrs.get(attr, "") or "")
+    if not re.fullmatch(pattern, arch):
+        raise TargetError(f"{kind} target {name or target} names no GPU architecture; ember compiles {kind} ahead "
+                          f"of time and must know it: use a named target ({named}) or put \"{attr}\": "
+                          f"\"{'sm_XX' if attr == 'arch' else 'gfxNNN'}\" in the target dict")
+    return arch
