@@ -104,14 +104,22 @@ def dense_panel_width(target, m, n: int, dtype: str = "float32") -> int:
 
 
 def layout_pass(target, *, nhwc: bool = True, pack_dense: bool | None = None,
-                pack_conv: bool | None = None) -> tvm.transform.Pass:
+                pack_conv: bool | None = None, winograd: bool | None = None) -> tvm.transform.Pass:
     """The layout passes for ``target``: the rewrites chosen on CPUs, the identity elsewhere.
-    ``pack_dense`` / ``pack_conv`` default to the module switches PACK_DENSE / PACK_CONV."""
+    ``pack_dense`` / ``pack_conv`` default to the module switches PACK_DENSE / PACK_CONV; ``winograd`` (3x3
+    stride-1 convs as Winograd F(m x m, 3 x 3), ember.passes.winograd; needs ``nhwc``) to
+    ``ember.passes.winograd.enabled()`` (off with EMBER_WINOGRAD=0)."""
     if target is None or not is_cpu(target):
         return tvm.transform.Sequential([], name="ember.layout(identity)")
+    from . import winograd as _winograd  # pylint: disable=import-outside-toplevel  (it imports this module)
+
     pack_dense = PACK_DENSE if pack_dense is None else pack_dense
     pack_conv = PACK_CONV if pack_conv is None else pack_conv
+    winograd = _winograd.enabled() if winograd is None else winograd
     passes = [conv_to_nhwc()] if nhwc else []
+    if nhwc and winograd:
+        # before PackWeights: the convs it rewrites are no longer conv2d ops there; the others get packed
+        passes.append(_winograd.Winograd(target))
     if pack_dense or pack_conv:
         passes.append(PackWeights(target, dense=pack_dense, conv=pack_conv))
     return tvm.transform.Sequential(passes, name="ember.layout")
@@ -169,6 +177,57 @@ def _static_int(e):
     return int(e.value) if isinstance(e, tirx.IntImm) else None
 
 
+def from_weight(mutator, expr, weights, depth=0) -> bool:
+    """Whether ``expr`` is computed from weights and constants alone (a weight, its transpose, a weight with
+    BatchNorm folded in, ...): then its re-layout is lifted to compile time with the rest. ``mutator``: the
+    PyExprMutator visiting the function (for its bindings); ``weights``: the function's weight parameters."""
+    if depth > 32:
+        return False
+    if isinstance(expr, _LEAF_CONSTANTS):
+        return True
+    if isinstance(expr, relax.Var):
+        if any(expr.same_as(w) for w in weights):
+            return True
+        bound = mutator.lookup_binding(expr)
+        return bound is not None and from_weight(mutator, bound, weights, depth + 1)
+    if isinstance(expr, relax.Tuple):
+        return all(from_weight(mutator, f, weights, depth + 1) for f in expr.fields)
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return bool(expr.args) and all(from_weight(mutator, a, weights, depth + 1) for a in expr.args)
+    return False
+
+
+def emit_te_kernel(builder, kernels: dict, key, te_func, args, te_args, out_shape, out_dtype, name,
+                   op_pattern: int = _OUT_EWISE_FUSABLE):
+    """call_tir of ``te_func(*placeholders of args, *te_args)``: one PrimFunc per distinct ``key`` (shape), kept
+    in ``kernels``, marked with ``op_pattern`` (default: output-elementwise-fusable, like a matmul)."""
+    # Symbolic dims (a dynamic batch: ``x`` is ``(batch * 16, 64)``) that no buffer dim binds by itself reach
+    # the kernel as scalar arguments after the tensors, the form LegalizeOps gives TVM's own kernels and
+    # FuseTIR understands; every call site passes them (``key`` holds the argument shapes, so a reused
+    # kernel always sees the same symbolic vars).
+    free = []
+    for a in args:
+        for d in a.ty.shape.values:
+            if isinstance(d, tirx.Var):
+                continue  # bound by the buffer itself
+            for v in tirx.analysis.undefined_vars(d, []):
+                if not any(v.same_as(f) for f in free):
+                    free.append(v)
+    gv = kernels.get(key)
+    if gv is None:
+        holders = [te.placeholder(list(a.ty.shape.values), str(a.ty.dtype), name=f"arg{i}")
+                   for i, a in enumerate(args)]
+        out = te_func(*holders, *te_args)
+        prim = te.create_prim_func([*holders, *free, out], index_dtype_override="int64")
+        # private (no global_symbol), like call_te's kernels: once FuseTIR has merged it into its fused
+        # kernel, dead-code elimination drops it instead of compiling an unused public copy
+        prim = prim.without_attr("global_symbol")
+        # the op pattern FuseOps sees (AnnotateTIROpPattern keeps an existing op_pattern)
+        gv = builder.add_func(prim.with_attr("op_pattern", op_pattern), name)
+        kernels[key] = gv
+    return relax.call_tir(gv, [*args, *(relax.prim_value(v) for v in free)], relax.TensorType(out_shape, out_dtype))
+
+
 @mutator
 class _PackWeights(PyExprMutator):
     def __init__(self, mod, nr_of, dense=True, conv=True):
@@ -185,52 +244,11 @@ class _PackWeights(PyExprMutator):
             self.weights = {p for p in list(func.params)[int(num_input):]}
         return super().visit_function_(func)
 
-    def _from_weight(self, expr, depth=0) -> bool:
-        """Whether ``expr`` is computed from weights and constants alone (a weight, its transpose, a weight with
-        BatchNorm folded in, ...): then its re-layout is lifted to compile time with the rest."""
-        if depth > 32:
-            return False
-        if isinstance(expr, _LEAF_CONSTANTS):
-            return True
-        if isinstance(expr, relax.Var):
-            if any(expr.same_as(w) for w in self.weights):
-                return True
-            bound = self.lookup_binding(expr)
-            return bound is not None and self._from_weight(bound, depth + 1)
-        if isinstance(expr, relax.Tuple):
-            return all(self._from_weight(f, depth + 1) for f in expr.fields)
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-            return bool(expr.args) and all(self._from_weight(a, depth + 1) for a in expr.args)
-        return False
+    def _from_weight(self, expr) -> bool:
+        return from_weight(self, expr, self.weights)
 
     def _emit_kernel(self, key, te_func, args, te_args, out_shape, out_dtype, name):
-        """call_tir of ``te_func``: one PrimFunc per distinct ``key`` (shape), marked output-elementwise-fusable."""
-        # Symbolic dims (a dynamic batch: ``x`` is ``(batch * 16, 64)``) that no buffer dim binds by itself reach
-        # the kernel as scalar arguments after the tensors, the form LegalizeOps gives TVM's own kernels and
-        # FuseTIR understands; every call site passes them (``key`` holds the argument shapes, so a reused
-        # kernel always sees the same symbolic vars).
-        free = []
-        for a in args:
-            for d in a.ty.shape.values:
-                if isinstance(d, tirx.Var):
-                    continue  # bound by the buffer itself
-                for v in tirx.analysis.undefined_vars(d, []):
-                    if not any(v.same_as(f) for f in free):
-                        free.append(v)
-        gv = self.kernels.get(key)
-        if gv is None:
-            holders = [te.placeholder(list(a.ty.shape.values), str(a.ty.dtype), name=f"arg{i}")
-                       for i, a in enumerate(args)]
-            out = te_func(*holders, *te_args)
-            prim = te.create_prim_func([*holders, *free, out], index_dtype_override="int64")
-            # private (no global_symbol), like call_te's kernels: once FuseTIR has merged it into its fused
-            # kernel, dead-code elimination drops it instead of compiling an unused public copy
-            prim = prim.without_attr("global_symbol")
-            # mark it like a matmul/conv for FuseOps (AnnotateTIROpPattern keeps an existing op_pattern)
-            gv = self.builder_.add_func(prim.with_attr("op_pattern", _OUT_EWISE_FUSABLE), name)
-            self.kernels[key] = gv
-        return relax.call_tir(gv, [*args, *(relax.prim_value(v) for v in free)],
-                              relax.TensorType(out_shape, out_dtype))
+        return emit_te_kernel(self.builder_, self.kernels, key, te_func, args, te_args, out_shape, out_dtype, name)
 
     def visit_call_(self, call):
         call = super().visit_call_(call)

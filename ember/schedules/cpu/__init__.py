@@ -7,10 +7,11 @@ from .elementwise import Elementwise
 from .fallback import Fallback
 from .matmul import Matmul
 from .reduction import RowReduction
+from .winograd import WinogradTransform
 
 
 def rules():
-    return [Matmul(), Elementwise(), RowReduction(), Fallback()]
+    return [WinogradTransform(), Matmul(), Elementwise(), RowReduction(), Fallback()]
 
 
-__all__ = ["Matmul", "Elementwise", "RowReduction", "Fallback", "rules"]
+__all__ = ["WinogradTransform", "Matmul", "Elementwise", "RowReduction", "Fallback", "rules"]
