@@ -101,6 +101,32 @@ def policy_tensor_core(policy):
     return swapped()
 
 
+# Model variants with one of ember's GPU fusions turned off (prepare --variants), for before/after runs in the same
+# call: "castfusion_off" = no fp16 layer norm outputs (ember.passes.half_norm), no fusion through casts, no RowNorm
+# rule (ember as before issue 7's elementwise work); "rownorm_off" = the fusions on, layer norms on dlight's rule.
+VARIANTS = ("castfusion_off", "rownorm_off")
+
+
+def variant_context(variant):
+    import contextlib
+
+    import ember.schedules as schedules
+    from ember.passes import fusion
+
+    @contextlib.contextmanager
+    def swapped():
+        saved_passes, saved_rules = fusion.fusion_passes, schedules.gpu_rules
+        if variant == "castfusion_off":
+            fusion.fusion_passes = lambda t: [fusion.FuseAttention(t), fusion.FuseEpilogues()]
+        schedules.gpu_rules = lambda: [r for r in saved_rules() if type(r).__name__ != "RowNorm"]
+        try:
+            yield
+        finally:
+            fusion.fusion_passes, schedules.gpu_rules = saved_passes, saved_rules
+
+    return swapped()
+
+
 def tile_rule(spec):
     """"tiny_s2" -> TensorCoreMatmul(tiny tiles, split-K 2)."""
     from ember.schedules.gpu.tensor_core import CONFIGS, TensorCoreMatmul
@@ -287,6 +313,15 @@ def prepare(a):
                 os.remove(os.path.join(a.out, base_name, "params.bin"))  # the same weights as `name`'s
                 index["models"][base_name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": base_name,
                                               "params": None, "baseline": a.baseline_rev}
+            for variant in (a.variants.split(",") if a.variants and graph else []):
+                with variant_context(variant):
+                    var = ember.compile(model, args, target=a.target, precision="fp16", cuda_graph=graph)
+                var_name = f"{name}_{variant}"
+                var.export(os.path.join(a.out, var_name), overwrite=True)
+                os.remove(os.path.join(a.out, var_name, "params.bin"))
+                index["models"][var_name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": var_name,
+                                             "params": None, "baseline": variant,
+                                             "launches": var.manifest["kernels"]["ember"]["launches"]}
             for policy in (a.policies.split(",") if a.policies and graph else []):
                 with policy_tensor_core(policy):
                     var = ember.compile(model, args, target=a.target, precision="fp16", cuda_graph=graph)
@@ -310,7 +345,7 @@ def prepare(a):
                 shutil.move(os.path.join(art, "params.bin"), os.path.join(a.out, shared))
             np.savez(os.path.join(a.out, name + ".inputs.npz"), *[t.numpy() for t in args])
             index["models"][name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": name,
-                                     "params": shared}
+                                     "params": shared, "launches": cm.manifest["kernels"]["ember"]["launches"]}
             for other in index["models"].values():
                 if other["params"] is None and other["dir"].startswith(name + "_"):
                     other["params"] = shared
@@ -424,7 +459,8 @@ def run_models(d, index, results, compile_torch, deadline, modes=("max-autotune-
                 shutil.copyfileobj(src, dst)
         model, args = minilm(info["batch"])
         t_args = [a.cuda() for a in args]
-        row = {"model": name, "batch": info["batch"], "seq": info["seq"], "cuda_graph": info["cuda_graph"]}
+        row = {"model": name, "batch": info["batch"], "seq": info["seq"], "cuda_graph": info["cuda_graph"],
+               "launches": info.get("launches")}
         try:
             model32 = model.cuda().float()
             half = copy.deepcopy(model32).half()
@@ -446,7 +482,7 @@ def run_models(d, index, results, compile_torch, deadline, modes=("max-autotune-
             tol = max(4 * row["torch_fp16_max_err"], 1e-2 * row["scale"])
             row["ember_ok"] = bool(row["ember_max_err"] <= tol and row["ember_max_err_second_input"] <= tol)
             row["ember_ms"] = m.benchmark(*t_args, repeat=200).median_ms
-            if profile and not info.get("baseline"):
+            if profile:  # before/after variants too: where their GPU time goes is the point of comparing them
                 row["ember_profile_us"] = _kernel_profile(lambda: m(*t_args))
             if info.get("baseline"):  # an earlier ember (before/after): the peers are timed with the current one
                 row["baseline_rev"] = info["baseline"]
@@ -578,6 +614,7 @@ def main():
     p.add_argument("--only", default="", help="comma-separated kernel/model names (default: all)")
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--gzip-params", action="store_true", help="store the shared params files gzip'ed")
+    p.add_argument("--variants", default="", help=f"also compile each model with one fusion off: {VARIANTS}")
     p.add_argument("--policies", default="", help="also compile each model with these POLICIES (tile choices)")
     p.add_argument("--baseline-rev", default="", help="linear kernels: also build the tensor-core rule of this "
                                                        "git revision (before/after)")

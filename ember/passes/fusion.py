@@ -617,8 +617,14 @@ def _view(x):
     return is_op("relax.reshape")(x, wildcard())
 
 
-def epilogue_patterns() -> list:
-    """(name, pattern, annotations, check) tuples for FuseOpsByPattern, longest chains first."""
+def epilogue_patterns(casts: bool = False) -> list:
+    """(name, pattern, annotations, check) tuples for FuseOpsByPattern, longest chains first.
+
+    ``casts`` (GPU targets): also match through float casts, as ``precision="fp16"`` leaves them: a matmul
+    accumulating in fp32 then cast to fp16 (``astype(matmul(...), "float16") + bias -> gelu``: the GELU joins
+    the GEMM's epilogue), and add + layer norm whose operands are cast up to fp32 and whose output is cast to
+    fp16 (ember.passes.half_norm): one kernel reading and writing fp16, computing in fp32. Off for CPU targets,
+    whose rules were not written for those kernels."""
     # ember.passes.layout (CPU) has already turned weight matmuls/convs into call_tir of packed-weight kernels
     # (``packed_dense``, ``packed_conv2d_nhwc``): those are matmul/conv cores too.
     packed = is_op("relax.call_tir")(GlobalVarPattern(), wildcard())
@@ -629,6 +635,9 @@ def epilogue_patterns() -> list:
     }
     stages = [("bias", lambda x: _add(x, wildcard())), ("view", _view), ("act", _activation), ("view", _view),
               ("residual", lambda x: _add(x, wildcard())), ("view", _view)]
+    if casts:
+        for core_name, core in list(cores.items()):
+            cores[f"{core_name}_cast"] = is_op("relax.astype")(core)
     out = []
     for core_name, core in cores.items():
         combos = []
@@ -647,6 +656,18 @@ def epilogue_patterns() -> list:
                     p = make(p)
             label = "_".join([core_name] + [n for n in names if n != "view"])
             out.append((f"ember.{label}", p, {"core": core}, _epilogue_check))
+    if casts:
+        def operand():  # one pattern object per operand: DPL binds a pattern object reused twice to one value
+            return is_op("relax.astype")(wildcard()) | wildcard()
+
+        norm_x = is_op("relax.add")(operand(), operand())
+        layer_norm = is_op("relax.nn.layer_norm")(norm_x, wildcard(), wildcard())
+        rms_norm = is_op("relax.nn.rms_norm")(norm_x, wildcard())
+        out.append(("ember.add_layer_norm_cast", is_op("relax.astype")(layer_norm), {}, _float_casts_inside))
+        out.append(("ember.add_rms_norm_cast", is_op("relax.astype")(rms_norm), {}, _float_casts_inside))
+        out.append(("ember.add_layer_norm", layer_norm, {}, _float_casts_inside))
+        out.append(("ember.add_rms_norm", rms_norm, {}, _float_casts_inside))
+        return out
     norm_x = is_op("relax.add")(wildcard(), wildcard())
     out.append(("ember.add_layer_norm", is_op("relax.nn.layer_norm")(norm_x, wildcard(), wildcard()), {},
                 _only_used_inside))
@@ -672,8 +693,17 @@ def _symbolic_view(expr) -> bool:
     return any(not isinstance(v, tvm.tirx.IntImm) for v in values)
 
 
+def _float_cast(expr) -> bool:
+    """A cast between float types (the ones precision="fp16" adds), not an int <-> float conversion."""
+    return _op_name(expr) != "relax.astype" or (_is_float(expr) and _is_float(expr.args[0]))
+
+
+def _float_casts_inside(ctx) -> bool:
+    return all(_float_cast(e) for e in ctx.matched_bindings.values()) and _only_used_inside(ctx)
+
+
 def _epilogue_check(ctx) -> bool:
-    if any(_symbolic_view(e) for e in ctx.matched_bindings.values()):
+    if any(_symbolic_view(e) or not _float_cast(e) for e in ctx.matched_bindings.values()):
         return False
     core = ctx.annotated_expr.get("core") if hasattr(ctx.annotated_expr, "get") else None
     if core is not None and _op_name(core) == "relax.call_tir":
@@ -698,11 +728,19 @@ def _only_used_inside(ctx) -> bool:
     return True
 
 
-def FuseEpilogues() -> tvm.transform.Pass:  # pylint: disable=invalid-name
-    """Group matmul/conv epilogues and residual+norm into primitive functions (see module doc)."""
-    return relax.transform.FuseOpsByPattern(epilogue_patterns(), bind_constants=False, annotate_codegen=False)
+def FuseEpilogues(casts: bool = False) -> tvm.transform.Pass:  # pylint: disable=invalid-name
+    """Group matmul/conv epilogues and residual+norm into primitive functions (see module doc);
+    ``casts``: through float casts too (GPU targets, see ``epilogue_patterns``)."""
+    return relax.transform.FuseOpsByPattern(epilogue_patterns(casts), bind_constants=False,
+                                            annotate_codegen=False)
 
 
 def fusion_passes(target: tvm.target.Target) -> list:
-    """ember's fusion, in order, for ``lower(target)``: to run right before ``LegalizeOps``."""
+    """ember's fusion, in order, for ``lower(target)``: to run right before ``LegalizeOps``. GPU targets first
+    store fp16-rounded layer norm outputs in fp16 (ember.passes.half_norm) so that no cast kernels remain around
+    the norms, and fuse through float casts."""
+    if target.kind.name in _GPU_KINDS:
+        from .half_norm import HalfNormOutputs  # pylint: disable=import-outside-toplevel
+
+        return [HalfNormOutputs(), FuseAttention(target), FuseEpilogues(casts=True)]
     return [FuseAttention(target), FuseEpilogues()]

@@ -34,8 +34,10 @@ def gpu_rules():
     # ember's own first where dlight is weak (ember.schedules.gpu): decode-shaped GEMV (batch 1..8, any weight
     # layout) and fp16 GEMMs on tensor cores (dlight's own check never reaches them for sm_90a); then dlight.
     from .gpu import GEMV, TensorCoreMatmul  # pylint: disable=import-outside-toplevel
+    from .gpu.hopper_gemm import HopperGemm  # pylint: disable=import-outside-toplevel  # wgmma, sm_90a only
+    from .gpu.row_norm import RowNorm  # pylint: disable=import-outside-toplevel  # warp-per-row layer norms (CUDA)
 
-    return [GEMV(), TensorCoreMatmul(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+    return [GEMV(), HopperGemm(), TensorCoreMatmul(), RowNorm(), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
             dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
