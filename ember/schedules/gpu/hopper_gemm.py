@@ -1,0 +1,428 @@
+"""fp16 GEMMs on Hopper's warpgroup tensor cores (``wgmma``, sm_90a), fed by the TMA copy engine.
+
+Why: the WMMA rule (:mod:`.tensor_core`) issues legacy ``mma.sync`` through register fragments, which tops out
+near 37% of cuBLAS on an H100 (BENCHMARKS.md, "GEMM 4096³"). Hopper's fast path is ``wgmma.mma_async``: a
+warpgroup (4 warps) multiplies a 64 x N x 16 tile whose operands the tensor cores read straight from shared
+memory through 64-bit matrix descriptors, while the Tensor Memory Accelerator copies the next tiles in.
+
+The kernel (one thread block per ``BM x BN`` tile of C, ``BM = 64 * consumers``)::
+
+    warpgroup 0 (producer; one elected thread)        warpgroups 1..consumers (each 64 rows of the tile)
+    for kt in K / 64:                                 acc[64 x BN] = 0 (fp32, registers)
+      s = kt % STAGES                                 for kt in K / 64:
+      wait empty[s] (stage free again)                  wait full[s]
+      TMA A[m0:m0+BM, kt*64:+64]   -> smem A[s]         4 x wgmma m64n{BN}k16 (A, B from smem descriptors)
+      TMA B tile (see layouts)     -> smem B[s]         commit; wait for the group; arrive empty[s]
+      (both complete on full[s]: expect-tx bytes)     epilogue: acc -> (cast, fused ops) -> C, straight from
+                                                        the accumulator fragment (row g / g+8, 2 columns)
+
+Shared tiles use the 128-byte swizzle that TMA writes and the wgmma descriptors read (rows of 64 halves). Layouts:
+
+* A ``[M, K]`` row-major: K-major tiles ``[BM][64]``.
+* W ``[N, K]`` ("nt", nn.Linear's layout): K-major ``[BN][64]``, like A (``trans-b = 0``).
+* W ``[K, N]`` ("nn", how ember stores linear weights): the tile stays N-major: ``BN / 64`` TMA boxes of
+  ``[64 K rows][64 N]`` side by side; the descriptor walks N in 64-wide swizzle atoms (``trans-b = 1``).
+
+TMA zero-fills reads outside the tensor, so M, N and K need not divide the tile (stores are guarded); the
+tensor maps need 16-byte row strides (K and, for "nn", N multiples of 8).
+
+Registers: a consumer holds ``BN / 2`` fp32 accumulators; the producer gives registers back (``setmaxnreg``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import tvm
+
+BK = 64  # one 128-byte swizzle row of fp16
+WGMMA_K = 16
+
+
+@dataclass(frozen=True)
+class HopperConfig:
+    consumers: int = 2  # consumer warpgroups; BM = 64 * consumers
+    bn: int = 256
+    stages: int = 4
+    raise_regs: bool = True  # setmaxnreg: producer down to 40, consumers up to 232 (H100: 632 vs 603 TFLOP/s)
+
+    @property
+    def bm(self) -> int:
+        return 64 * self.consumers
+
+    @property
+    def threads(self) -> int:
+        return 128 * (self.consumers + 1)
+
+    def smem_bytes(self) -> int:
+        return self.stages * (self.bm + self.bn) * BK * 2
+
+
+SMEM_LIMIT = 227 * 1024  # H100 opt-in dynamic shared memory per block
+
+
+def _tensor_map(name: str, buf: str, inner: int, outer: int, box_inner: int, box_outer: int) -> str:
+    """Host code: a 2-D tensor map (fp16, 128-byte swizzle, zero fill out of bounds) over ``buf``."""
+    return (f"    {name}: T.let[T.handle(\"tensormap\")] = T.tvm_stack_alloca(\"tensormap\", 1)\n"
+            f"    T.call_packed(\"runtime.cuTensorMapEncodeTiled\", {name}, \"float16\", 2, {buf}.data, {inner}, "
+            f"{outer}, {inner * 2}, {box_inner}, {box_outer}, 1, 1, 0, 3, 2, 0)\n")
+
+
+def wgmma_gemm(m: int, n: int, k: int, layout: str, out_dtype: str = "float16",
+               cfg: HopperConfig = HopperConfig()) -> tvm.tirx.PrimFunc:
+    """``C[m, n] = sum_k A[m, k] * W`` with W ``[n, k]`` (layout "nt") or ``[k, n]`` ("nn"); fp32 accumulation,
+    C in ``out_dtype`` (float16 or float32). See the module doc."""
+    w_shape = f"({n}, {k})" if layout == "nt" else f"({k}, {n})"
+    sig = (f"A: T.Buffer(({m}, {k}), \"float16\"), B: T.Buffer({w_shape}, \"float16\"), "
+           f"C: T.Buffer(({m}, {n}), \"{out_dtype}\")")
+    return _parse(_source(m, n, k, layout, cfg, signature=sig, a_name="A", b_name="B",
+                          reads=f"A[0:{m}, 0:{k}], B[0:{w_shape[1:-1].replace(', ', ', 0:')}]",
+                          writes=f"C[0:{m}, 0:{n}]", store=f"C[EPR, EPC] = T.Cast(\"{out_dtype}\", EPV)"))
+
+
+def _source(m: int, n: int, k: int, layout: str, cfg: HopperConfig, *, signature: str, a_name: str, b_name: str,
+            reads: str, writes: str, store: str, acc_cast: str | None = None) -> str:
+    """TVMScript of the kernel. ``store``: one statement that writes output element (EPR, EPC) from the fp32
+    accumulator value EPV (the epilogue; names replaced here); ``acc_cast``: dtype the accumulator is rounded to
+    before the epilogue sees it (a kernel whose own reduction is fp16)."""
+    if layout not in ("nt", "nn"):
+        raise ValueError(f"layout {layout!r}: 'nt' (W[N, K]) or 'nn' (W[K, N])")
+    bm, bn, S, W = cfg.bm, cfg.bn, cfg.stages, cfg.consumers
+    if bn % 64 or not 64 <= bn <= 256:
+        raise ValueError(f"bn={bn}: a multiple of 64 up to 256")
+    kt = -(-k // BK)
+    tm, tn = -(-m // bm), -(-n // bn)
+    a_elems, b_elems = bm * BK, bn * BK
+    b_base = S * a_elems
+    stage_bytes = (a_elems + b_elems) * 2
+    tma = "T.ptx[\"cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes\"]"
+    host = _tensor_map("A_map", a_name, k, m, BK, bm)
+    if layout == "nt":
+        host += _tensor_map("B_map", b_name, k, n, BK, bn)
+        b_loads = (f"{tma}({_dst(f'{b_base} + s * {b_elems}', b_elems)}, T.address_of(B_map), kt * {BK}, n0, "
+                   f"T.address_of(bars[s]))")
+        # K-major, 128B swizzle: 8-row core groups 1024 bytes apart (SBO); LBO unused (1); +32 bytes per k16.
+        b_desc = f"T.address_of(smem[{b_base} + s * {b_elems} + kk * {WGMMA_K}]), 1, 64, 3"
+        trans_b = 0
+    else:
+        host += _tensor_map("B_map", b_name, n, k, 64, BK)
+        b_loads = "\n".join(
+            f"{tma}({_dst(f'{b_base} + s * {b_elems} + {j * 64 * BK}', 64 * BK)}, T.address_of(B_map), "
+            f"n0 + {j * 64}, kt * {BK}, T.address_of(bars[s]))" for j in range(bn // 64))
+        # N-major, 128B swizzle: atoms of 64 N x 8 K rows (1024 bytes). The leading byte offset is the step
+        # between 64-wide N atoms (one TMA box, 64 * BK halves), the stride byte offset the step between 8-row K
+        # groups (1024 bytes); both in 16-byte units. (The swapped reading was measured wrong on the H100.)
+        lbo, sbo = 64 * BK * 2 // 16, 1024 // 16
+        b_desc = f"T.address_of(smem[{b_base} + s * {b_elems} + kk * {WGMMA_K * 64}]), {lbo}, {sbo}, 3"
+        trans_b = 1
+    a_desc = f"T.address_of(smem[s * {a_elems} + wg * {64 * BK} + kk * {WGMMA_K}]), 1, 64, 3"
+    acc_n = bn // 2
+    accs = ", ".join(f"acc[{i}]" for i in range(acc_n))
+    mma = f"wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.f16.f16"
+    # Accumulator fragment of m64nNk16 (PTX ISA): thread t of the warpgroup holds rows 16 * (t // 32) + t % 32 // 4
+    # (+ 8) and, for each 8-column group i, columns 8 i + 2 (t % 4) (+ 1): acc[4 i + 2 h + e].
+    row = f"(m0 + wg * 64 + tx % 128 // 32 * 16 + tx % 32 // 4 + h * 8)"
+    col = f"(n0 + i * 8 + tx % 4 * 2)"
+    guard = [f"{row} < {m}"] if m % bm else []
+    guard += [f"{col} < {n}"] if n % bn else []
+    val = "acc[i * 4 + h * 2 + e]"
+    if acc_cast:
+        val = f"T.Cast(\"{acc_cast}\", {val})"
+    st = store.replace("EPR", row).replace("EPC", f"({col} + e)").replace("EPV", val)
+    if guard:
+        stores = (f"if {' and '.join(guard)}:\n"
+                  f"                                for e in T.vectorized(2):\n"
+                  f"                                    {st}")
+    else:
+        stores = (f"for e in T.vectorized(2):\n"
+                  f"                                {st}")
+    setreg_p = "T.ptx[\"setmaxnreg.dec.sync.aligned.u32\"](40)" if cfg.raise_regs else "T.evaluate(0)"
+    setreg_c = "T.ptx[\"setmaxnreg.inc.sync.aligned.u32\"](232)" if cfg.raise_regs else "T.evaluate(0)"
+    # Drain this k-tile's wgmma group, then hand its stage back to the producer. (Keeping one group in flight and
+    # releasing the previous stage instead was slower on the H100, 606 vs 632 TFLOP/s at 4096^3.)
+    release = (f"T.ptx.wgmma.wait_group.sync.aligned(0)\n"
+               f"                        if tx % 128 == 0:\n"
+               f"                            T.ptx.mbarrier.arrive.shared.b64(T.address_of(bars[{S} + s]))")
+    src = f"""
+@T.prim_func(s_tir=True)
+def main({signature}):
+    T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
+{host}    for bid in T.thread_binding({tm * tn}, thread="blockIdx.x"):
+        for tx in T.thread_binding({cfg.threads}, thread="threadIdx.x"):
+            with T.sblock("wgmma_gemm"):
+                T.reads({reads})
+                T.writes({writes})
+                smem = T.alloc_buffer(({S * (a_elems + b_elems)},), "float16", scope="shared.dyn", align=1024)
+                bars = T.alloc_buffer(({2 * S},), "uint64", scope="shared", align=8)
+                acc = T.alloc_buffer(({acc_n},), "float32", scope="local")
+                desc_a = T.alloc_buffer((1,), "uint64", scope="local")
+                desc_b = T.alloc_buffer((1,), "uint64", scope="local")
+                m0 = T.meta_var(bid % {tm} * {bm})
+                n0 = T.meta_var(bid // {tm} * {bn})
+                if tx == 0:
+                    for s in T.unroll({S}):
+                        T.ptx.mbarrier.init.shared.b64(T.address_of(bars[s]), T.uint32(1))
+                        T.ptx.mbarrier.init.shared.b64(T.address_of(bars[{S} + s]), T.uint32({W}))
+                    T.ptx.fence.mbarrier_init.release.cluster()
+                T.tvm_storage_sync("shared")
+                if tx < 128:
+                    {setreg_p}
+                    if tx == 0:
+                        for kt in range({kt}):
+                            s = T.meta_var(kt % {S})
+                            if kt >= {S}:
+                                T.cuda.mbarrier_wait(T.address_of(bars[{S} + s]), (kt // {S} + 1) % 2)
+                            T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(bars[s]), T.uint32({stage_bytes}))
+                            {tma}({_dst(f's * {a_elems}', a_elems)}, T.address_of(A_map), kt * {BK}, m0, T.address_of(bars[s]))
+                            {_indent(b_loads, 28)}
+                else:
+                    {setreg_c}
+                    wg = T.meta_var(tx // 128 - 1)
+                    for i in T.unroll({acc_n}):
+                        acc[i] = T.float32(0)
+                    for kt in range({kt}):
+                        s = T.meta_var(kt % {S})
+                        T.cuda.mbarrier_wait(T.address_of(bars[s]), kt // {S} % 2)
+                        T.ptx.wgmma.fence.sync.aligned()
+                        for kk in T.unroll({BK // WGMMA_K}):
+                            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a[0]), {a_desc})
+                            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_b[0]), {b_desc})
+                            T.ptx["{mma}"]({accs}, desc_a[0], desc_b[0], T.bool(True), 1, 1, 0, {trans_b})
+                        T.ptx.wgmma.commit_group.sync.aligned()
+                        {release}
+                    for i in T.unroll({bn // 8}):
+                        for h in T.unroll(2):
+                            {stores}
+"""
+    return src
+
+
+def _dst(offset: str, extent: int) -> str:
+    """A TMA destination in the staging buffer. Written with its extent: TVM sizes a block's buffer by the
+    regions it sees accessed, and an ``address_of`` is one element (the first runs wrote past a shrunk buffer)."""
+    return f"smem.access_ptr(\"w\", offset={offset}, extent={extent})"
+
+
+def _indent(text: str, n: int) -> str:
+    return ("\n" + " " * n).join(text.split("\n"))
+
+
+def _parse(src: str) -> tvm.tirx.PrimFunc:
+    from tvm.script import from_source  # pylint: disable=import-outside-toplevel
+    from tvm.script import tirx as T  # pylint: disable=import-outside-toplevel
+
+    func = from_source(src, extra_vars={"T": T})
+    if isinstance(func, tvm.IRModule):
+        func = func["main"]
+    return func
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schedule rule: which fused kernels the wgmma kernel can replace, and its epilogue
+# ---------------------------------------------------------------------------------------------------------------
+_RESERVED = {"T", "smem", "bars", "acc", "desc_a", "desc_b", "bid", "tx", "kt", "kk", "s", "i", "h", "e", "wg",
+             "m0", "n0", "A_map", "B_map", "main", "EPR", "EPC", "EPV"}
+
+
+@dataclass
+class _Plan:
+    m: int
+    n: int
+    k: int
+    layout: str
+    act: object  # tirx.Buffer
+    weight: object
+    params: list  # the function's parameter buffers, in order
+    writes: list  # buffers the kernel writes (one: the output)
+    store: str  # the epilogue statement with EPR / EPC / EPV
+    acc_cast: str | None
+
+
+def is_sm90a(target) -> bool:
+    """wgmma exists only in the arch-specific sm_90a (not sm_90, not sm_100)."""
+    return str(target.attrs.get("arch", "") or "") == "sm_90a"
+
+
+def plan_kernel(func: tvm.tirx.PrimFunc) -> _Plan | None:
+    """What the wgmma kernel needs to replace ``func``, or None where it cannot (see HopperGemm)."""
+    from tvm import s_tir, tirx  # pylint: disable=import-outside-toplevel
+
+    from .common import analyze_matmul  # pylint: disable=import-outside-toplevel
+
+    probe = s_tir.Schedule(func)
+    mm = analyze_matmul(probe)
+    if mm is None or mm.batch is None or mm.n is None or mm.k is None or len(mm.n_iters) != 1:
+        return None
+    if mm.act_dtype != "float16" or mm.weight_dtype != "float16":
+        return None
+    params = list(func.params)  # (TVM 0.27: the parameters are the buffers)
+    if any(not hasattr(b, "shape") or any(not isinstance(d, tirx.IntImm) for d in b.shape) for b in params):
+        return None
+    names = [b.name for b in params]
+    if len(set(names)) != len(names) or any(not nm.isidentifier() or nm in _RESERVED for nm in names):
+        return None
+    if not any(b.same_as(mm.act) for b in params) or not any(b.same_as(mm.weight) for b in params):
+        return None  # a producer (transpose, dequantize...) would have to run inside the kernel
+    main = probe.get(mm.block)
+    body = main.body
+    acc_buf = main.writes[0].source
+    acc_dtype = str(acc_buf.dtype)
+    if acc_dtype not in ("float32", "float16"):
+        return None
+    k_var = mm.k_iter.var
+    reads = {r.source.name: [x.min for x in r.region] for r in main.reads if not r.source.same_as(acc_buf)}
+    a_idx, w_idx = reads.get(mm.act.name), reads.get(mm.weight.name)
+    if a_idx is None or w_idx is None:
+        return None
+    b_vars = [it.var for it in mm.b_iters]
+    n_var = mm.n_iters[0].var
+    # A[b..., k] exactly (rows flatten to M), W[k, n] ("nn") or W[n, k] ("nt").
+    if len(a_idx) < 2 or not a_idx[-1].same_as(k_var) or list(mm.act.shape[-1:]) != [mm.k]:
+        return None
+    rows = []  # (var, extent) of the activation's row dims, outermost first
+    for e, dim in zip(a_idx[:-1], mm.act.shape[:-1]):
+        if not isinstance(e, tirx.Var) or not any(e.same_as(v) for v in b_vars):
+            return None
+        rows.append((e, int(dim)))
+    if len(w_idx) != 2 or any(not isinstance(e, tirx.Var) for e in w_idx):
+        return None
+    if w_idx[0].same_as(k_var) and w_idx[1].same_as(n_var):
+        layout = "nn"
+    elif w_idx[0].same_as(n_var) and w_idx[1].same_as(k_var):
+        layout = "nt"
+    else:
+        return None
+    m, n, k = int(mm.batch), int(mm.n), int(mm.k)
+    if k % 8 or (layout == "nn" and n % 8) or m < 64 or n < 64 or k < 64:
+        return None  # TMA wants 16-byte row strides; tiny problems belong to other rules
+    # Row r of C -> the activation's row indices; column c -> n. (Texts: the epilogue is TVMScript.)
+    vmap = {}
+    stride = m
+    for var, ext in rows:
+        stride //= ext
+        vmap[var.name] = f"(EPR // {stride} % {ext})" if stride > 1 else f"(EPR % {ext})"
+    for it in mm.b_iters:  # unit rows that index nothing
+        vmap.setdefault(it.var.name, "0")
+    vmap[n_var.name] = "EPC"
+    main_idx = [x.min for x in main.writes[0].region]
+    if any(not isinstance(x, tirx.Var) or x.name not in vmap for x in main_idx):
+        return None
+    acc_cast = None if acc_dtype == "float32" else acc_dtype
+    if mm.epilogue is None:
+        if not any(b.same_as(acc_buf) for b in params):
+            return None
+        out = acc_buf
+        store = f"{acc_buf.name}[{', '.join(vmap[x.name] for x in main_idx)}] = T.Cast(\"{acc_dtype}\", EPV)"
+    else:
+        ep = probe.get(mm.epilogue)
+        if not isinstance(ep.body, tirx.BufferStore) or len(ep.writes) != 1:
+            return None
+        out = ep.writes[0].source
+        if not any(b.same_as(out) for b in params):
+            return None
+        # The accumulator must be read at "this" element only: the epilogue's iterators then equal the main
+        # block's output indices, hence (EPR, EPC); every other read must be a function parameter.
+        ep_vars = {iv.var.name for iv in ep.iter_vars}
+        acc_reads = [r for r in ep.reads if r.source.same_as(acc_buf)]
+        if len(acc_reads) != 1 or len(ep_vars) != len(ep.iter_vars) or len(ep.iter_vars) != len(main_idx):
+            return None
+        if any(not r.source.same_as(acc_buf) and not any(b.same_as(r.source) for b in params) for r in ep.reads):
+            return None
+        acc_idx = [x.min for x in acc_reads[0].region]
+        if any(not isinstance(e, tirx.Var) or e.name not in ep_vars for e in acc_idx) or \
+                len({e.name for e in acc_idx}) != len(acc_idx) or any(x.extent != 1 for x in acc_reads[0].region):
+            return None
+        ep_map = {e.name: vmap[mi.name] for e, mi in zip(acc_idx, main_idx)}
+        text = _stmt_text(ep.body)
+        if text is None:
+            return None
+        load = f"{acc_buf.name}[{', '.join(e.name for e in acc_idx)}]"
+        if load not in text:
+            return None
+        text = text.replace(load, "EPV")
+        for name, expr in sorted(ep_map.items(), key=lambda kv: -len(kv[0])):
+            text = re.sub(rf"\b{re.escape(name)}\b", expr, text)
+        store = text
+    # Every name left in the statement must be a parameter buffer or ours.
+    known = {b.name for b in params} | {"T", "EPR", "EPC", "EPV"}
+    for ident in re.findall(r"(?<![\w.\"'])([A-Za-z_]\w*)(?![\w\"'])", re.sub(r"\"[^\"]*\"", "", store)):
+        if ident not in known:
+            return None
+    return _Plan(m, n, k, layout, mm.act, mm.weight, params, [out], store, acc_cast)
+
+
+def _stmt_text(stmt) -> str | None:
+    """A one-line TVMScript statement (the printer prefixes buffer/var declarations: dropped)."""
+    lines = [ln for ln in stmt.script().splitlines() if ln.strip() and not ln.startswith("#")]
+    body = [ln for ln in lines if not re.match(r"^\w+ = T\.(Buffer\(|int32\(\)|int64\(\)|float32\(\)|float16\(\))", ln)]
+    return body[0].strip() if len(body) == 1 else None
+
+
+def _region(buf) -> str:
+    return f"{buf.name}[{', '.join(f'0:{int(d)}' for d in buf.shape)}]"
+
+
+# Tile configs the H100 runs chose between (benchmarks/results/hopper_gemm_h100_2026-11-26_run2.json):
+# 128x256 at 4096^3 (632 TFLOP/s nt, 595 nn; 128x128 534/487), 128x192 at 4096x1536x384, 128x128 at N = 384.
+CANDIDATES = (HopperConfig(consumers=2, bn=256, stages=4), HopperConfig(consumers=2, bn=192, stages=4),
+              HopperConfig(consumers=2, bn=128, stages=6))
+SMS = 132  # H100 SXM
+MIN_BLOCKS = 66  # below half a wave the WMMA rule's small tiles and split-K do better (MiniLM batch 1)
+
+
+def waves_cost(m: int, n: int, cfg: HopperConfig) -> int:
+    """Time model: whole waves of blocks times the work of one block's column tile (the K loop is common)."""
+    blocks = -(-m // cfg.bm) * -(-n // cfg.bn)
+    return -(-blocks // SMS) * cfg.bn
+
+
+def choose_config(m: int, n: int, k: int) -> HopperConfig | None:  # pylint: disable=unused-argument
+    """The candidate with the fewest (waves x tile width); ties go to the wider tile. None: too few blocks."""
+    best = min(CANDIDATES, key=lambda c: (waves_cost(m, n, c), -c.bn))
+    if -(-m // best.bm) * -(-n // best.bn) < MIN_BLOCKS:
+        return None
+    return best
+
+
+class HopperGemm:
+    """fp16 GEMMs (fp32 or fp16 accumulation, any injective epilogue that reads only its own element and
+    function parameters: bias add, casts, GELU...) on wgmma for CUDA ``sm_90a``. Declines (None) for other
+    targets, symbolic shapes, operands that need a producer inside the kernel (dequantize, transpose), batched
+    matmuls and tiny problems. ``config``: force one tile config."""
+
+    def __init__(self, config: HopperConfig | None = None):
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"ember.HopperGemm({self.config or 'auto'})"
+
+    def apply(self, func, target, _tunable: bool = False):
+        from tvm import s_tir, tirx  # pylint: disable=import-outside-toplevel
+
+        from .common import is_cuda  # pylint: disable=import-outside-toplevel
+
+        if not isinstance(func, tirx.PrimFunc) or not is_cuda(target) or not is_sm90a(target):
+            return None
+        if "dlight.do_not_tensorize" in (func.attrs or {}):
+            return None
+        try:
+            plan = plan_kernel(func)
+        except Exception:  # pylint: disable=broad-except
+            return None  # a kernel shape the analysis does not know: the next rule takes it
+        if plan is None:
+            return None
+        cfg = self.config or choose_config(plan.m, plan.n, plan.k)
+        if cfg is None:
+            return None
+        sig = ", ".join(f"{b.name}: T.Buffer(({', '.join(str(int(d)) for d in b.shape)},), \"{b.dtype}\")"
+                        for b in plan.params)
+        reads = ", ".join(_region(b) for b in plan.params if not any(b.same_as(w) for w in plan.writes))
+        src = _source(plan.m, plan.n, plan.k, plan.layout, cfg, signature=sig, a_name=plan.act.name,
+                      b_name=plan.weight.name, reads=reads, writes=", ".join(_region(b) for b in plan.writes),
+                      store=plan.store, acc_cast=plan.acc_cast)
+        kernel = _parse(src)
+        for key, val in (func.attrs or {}).items():
+            if key != "tirx.is_scheduled":
+                kernel = kernel.with_attr(key, val)
+        return s_tir.Schedule(kernel)

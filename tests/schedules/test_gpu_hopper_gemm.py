@@ -1,0 +1,177 @@
+"""ember's Hopper GEMM (wgmma + TMA, ember.schedules.gpu.hopper_gemm): which kernels it claims, what it compiles to.
+
+CI has no GPU: kernels are compiled to sm_90a device code here and their CUDA source is checked; the numerics
+against torch ran on the H100 (benchmarks/hopper_gemm_bench.py, benchmarks/gpu_bench.py; BENCHMARKS.md), and the
+gpu-marked test below repeats them where a Hopper GPU is present.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te, tirx
+
+from ember.schedules import gpu_rules
+from ember.schedules.gpu import TensorCoreMatmul
+from ember.schedules.gpu.hopper_gemm import (BK, CANDIDATES, MIN_BLOCKS, HopperConfig, HopperGemm, choose_config,
+                                             plan_kernel, wgmma_gemm)
+
+from test_gpu_rules import H100, _cuda_or_skip, batched_matmul, compile_cuda, device_source, matmul
+
+SM90 = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+SM80 = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+
+
+def linear(rows, n, k, epilogue="bias", layout="nn"):
+    """ember's fp16 linear as FuseTIR leaves it: x [*rows, K], W [K, N] (or [N, K]), fp32 accumulation, cast to
+    fp16, then ``epilogue``: "bias" (+ b[n]), "gelu" (bias, then tanh-GELU in fp32) or "none"."""
+    x = te.placeholder((*rows, k), "float16", name="x")
+    w = te.placeholder((k, n) if layout == "nn" else (n, k), "float16", name="w")
+    b = te.placeholder((n,), "float16", name="b")
+    r = te.reduce_axis((0, k), "k")
+
+    def wv(j):
+        return w[r, j] if layout == "nn" else w[j, r]
+
+    y = te.compute((*rows, n), lambda *ij: te.sum(x[(*ij[:-1], r)].astype("float32") * wv(ij[-1]).astype("float32"),
+                                                  axis=r), name="y")
+    h = te.compute((*rows, n), lambda *ij: y[ij].astype("float16"), name="cast")
+    if epilogue == "none":
+        return te.create_prim_func([x, w, h]).with_attr("global_symbol", "main")
+    o = te.compute((*rows, n), lambda *ij: h[ij] + b[ij[-1]], name="bias")
+    if epilogue == "gelu":
+        def gelu(*ij):
+            v = o[ij].astype("float32")
+            return (0.5 * v * (1 + te.tanh(0.7978845608 * (v + 0.044715 * v * v * v)))).astype("float16")
+
+        o = te.compute((*rows, n), gelu, name="gelu")
+    return te.create_prim_func([x, w, b, o]).with_attr("global_symbol", "main")
+
+
+def _host_ir(lib) -> str:
+    return (lib.mod if hasattr(lib, "mod") else lib).inspect_source()
+
+
+@pytest.mark.parametrize("layout", ["nt", "nn"])
+def test_kernel_compiles_to_wgmma_and_tma_for_sm90a(layout):
+    cfg = HopperConfig(consumers=2, bn=256, stages=4)
+    lib = compile_cuda(tvm.s_tir.Schedule(wgmma_gemm(256, 512, 256, layout, "float16", cfg)))
+    src = device_source(lib)
+    assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16" in src
+    assert "cp.async.bulk.tensor.2d" in src and "mbarrier.try_wait.parity" in src
+    assert "__grid_constant__ CUtensorMap" in src  # the tensor maps go by value
+    assert "setmaxnreg.inc" in src and "__launch_bounds__(384)" in src
+    # trans-b: 0 for W[N, K] (K-major like A), 1 for W[K, N] (N-major smem tile)
+    assert re.search(r"m64n256k16_f32_f16_f16_1_1_0_" + ("0" if layout == "nt" else "1"), src)
+    # The launch asks for every pipeline stage's shared memory: TMA writes whole tiles, which TVM's buffer
+    # compaction could not see through address_of (the first H100 run faulted on a shrunk buffer).
+    assert f"store i64 {cfg.smem_bytes()}," in _host_ir(lib)
+    assert cfg.smem_bytes() == 4 * (128 + 256) * BK * 2
+
+
+def test_rule_replaces_a_linear_and_keeps_its_signature_and_epilogue():
+    func = linear((32, 128), 384, 384)
+    sch = HopperGemm().apply(func, H100, False)
+    assert sch is not None
+    kernel = sch.mod["main"]
+    assert [(p.name, [int(d) for d in p.shape], str(p.dtype)) for p in kernel.params] == \
+        [(p.name, [int(d) for d in p.shape], str(p.dtype)) for p in func.params]
+    text = kernel.script()
+    assert "T.ptx.wgmma(acc[0]" in text and "tirx.is_scheduled" in text
+    # rows of the 3-D activation come from the flat row index; the bias is added at the store
+    store = [ln for ln in text.splitlines() if ln.strip().startswith("bias[")]
+    assert len(store) == 1 and ") // 128 % 32, " in store[0] and "+ b[" in store[0]
+    src = device_source(compile_cuda(sch))
+    assert "wgmma.mma_async" in src and "m64n128k16" in src  # N = 384: 128-wide tiles (choose_config)
+
+
+def test_gelu_epilogue_is_computed_at_the_store():
+    plan = plan_kernel(linear((4096,), 1536, 384, epilogue="gelu"))
+    assert plan is not None and "tanh" in plan.store and "b[EPC]" in plan.store
+    sch = HopperGemm().apply(linear((4096,), 1536, 384, epilogue="gelu"), H100, False)
+    src = device_source(compile_cuda(sch))
+    assert "wgmma.mma_async" in src and "tanh" in src
+
+
+def test_plain_fp16_and_fp32_outputs():
+    plan = plan_kernel(matmul(512, 512, 512, "nt"))  # fp16 accumulation asked: rounded once at the end
+    assert plan.layout == "nt" and plan.acc_cast == "float16"
+    plan = plan_kernel(matmul(512, 512, 512, "nn", out_dtype="float32"))
+    assert plan.layout == "nn" and plan.acc_cast is None and 'T.Cast("float32", EPV)' in plan.store
+
+
+@pytest.mark.parametrize("func,target", [
+    (linear((4096,), 384, 384), SM90),  # wgmma needs the arch-specific sm_90a
+    (linear((4096,), 384, 384), SM80),
+    (linear((4096,), 384, 384), tvm.target.Target({"kind": "metal"})),
+    (linear((4096,), 384, 384), tvm.target.Target({"kind": "llvm"})),
+    (linear((128,), 384, 384), H100),  # MiniLM batch 1: 3 blocks; the WMMA rule's small tiles + split-K win
+    (linear((4096,), 384, 20), H100),  # K not a multiple of 8: TMA rows need 16-byte strides
+    (matmul(4096, 4096, 4096, dtype="float32"), H100),
+    (batched_matmul(8, 512, 512, 512), H100),
+    (matmul(1, 4096, 4096), H100),  # a GEMV
+])
+def test_rule_declines(func, target):
+    assert HopperGemm().apply(func, target, False) is None
+
+
+def test_rule_declines_symbolic_rows():
+    m = tirx.Var("m", "int64")
+    x = te.placeholder((m, 384), "float16", name="x")
+    w = te.placeholder((384, 384), "float16", name="w")
+    r = te.reduce_axis((0, 384), "k")
+    y = te.compute((m, 384), lambda i, j: te.sum(x[i, r].astype("float32") * w[r, j].astype("float32"), axis=r))
+    func = te.create_prim_func([x, w, y]).with_attr("global_symbol", "main")
+    assert HopperGemm().apply(func, H100, False) is None
+
+
+def test_tile_choice_follows_the_h100_runs():
+    # 4096^3: 128x256 (632 TFLOP/s vs 534 for 128x128); 4096x1536: 128x192; N = 384: 128x128 (96 blocks)
+    assert choose_config(4096, 4096, 4096).bn == 256
+    assert choose_config(4096, 1536, 384).bn == 192
+    assert choose_config(4096, 384, 384).bn == 128
+    assert choose_config(128, 384, 384) is None and choose_config(128, 1536, 384) is None
+    for cfg in CANDIDATES:
+        assert cfg.smem_bytes() + 1024 <= 227 * 1024 and cfg.threads == 384
+    assert MIN_BLOCKS <= 132
+
+
+def test_gpu_rules_try_it_before_the_wmma_rule():
+    names = [type(r) for r in gpu_rules()]
+    assert names.index(HopperGemm) < names.index(TensorCoreMatmul)
+
+
+# ---- on a Hopper GPU (marked gpu): the kernel against numpy ----------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,n,k,layout,epilogue", [
+    ((4096,), 4096, 4096, "nt", "none"), ((4096,), 4096, 4096, "nn", "none"), ((32, 128), 384, 384, "nn", "bias"),
+    ((4096,), 1536, 384, "nn", "gelu"), ((4096,), 384, 1536, "nn", "bias"), ((1000,), 200, 136, "nt", "bias"),
+])
+def test_numerics_on_device(rows, n, k, layout, epilogue):
+    dev = _cuda_or_skip()
+    if "9.0" not in str(getattr(dev, "compute_version", "")):
+        pytest.skip("wgmma needs an sm_90 GPU")
+    func = linear(rows, n, k, epilogue, layout)
+    sch = HopperGemm().apply(func, H100, False) or HopperGemm(HopperConfig(2, 128, 6)).apply(func, H100, False)
+    assert sch is not None
+    lib = compile_cuda(sch)
+    rng = np.random.default_rng(0)
+    x = (0.1 * rng.standard_normal((*rows, k))).astype("float16")
+    w = rng.standard_normal((k, n) if layout == "nn" else (n, k)).astype("float16")
+    b = rng.standard_normal(n).astype("float16")
+    wf = w.astype("float32") if layout == "nn" else w.astype("float32").T
+    ref = (x.astype("float32") @ wf).astype("float16").astype("float32")  # the graph rounds to fp16 first
+    if epilogue != "none":
+        ref = (ref + b.astype("float32")).astype("float16").astype("float32")
+    if epilogue == "gelu":
+        ref = 0.5 * ref * (1 + np.tanh(0.7978845608 * (ref + 0.044715 * ref ** 3)))
+    out = tvm.runtime.tensor(np.full((*rows, n), np.nan, "float16"), dev)
+    args = [tvm.runtime.tensor(x, dev), tvm.runtime.tensor(w, dev)]
+    if epilogue != "none":
+        args.append(tvm.runtime.tensor(b, dev))
+    lib["main"](*args, out)
+    # fp32 accumulation over K: the fp16 output's rounding (2^-11 relative) dominates
+    np.testing.assert_allclose(out.numpy().astype("float32"), ref, rtol=4e-3, atol=4e-3 * np.abs(ref).max())
