@@ -105,12 +105,22 @@ class WinogradTransform(ScheduleRule):
                 sch.compute_inline(info.block_rv)
             except Exception:  # pylint: disable=broad-except
                 leftover.append(info.block_rv)
-        # epilogue (BatchNorm shift, residual add, ReLU): inlined into the output transform's write
-        for info in infos[pos + 1:]:
+        # epilogue (BatchNorm shift, residual add, ReLU): intermediate blocks inlined into their consumers (an
+        # expression read twice is then computed twice, cheaper than a round trip through memory), the last one
+        # into the output transform's write
+        epilogue = [info.block_rv for info in infos[pos + 1:]]
+        for blk in epilogue[:-1]:
             try:
-                sch.reverse_compute_inline(info.block_rv)
+                sch.compute_inline(blk)
             except Exception:  # pylint: disable=broad-except
-                leftover.append(info.block_rv)  # runs after the transform as its own parallel loop
+                leftover.append(blk)
+        if epilogue and not leftover:
+            try:
+                sch.reverse_compute_inline(epilogue[-1])
+            except Exception:  # pylint: disable=broad-except
+                leftover.append(epilogue[-1])
+        elif epilogue:
+            leftover.append(epilogue[-1])  # runs after the transform as its own parallel loop
         axes = _store_axes(sch, main)  # the loop of each output dimension, None where it has extent 1
         if axes is None:
             return None
