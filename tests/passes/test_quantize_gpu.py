@@ -164,6 +164,81 @@ def test_weight_only_gemv_tiled_cuda_kernel_shape():
     assert max(size for _, _, size in allocs) == 10 * 1 * 4
 
 
+@pytest.mark.parametrize("group,gw_lanes", [(128, 2), (32, 8), (256, 1)])
+def test_interleave_scales_lane_order_and_round_trip(group, gw_lanes):
+    """Staged / scale_vec layout: in each 128-word chunk, lane t's 4 scales of a step (its words 32 j + t,
+    j = 0..3) sit side by side at c G + 4 (t // gw); tail groups keep their place; rows padded to 8 fp16."""
+    k, bits, n = 1536, 4, 3  # 192 words: one whole chunk + 2 tail stripes
+    ng = k // group
+    scales = np.arange(n * ng, dtype=np.float16).reshape(n, ng) + 1
+    packed = qg.interleave_scales(scales, k, bits, group)
+    assert packed.shape == (n, qg.scale_row(ng)) and qg.scale_row(ng) % 8 == 0
+    np.testing.assert_array_equal(qg.deinterleave_scales(packed, k, bits, group), scales)
+    gw = group // 8
+    G = 128 // gw
+    for t in (0, 5, 17, 31):
+        h = t // gw
+        assert h < gw_lanes
+        want = [scales[1, (32 * j + t) * 8 // group] for j in range(4)]
+        np.testing.assert_array_equal(packed[1, 4 * h:4 * h + 4] if G > 1 else packed[1, :4], want)
+    np.testing.assert_array_equal(packed[:, G:ng], scales[:, G:])  # the tail stripes' groups
+    assert not packed[:, ng:].any()
+    assert not qg.lane_scales_apply(k, bits, 512)  # a group over more than one stripe: per-word scales
+
+
+@pytest.mark.parametrize("k,n,bits,group,sym,bias,m,warps", [
+    (1536, 16, 4, 128, True, False, 1, 4),  # one whole step + two tail stripes
+    (2048, 16, 4, 128, True, True, 2, 4),  # two steps, two rows, bias
+    (2560, 24, 4, 64, False, False, 1, 8),  # asymmetric, 8 warps
+    (256, 24, 4, 32, False, True, 3, 4),  # tail stripe only
+    (1024, 16, 8, 32, False, True, 1, 2),  # INT8 codes
+])
+def test_weight_only_gemv_staged_twin_matches_numpy(k, n, bits, group, sym, bias, m, warps):
+    """The staged GEMV (rows + scales copied to shared memory, then decoded) against numpy, fp32 decode path;
+    the twin runs the copy loop of all lanes before their decode, as cp.async.wait_group + __syncwarp order it."""
+    from ember.passes.quantize import qmath
+
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    q, sc, z = qmath.quantize_groups(w, bits, group, sym, axis=0, search=False)
+    deq = qmath.dequantize_groups(q, sc, z, group, axis=0)
+    x = RNG.standard_normal((m, k)).astype(np.float32)
+    b = RNG.standard_normal(n).astype(np.float32)
+    words = qg.interleave_words(qg.pack_words(np.ascontiguousarray(q.T), bits))
+    args = [x, words, qg.interleave_scales(np.ascontiguousarray(sc.T).astype(np.float16), k, bits, group)]
+    if not sym:
+        args.append(np.ascontiguousarray(z.T).astype(np.uint8))
+    if bias:
+        args.append(b)
+    assert qg.staged_applies(k, n, bits, group, m, warps)
+    func = qg.weight_only_gemv_staged(k, n, bits, group, sym, bias, "float32", m, _target("cuda-sm90"),
+                                      warps=warps, emulate=True)
+    y = _run_twin(func, *args, out_shape=(m, n), out_dtype="float32")
+    np.testing.assert_allclose(y, x @ deq + (b if bias else 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pdl", [None, "start"])
+def test_weight_only_gemv_staged_cuda_kernel(pdl):
+    """For the issue's shape on CUDA: every copy (10 whole steps, the tail, the scales) is a cp.async issued before
+    the one wait; with ``pdl`` the kernel carries the launch tag, and x is read only after griddepcontrol.wait
+    (coherent loads inside ember_i4_dot8s_gx) — nothing but weights and scales before it."""
+    func = qg.weight_only_gemv_staged(11008, 4096, 4, 128, True, False, "float16", 1, _target("cuda-sm90"), pdl=pdl)
+    text = func.script()
+    # three unrolled copy loops: 10 whole steps, the tail (24 lanes x 16 bytes), the scales (11 lanes)
+    assert "T.unroll(10)" in text and "tx < 24" in text and "tx < 11" in text
+    shared = [(d, size) for d, scope, size in _allocations(func) if scope == "shared"]
+    assert sorted(shared) == sorted([("uint32", 4 * 1376), ("float16", 4 * 88)])
+    tags = func.attrs.get("tirx.kernel_launch_params") if func.attrs else None
+    if pdl is None:
+        assert tags is None and "griddepcontrol" not in text
+        return
+    assert list(tags) == [qg.PDL_TAG]
+    wait = text.index("ember_grid_dep_wait()")
+    assert text.rindex("ember_cp_async16") < wait < text.index("ember_i4_dot8s_gx(")
+    assert "x[" not in text[:wait]  # no x read before the wait
+    assert text.index("ember_grid_dep_launch()") < text.index("ember_cp_async16")
+    assert not qg.staged_applies(11008, 4096, 4, 128, 1, target=_target("rocm-gfx942"))
+
+
 @pytest.mark.parametrize("k,n,bias,m,rows", [(70, 24, True, 3, 3), (512, 16, False, 9, None)])
 def test_int8_gemv_twin_matches_numpy(k, n, bias, m, rows):
     """INT8 x INT8 → int32 GEMV (the sign-extending dot product, as on ROCm / Metal) against numpy."""
@@ -251,9 +326,9 @@ def _kernel_names(lib, target):
 
 
 @pytest.mark.slow
-def test_int4_mlp_for_cuda_uses_tiled_kernel_where_it_applies(tmp_path):
-    """First layer K = 256 (32 words: one whole stripe) → the tiled kernel on interleaved words; second layer
-    K = 64 → the one-word kernel. Both in one CUDA artifact."""
+def test_int4_mlp_for_cuda_uses_staged_kernel_where_it_applies(tmp_path):
+    """First layer K = 256 (32 words: one whole stripe) → the staged kernel on interleaved words and scales; second
+    layer K = 64 → the one-word kernel. Both in one CUDA artifact."""
     why = _available("cuda-sm90")
     if why:
         pytest.skip(why)
@@ -262,7 +337,7 @@ def test_int4_mlp_for_cuda_uses_tiled_kernel_where_it_applies(tmp_path):
     cm = ember.compile(model, (x,), target="cuda-sm90", quantization=ember.WeightOnly(bits=4, group_size=32))
     art = cm.export(tmp_path / "art")
     data = open(f"{art}/model.so", "rb").read()
-    assert b"ember_gpu_wo_gemv_4_256_64_32_1_1_4_tiled" in data
+    assert b"ember_gpu_wo_gemv_4_256_64_32_1_1_4_staged" in data
     assert b"ember_gpu_wo_gemv_4_64_10_32_1_1_4_word" in data
 
 

@@ -207,20 +207,28 @@ class GpuEmitter(Emitter):
         self.dequantized[site.name] = deq
         codes = qmath.unpack_int4(arrays["qweight"], site.n) if bits == 4 else arrays["qweight"]  # [K, N]
         rows = self._rows(m)
-        # the tiled kernel (16-byte weight loads, columns sharing x loads) where the shape allows, else the
-        # one-word-per-lane kernel (symbolic rows, K not a multiple of 32 words, odd N)
-        tiled = qg.TILED and qg.tiled_applies(site.k, site.n, bits, group, rows, qg.TILE_COLS, qg.TILE_WARPS)
+        # the staged kernel (cp.async: a warp's whole row in flight at once) where its layouts apply, else the tiled
+        # kernel (16-byte weight loads, columns sharing x loads), else the one-word-per-lane kernel (symbolic rows,
+        # K not a multiple of 32 words, odd N)
+        staged = qg.STAGED and qg.staged_applies(site.k, site.n, bits, group, rows, target=self.target)
+        tiled = not staged and qg.TILED and qg.tiled_applies(site.k, site.n, bits, group, rows, qg.TILE_COLS,
+                                                             qg.TILE_WARPS)
         words = qg.pack_words(np.ascontiguousarray(codes.T), bits)
-        gpu = {"qweight": qg.interleave_words(words) if tiled else words,
-               "scales": np.ascontiguousarray(arrays["scales"].T)}
+        scales = np.ascontiguousarray(arrays["scales"].T)
+        gpu = {"qweight": qg.interleave_words(words) if tiled or staged else words,
+               "scales": qg.interleave_scales(scales, site.k, bits, group) if staged else scales}
         if not sym:
             gpu["zeros"] = np.ascontiguousarray(arrays["zeros"].T)
         args = [x2] + [self._param(f"{site.name}.{k}", a) for k, a in gpu.items()]
         if bias is not None:
             args.append(bias)
         key = ("ember_gpu_wo_gemv", bits, site.k, site.n, group, int(sym), int(bias is not None), rows or "m",
-               "tiled" if tiled else "word")
+               "staged" if staged else "tiled" if tiled else "word")
+
         def make():
+            if staged:
+                return _finish(qg.weight_only_gemv_staged(site.k, site.n, bits, group, sym, bias is not None,
+                                                          "float32", rows, self.target))
             if tiled:
                 return _finish(qg.weight_only_gemv_tiled(site.k, site.n, bits, group, sym, bias is not None,
                                                          "float32", rows, self.target, cols=qg.TILE_COLS,

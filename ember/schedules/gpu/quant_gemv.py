@@ -507,6 +507,80 @@ __forceinline__ __device__ unsigned int ember_ld_stream4(const void* src) {
 """
 
 
+# The same 16-byte weight load with an L2 hint: the L2 fetches the whole 256-byte sector pair from DRAM at once.
+_LD_STREAM16_L2_CUDA = r"""
+__forceinline__ __device__ void ember_ld_stream16_l2(void* dst, const void* src) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(src));
+  *reinterpret_cast<uint4*>(dst) = v;
+}
+"""
+
+# Programmatic dependent launch (sm_90+; the kernel is launched with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_
+# SERIALIZATION through TVM's "tirx.use_programtic_dependent_launch" launch tag). ``wait`` blocks until the previous
+# kernel in the stream has finished and its writes are visible: everything it may have written (x, y) is touched
+# only after it; the weights and scales (constants of the model) are loaded before it, so their DRAM latency
+# overlaps the previous kernel's tail. ``launch_dependents`` lets the next kernel's blocks start (and issue their
+# own weight loads) while this one decodes. Without the launch attribute both are no-ops.
+_PDL_WAIT_CUDA = r"""
+__forceinline__ __device__ void ember_grid_dep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+"""
+_PDL_LAUNCH_CUDA = r"""
+__forceinline__ __device__ void ember_grid_dep_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+"""
+PDL_TAG = "tirx.use_programtic_dependent_launch"
+
+
+def lane_scales_apply(k: int, bits: int, group: int) -> bool:
+    """Whether :func:`interleave_scales` covers the group size: a group is at most one 32-word stripe and divides
+    the 128-word chunk (INT4: groups 32, 64, 128, 256), so each lane's 4 words of a step have 4 scales."""
+    epw = 32 // bits
+    g = k if group == -1 else group
+    gw = g // epw
+    return g % epw == 0 and 0 < gw <= WARP and TILE_CHUNK % gw == 0
+
+
+def scale_row(ng: int) -> int:
+    """Row length of :func:`interleave_scales`' layout: ``ng`` rounded up to 8 fp16 (16 bytes)."""
+    return -(-ng // 8) * 8
+
+
+def interleave_scales(scales: np.ndarray, k: int, bits: int, group: int) -> np.ndarray:
+    """The tiled kernel's scale order (``scale_vec=True``): scales ``[N, K/g]`` → ``[N, scale_row(K/g)]``
+    (zero padded, so every row starts 16-byte aligned: whole 16-byte copies in :func:`weight_only_gemv_staged`). In each whole 128-word chunk c (``G = 128 / gw`` groups,
+    ``gw`` words per group, ``H = 32 / gw`` lane groups), position ``c G + 4 h + j`` holds group ``c G + H j + h``:
+    the scales of lane t's 4 words (logical words ``128 c + 32 j + t``, j = 0..3) are the 4 fp16 at
+    ``c G + 4 (t // gw)`` — one 8-byte load instead of 4 loads. Groups of the tail stripes keep their place."""
+    assert lane_scales_apply(k, bits, group), (k, bits, group)
+    epw = 32 // bits
+    g = k if group == -1 else group
+    gw = g // epw
+    n, ng = scales.shape
+    G, H = TILE_CHUNK // gw, WARP // gw
+    nc = (k // epw) // TILE_CHUNK
+    out = np.zeros((n, scale_row(ng)), scales.dtype)
+    out[:, :ng] = scales
+    if nc:
+        blk = scales[:, :nc * G].reshape(n, nc, TILE_LANE_WORDS, H)  # [n, c, j, h]
+        out[:, :nc * G] = blk.transpose(0, 1, 3, 2).reshape(n, nc * G)  # [n, c, h, j]
+    return np.ascontiguousarray(out)
+
+
+def deinterleave_scales(packed: np.ndarray, k: int, bits: int, group: int) -> np.ndarray:
+    epw = 32 // bits
+    g = k if group == -1 else group
+    gw, ng = g // epw, k // g
+    n = packed.shape[0]
+    G, H = TILE_CHUNK // gw, WARP // gw
+    nc = (k // epw) // TILE_CHUNK
+    out = np.ascontiguousarray(packed[:, :ng]).copy()
+    if nc:
+        blk = packed[:, :nc * G].reshape(n, nc, H, TILE_LANE_WORDS)
+        out[:, :nc * G] = blk.transpose(0, 1, 3, 2).reshape(n, nc * G)
+    return out
+
+
 def tiled_applies(k: int, n: int, bits: int, group: int, rows: int | None, cols: int = 1, warps: int = 4) -> bool:
     """Whether :func:`weight_only_gemv_tiled` covers the shape: static rows, whole 32-word stripes (no lane idle,
     no bounds check) and whole column tiles."""
@@ -542,7 +616,8 @@ def deinterleave_words(words: np.ndarray) -> np.ndarray:
 
 def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool, act_dtype: str,
                            rows: int, target, cols: int = 1, warps: int = 4, batch: int | None = None,
-                           decode: str = "half2s", stream: bool = True, emulate: bool = False) -> tirx.PrimFunc:
+                           decode: str = "half2s", stream: bool = True, scale_vec: bool = False,
+                           l2_hint: bool = False, emulate: bool = False) -> tirx.PrimFunc:
     """Fused decode + GEMV on :func:`interleave_words` weights; same arguments and results as
     :func:`weight_only_gemv` (qweight interleaved). Only for :func:`tiled_applies` shapes.
 
@@ -574,6 +649,10 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
         b -= 1
     outer = nc // b if nc else 0
     mt, lw = rows, TILE_LANE_WORDS
+    gw = g // epw  # words per group
+    scale_vec = scale_vec and lane_scales_apply(k, bits, group)
+    ngs = scale_row(ng) if scale_vec else ng  # interleave_scales pads rows to 16 bytes
+    sg = TILE_CHUNK // gw if scale_vec else 0  # groups per 128-word chunk
     mask = (1 << bits) - 1
     zero_sym = float(1 << (bits - 1))
     cuda = target.kind.name == "cuda" and not emulate
@@ -595,6 +674,10 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
 
         def ld4(src):
             return cuda_func_call("ember_ld_stream4", src, source_code=_LD_STREAM4_CUDA, return_type="uint32")
+
+        if l2_hint:
+            def ld16(dst, src):  # noqa: F811 (the hinted variant)
+                return cuda_func_call("ember_ld_stream16_l2", dst, src, source_code=_LD_STREAM16_L2_CUDA)
     vec = _vec_elems(act_dtype, target)
     ws_ = _warp_size(target)
     wb = warps
@@ -604,7 +687,7 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         x = T.match_buffer(x_h, (mt, k), act_dtype)
         q = T.match_buffer(q_h, (n, kw), "uint32")
-        s = T.match_buffer(s_h, (n, ng), "float16")
+        s = T.match_buffer(s_h, (n, ngs), "float16")
         z = T.match_buffer(z_h, (n, ng), "uint8")
         bias = T.match_buffer(b_h, (n,), "float32")
         y = T.match_buffer(y_h, (mt, n), act_dtype)
@@ -618,6 +701,7 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                     part = T.decl_buffer((1,), "float32", scope="local")
                     red = T.decl_buffer((1,), "float32", scope="local")
                     hacc = T.decl_buffer((mt * cols * 2,), "float16", scope="local")
+                    sv = T.decl_buffer((cols * lw,), "float16", scope="local")
                     for a in T.unroll(mt * cols):
                         acc[a] = T.float32(0)
                     for a in T.unroll(mt * cols * 2 if half2s else 0):
@@ -641,6 +725,11 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                                         wv[(u * cols + r) * lw + v] = q[(bx * wb + ty) * cols + r,
                                                                         ((ob * b + u) * WARP + tx) * lw + v]
                         for u in T.unroll(b):
+                            if scale_vec:  # the 4 scales of this step's 4 words, one 8-byte load a column
+                                for r in T.unroll(cols):
+                                    for v in T.vectorized(lw):
+                                        sv[r * lw + v] = s[(bx * wb + ty) * cols + r,
+                                                           (ob * b + u) * sg + (tx // gw) * lw + v]
                             for j in T.unroll(lw):
                                 for i in T.unroll(mt):
                                     for v0 in T.unroll(epw // vec if epw >= vec else 1):
@@ -648,14 +737,16 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                                             xv[v0 * vec + v] = x[i, (((ob * b + u) * lw + j) * WARP + tx) * epw
                                                                  + v0 * vec + v]
                                     for r in T.unroll(cols):
-                                        sc = T.Cast("float32", s[(bx * wb + ty) * cols + r,
-                                                                 (((ob * b + u) * lw + j) * WARP + tx) * epw // g])
+                                        sc = T.Cast("float32", sv[r * lw + j]) if scale_vec else T.Cast(
+                                            "float32", s[(bx * wb + ty) * cols + r,
+                                                         (((ob * b + u) * lw + j) * WARP + tx) * epw // g])
                                         zf = T.Cast("float32", z[(bx * wb + ty) * cols + r,
                                                                  (((ob * b + u) * lw + j) * WARP + tx) * epw // g]) \
                                             if not symmetric else T.float32(zero_sym)
                                         if half2s:
                                             T.evaluate(dot8s(wv[(u * cols + r) * lw + j], T.address_of(xv[0]),
                                                              T.address_of(hacc[(i * cols + r) * 2]),
+                                                             sv[r * lw + j] if scale_vec else
                                                              s[(bx * wb + ty) * cols + r,
                                                                (((ob * b + u) * lw + j) * WARP + tx) * epw // g],
                                                              zf))
@@ -733,3 +824,273 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                                 y[a // cols, (bx * wb + ty) * cols + a % cols] = T.Cast(act_dtype, red[0])
 
     return _drop_unused(kernel, symmetric, has_bias)
+
+
+# -- the staged GEMV: every weight byte of a warp's row in flight at once (cp.async into shared memory) ----------
+# Why: in the tiled kernel above, ptxas does not keep "all loads before any decode" — the SASS issues 2 of the 10
+# 16-byte weight loads up front and the others one per decoded step (fewer live registers: 62), so each warp has only
+# ~1 KB in flight and the tail's and the scales' loads wait for DRAM again at the end. cp.async copies cannot be
+# sunk below the cp.async.wait that consumes them: a warp issues its whole 5.5 KB row (+ its scales) at once, then
+# waits once. The decode reads the words back from shared memory (the lane's own 16 bytes: no bank conflicts).
+_CP_ASYNC_CUDA = r"""
+__forceinline__ __device__ void ember_cp_async16(void* smem, const void* smem_last, const void* gmem) {
+  unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
+}
+"""
+_CP_ASYNC_L2_CUDA = r"""
+__forceinline__ __device__ void ember_cp_async16_l2(void* smem, const void* smem_last, const void* gmem) {
+  unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
+}
+"""
+_CP_WAIT_CUDA = r"""
+__forceinline__ __device__ void ember_cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
+  __syncwarp();
+}
+"""
+# x after griddepcontrol.wait: a coherent load (not ld.global.nc, which is what nvcc makes of a __restrict__ input
+# that the kernel never writes — and ptxas hoisted those above the wait: x read before the producer finished).
+_DOT8S_GX_CUDA = r"""
+__forceinline__ __device__ void ember_i4_dot8s_gx(unsigned int w, const void* xg, void* accp, half s, float z) {
+  uint4 xr;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(xr.x), "=r"(xr.y), "=r"(xr.z), "=r"(xr.w) : "l"(xg) : "memory");
+  ember_i4_dot8s(w, &xr, accp, s, z);
+}
+"""
+STAGED = True  # ember.compile uses the staged kernel where staged_applies (ember/passes/quantize/gpu.py)
+STAGED_WARPS = 4
+
+
+def staged_applies(k: int, n: int, bits: int, group: int, rows: int | None, warps: int = STAGED_WARPS,
+                   target=None) -> bool:
+    """CUDA (cp.async; ``target`` None: not checked), :func:`tiled_applies` (whole 32-word stripes, static rows,
+    whole blocks), groups :func:`interleave_scales` covers, and a block's rows + scales within the 48 KB of static
+    shared memory."""
+    if target is not None and target.kind.name != "cuda":
+        return False
+    epw = 32 // bits
+    g = k if group == -1 else group
+    if not (tiled_applies(k, n, bits, group, rows, 1, warps) and lane_scales_apply(k, bits, group)):
+        return False
+    kw, ng = k // epw, k // g
+    return warps * (kw * 4 + scale_row(ng) * 2) <= 48 * 1024
+
+
+def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool,
+                            act_dtype: str, rows: int, target, warps: int = STAGED_WARPS, pdl: str | None = None,
+                            l2_hint: bool = False, decode: str = "half2s", emulate: bool = False) -> tirx.PrimFunc:
+    """Fused decode + GEMV on :func:`interleave_words` weights and :func:`interleave_scales` scales (same arguments
+    and result as :func:`weight_only_gemv_tiled`; scales ``[N, scale_row(K/g)]``). One output column per warp.
+
+    A lane first copies (cp.async, L2 only) its 16 bytes of every 128-word step of the warp's row into shared memory,
+    plus the row's tail stripes and scales (16 bytes per lane), then waits for all of them at once; the decode then
+    reads its own words (one 16-byte shared load per step) and its 4 scales of a step (one 8-byte load).
+    ``pdl`` ("start"/"wait": where the kernel lets the next one launch) makes the kernel a programmatic dependent
+    launch: the copies go out before ``griddepcontrol.wait``, x and y are touched only after it.
+    ``emulate``: the CPU twin (plain copies, fp32 decode, serial lanes), as in :func:`weight_only_gemv`.
+    """
+    from tvm.script import tirx as T
+
+    assert staged_applies(k, n, bits, group, rows, warps), (k, n, bits, group, rows, warps)
+    epw = 32 // bits
+    g = k if group == -1 else group
+    kw, ng = k // epw, k // g
+    gw = g // epw
+    ngs = scale_row(ng)
+    nc = kw // TILE_CHUNK
+    nt = (kw % TILE_CHUNK) // WARP
+    sg = TILE_CHUNK // gw
+    tail_chunks = nt * WARP // TILE_LANE_WORDS  # 16-byte copies of the tail stripes (<= 24)
+    scale_chunks = ngs // 8
+    mt, lw = rows, TILE_LANE_WORDS
+    mask = (1 << bits) - 1
+    zero_sym = float(1 << (bits - 1))
+    cuda = target.kind.name == "cuda" and not emulate
+    half2s = act_dtype == "float16" and bits == 4 and cuda and decode == "half2s"
+    pdl = pdl if cuda else None
+    assert pdl in (None, "start", "wait"), pdl
+    assert pdl is None or half2s, "pdl: fp16 x with the half2s decode (x loaded inside ember_i4_dot8s_gx)"
+    from tvm.backend.cuda.op import cuda_func_call
+
+    def dot8s_gx(word, xaddr, accaddr, sc, zf):
+        return cuda_func_call("ember_i4_dot8s_gx", word, xaddr, accaddr, sc, zf,
+                              source_code=_DOT8S_CUDA + _DOT8S_GX_CUDA)
+
+    def cp16(dst, last, src):
+        # ``last``: the address of the copy's last element, unused in the device function; TVM sizes (compacts) a
+        # shared buffer by the elements the kernel touches, and an address_of counts as one element — without it
+        # the scale rows shrank from 88 to 86 halves (the last 2 never read) and the 16-byte copies misaligned.
+        if l2_hint:
+            return cuda_func_call("ember_cp_async16_l2", dst, last, src, source_code=_CP_ASYNC_L2_CUDA)
+        return cuda_func_call("ember_cp_async16", dst, last, src, source_code=_CP_ASYNC_CUDA)
+
+    def cp_wait():
+        return cuda_func_call("ember_cp_async_wait_all", source_code=_CP_WAIT_CUDA)
+
+    def grid_wait():
+        return cuda_func_call("ember_grid_dep_wait", source_code=_PDL_WAIT_CUDA)
+
+    def grid_launch():
+        return cuda_func_call("ember_grid_dep_launch", source_code=_PDL_LAUNCH_CUDA)
+
+    def dot8s(word, xaddr, accaddr, sc, zf):
+        return cuda_func_call("ember_i4_dot8s", word, xaddr, accaddr, sc, zf, source_code=_DOT8S_CUDA)
+
+    vec = _vec_elems(act_dtype, target)
+    ws_ = _warp_size(target)
+    wb = warps
+    smem = "local" if emulate else "shared"
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(x_h: T.handle, q_h: T.handle, s_h: T.handle, z_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        x = T.match_buffer(x_h, (mt, k), act_dtype)
+        q = T.match_buffer(q_h, (n, kw), "uint32")
+        s = T.match_buffer(s_h, (n, ngs), "float16")
+        z = T.match_buffer(z_h, (n, ng), "uint8")
+        bias = T.match_buffer(b_h, (n,), "float32")
+        y = T.match_buffer(y_h, (mt, n), act_dtype)
+        for bx in _loop(n // wb, "blockIdx.x", emulate):
+            qs = T.decl_buffer((wb, kw), "uint32", scope=smem)
+            ss = T.decl_buffer((wb, ngs), "float16", scope=smem)
+            for ty in _loop(wb, "threadIdx.y", emulate):
+                # two loops over the lanes: the copies, then (after every lane's copies: cp.async.wait_group +
+                # __syncwarp on CUDA, the loop order in the serial CPU twin) the decode, which reads the tail
+                # stripes and scales that other lanes copied
+                for tx in _loop(WARP, "threadIdx.x", emulate):
+                    if pdl == "start":
+                        T.evaluate(grid_launch())
+                    # the copies: the row's whole steps (lane t: physical words 4t..4t+3 of each 128-word chunk),
+                    # its tail stripes and its scales
+                    for c in T.unroll(nc):
+                        if cuda:
+                            T.evaluate(cp16(T.address_of(qs[ty, (c * WARP + tx) * lw]),
+                                            T.address_of(qs[ty, (c * WARP + tx) * lw + lw - 1]),
+                                            T.address_of(q[bx * wb + ty, (c * WARP + tx) * lw])))
+                        else:
+                            for v in T.serial(lw):
+                                qs[ty, (c * WARP + tx) * lw + v] = q[bx * wb + ty, (c * WARP + tx) * lw + v]
+                    for c in T.unroll(-(-tail_chunks // WARP)):
+                        if c * WARP + tx < tail_chunks:
+                            if cuda:
+                                T.evaluate(cp16(T.address_of(qs[ty, nc * TILE_CHUNK + (c * WARP + tx) * lw]),
+                                                T.address_of(qs[ty, nc * TILE_CHUNK + (c * WARP + tx) * lw + lw - 1]),
+                                                T.address_of(q[bx * wb + ty, nc * TILE_CHUNK + (c * WARP + tx) * lw])))
+                            else:
+                                for v in T.serial(lw):
+                                    qs[ty, nc * TILE_CHUNK + (c * WARP + tx) * lw + v] = \
+                                        q[bx * wb + ty, nc * TILE_CHUNK + (c * WARP + tx) * lw + v]
+                    for c in T.unroll(-(-scale_chunks // WARP)):
+                        if c * WARP + tx < scale_chunks:
+                            if cuda:
+                                T.evaluate(cp16(T.address_of(ss[ty, (c * WARP + tx) * 8]),
+                                                T.address_of(ss[ty, (c * WARP + tx) * 8 + 7]),
+                                                T.address_of(s[bx * wb + ty, (c * WARP + tx) * 8])))
+                            else:
+                                for v in T.serial(8):
+                                    ss[ty, (c * WARP + tx) * 8 + v] = s[bx * wb + ty, (c * WARP + tx) * 8 + v]
+                for tx in _loop(WARP, "threadIdx.x", emulate):
+                    acc = T.decl_buffer((mt,), "float32", scope="local")
+                    wv = T.decl_buffer((lw,), "uint32", scope="local")
+                    sv = T.decl_buffer((lw,), "float16", scope="local")
+                    xv = T.decl_buffer((epw,), act_dtype, scope="local")
+                    part = T.decl_buffer((1,), "float32", scope="local")
+                    red = T.decl_buffer((1,), "float32", scope="local")
+                    hacc = T.decl_buffer((mt * 2,), "float16", scope="local")
+                    if pdl is not None:  # weights in flight; x and y only after the previous kernel is done
+                        T.evaluate(grid_wait())
+                        if pdl == "wait":
+                            T.evaluate(grid_launch())
+                    if cuda:
+                        T.evaluate(cp_wait())
+                    for a in T.unroll(mt):
+                        acc[a] = T.float32(0)
+                    for a in T.unroll(mt * 2 if half2s else 0):
+                        hacc[a] = T.float16(0)
+                    for c in T.unroll(nc):
+                        for v in T.vectorized(lw):
+                            wv[v] = qs[ty, (c * WARP + tx) * lw + v]
+                        for v in T.vectorized(lw):
+                            sv[v] = ss[ty, c * sg + (tx // gw) * lw + v]
+                        for j in T.unroll(lw):
+                            for i in T.unroll(mt):
+                                if pdl is None:
+                                    for v0 in T.unroll(epw // vec if epw >= vec else 1):
+                                        for v in T.vectorized(min(vec, epw)):
+                                            xv[v0 * vec + v] = x[i, ((c * lw + j) * WARP + tx) * epw + v0 * vec + v]
+                                zf = T.Cast("float32", z[bx * wb + ty, ((c * lw + j) * WARP + tx) * epw // g]) \
+                                    if not symmetric else T.float32(zero_sym)
+                                if pdl is not None:  # x loaded coherently inside, after griddepcontrol.wait
+                                    T.evaluate(dot8s_gx(wv[j], T.address_of(x[i, ((c * lw + j) * WARP + tx) * epw]),
+                                                        T.address_of(hacc[i * 2]), sv[j], zf))
+                                elif half2s:
+                                    T.evaluate(dot8s(wv[j], T.address_of(xv[0]), T.address_of(hacc[i * 2]), sv[j], zf))
+                                else:
+                                    part[0] = T.float32(0)
+                                    for e in T.unroll(epw):
+                                        part[0] = part[0] + (T.reinterpret("float32", T.bitwise_or(
+                                            T.bitwise_and(T.shift_right(
+                                                wv[j], T.Cast("uint32", (e % 2) * 16 + (e // 2) * bits)),
+                                                T.uint32(mask)), T.uint32(0x4B000000)))
+                                            - (zf + T.float32(8388608))) * T.Cast("float32", xv[e])
+                                    acc[i] = acc[i] + part[0] * T.Cast("float32", sv[j])
+                        for a in T.unroll(mt if half2s else 0):  # this step's half2 sums into fp32
+                            acc[a] = acc[a] + (T.Cast("float32", hacc[a * 2]) + T.Cast("float32", hacc[a * 2 + 1]))
+                            hacc[a * 2] = T.float16(0)
+                            hacc[a * 2 + 1] = T.float16(0)
+                    for j in T.unroll(nt):
+                        for i in T.unroll(mt):
+                            if pdl is None:
+                                for v0 in T.unroll(epw // vec if epw >= vec else 1):
+                                    for v in T.vectorized(min(vec, epw)):
+                                        xv[v0 * vec + v] = x[i, (nc * TILE_CHUNK + j * WARP + tx) * epw + v0 * vec + v]
+                            zf = T.Cast("float32", z[bx * wb + ty, (nc * TILE_CHUNK + j * WARP + tx) * epw // g]) \
+                                if not symmetric else T.float32(zero_sym)
+                            if pdl is not None:
+                                T.evaluate(dot8s_gx(qs[ty, nc * TILE_CHUNK + j * WARP + tx],
+                                                    T.address_of(x[i, (nc * TILE_CHUNK + j * WARP + tx) * epw]),
+                                                    T.address_of(hacc[i * 2]),
+                                                    ss[ty, (nc * TILE_CHUNK + j * WARP + tx) * epw // g], zf))
+                            elif half2s:
+                                T.evaluate(dot8s(qs[ty, nc * TILE_CHUNK + j * WARP + tx], T.address_of(xv[0]),
+                                                 T.address_of(hacc[i * 2]),
+                                                 ss[ty, (nc * TILE_CHUNK + j * WARP + tx) * epw // g], zf))
+                            else:
+                                part[0] = T.float32(0)
+                                for e in T.unroll(epw):
+                                    part[0] = part[0] + (T.reinterpret("float32", T.bitwise_or(
+                                        T.bitwise_and(T.shift_right(
+                                            qs[ty, nc * TILE_CHUNK + j * WARP + tx],
+                                            T.Cast("uint32", (e % 2) * 16 + (e // 2) * bits)),
+                                            T.uint32(mask)), T.uint32(0x4B000000)))
+                                        - (zf + T.float32(8388608))) * T.Cast("float32", xv[e])
+                                acc[i] = acc[i] + part[0] * T.Cast(
+                                    "float32", ss[ty, (nc * TILE_CHUNK + j * WARP + tx) * epw // g])
+                    for a in T.unroll(mt if half2s else 0):  # the tail's half2 sums
+                        acc[a] = acc[a] + (T.Cast("float32", hacc[a * 2]) + T.Cast("float32", hacc[a * 2 + 1]))
+                    for a in T.unroll(mt if emulate else 0):  # CPU twin: lanes in turn, summed into y
+                        if tx == 0:
+                            if has_bias:
+                                y[a, bx * wb + ty] = T.Cast(act_dtype, acc[a] + bias[bx * wb + ty])
+                            else:
+                                y[a, bx * wb + ty] = T.Cast(act_dtype, acc[a])
+                        else:
+                            y[a, bx * wb + ty] = y[a, bx * wb + ty] + T.Cast(act_dtype, acc[a])
+                    for a in T.unroll(0 if emulate else mt):
+                        red[0] = acc[a]
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 16, WARP, ws_)
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 8, WARP, ws_)
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 4, WARP, ws_)
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 2, WARP, ws_)
+                        red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 1, WARP, ws_)
+                        if tx == 0:
+                            if has_bias:
+                                y[a, bx * wb + ty] = T.Cast(act_dtype, red[0] + bias[bx * wb + ty])
+                            else:
+                                y[a, bx * wb + ty] = T.Cast(act_dtype, red[0])
+
+    func = _drop_unused(kernel, symmetric, has_bias)
+    return func.with_attr("tirx.kernel_launch_params", [PDL_TAG]) if pdl is not None else func
