@@ -27,9 +27,8 @@ Why these kernels:
 Which convs: NHWC/HWIO (after ember.passes.layout's conversion) 3x3, stride 1, dilation 1, groups 1, float32,
 static shapes, with a weight (parameter-derived) kernel. Stride-2, dilated, grouped and 1x1 convs keep the
 direct rule. Per layer, :func:`choose_tile` picks m (or declines) from the output size and channel counts,
-from measurements on the 2-core AVX-512 Xeon (see BENCHMARKS.md, "Winograd"): small images (7x7 in ResNet's
-last stage) are weight-bound, and there the (alpha/3)^2 times larger transformed weight loses to the direct
-conv.
+from measurements on the 2-core AVX-512 Xeon (see BENCHMARKS.md, "Winograd"): on small images (14x14, 7x7)
+F(2x2) beats F(4x4), whose (alpha/3)^2 = 4x larger transformed weight is read for too few tiles.
 
 Opt-out: ``EMBER_WINOGRAD=0`` in the environment, the module switch ``ENABLED = False``, or
 ``layout_pass(target, winograd=False)``.
@@ -86,12 +85,18 @@ def matrices(m: int):
 
 def choose_tile(oh: int, ow: int, c: int, o: int) -> int | None:
     """The output tile m for a 3x3 stride-1 conv with an ``oh x ow`` output, ``c`` -> ``o`` channels, or None to
-    keep the direct conv (see the module docstring)."""
-    if min(oh, ow) < 8:
-        return None  # ResNet's 7x7 stage: weight-bound, the 4x (F4) / 1.8x (F2) larger u costs more than it saves
+    keep the direct conv.
+
+    From benchmarks/winograd_bench.py on the 2-core AVX-512 Xeon (times relative to the direct rule, one conv +
+    bias + ReLU, batch 1): 56x56x64 F2 0.87 / F4 0.67; 28x28x128 0.51 / 0.40; 14x14x256 0.62 / 0.66; 7x7x512
+    0.50 / 1.00. F(4x4) wins where the image is large enough for many tiles; on small images its transformed
+    weight (4x the direct one) is read for too few tiles, so F(2x2) (1.8x) is the better trade there.
+    """
     if c < 8 or o < 8:
         return None  # too few channels for the GEMM to dominate the transforms
-    return 4 if min(oh, ow) >= 12 else 2
+    if min(oh, ow) < 4:
+        return None  # one or two tiles: nothing to batch
+    return 4 if min(oh, ow) >= 20 else 2
 
 
 # ------------------------------------------------------------------------------------------------- kernels
