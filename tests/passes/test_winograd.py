@@ -72,7 +72,7 @@ def test_declines_activation_kernels_and_tiny_images():
         bb.emit_func_output(out)
     assert not _rewritten(bb.get())
     # a 3x3 output is one or two tiles: choose_tile keeps the direct conv; few channels likewise
-    assert not _rewritten(_conv_graph(64, 64, (5, 5)))
+    assert not _rewritten(_conv_graph(64, 64, (3, 3)))
     assert not _rewritten(_conv_graph(3, 64, (20, 20)))
     assert winograd.choose_tile(56, 56, 64, 64) == 4 and winograd.choose_tile(7, 7, 512, 512) == 2
 
