@@ -103,8 +103,9 @@ def policy_tensor_core(policy):
 
 # Model variants with one of ember's GPU fusions turned off (prepare --variants), for before/after runs in the same
 # call: "castfusion_off" = no fp16 layer norm outputs (ember.passes.half_norm), no fusion through casts, no RowNorm
-# rule (ember as before issue 7's elementwise work); "rownorm_off" = the fusions on, layer norms on dlight's rule.
-VARIANTS = ("castfusion_off", "rownorm_off")
+# rule (ember as before issue 7's elementwise work); "rownorm_off" = the fusions on, layer norms on dlight's rule;
+# "wgmma_off" = GEMMs on the WMMA rule instead of the Hopper wgmma one (ember.schedules.gpu.hopper_gemm).
+VARIANTS = ("castfusion_off", "rownorm_off", "wgmma_off")
 
 
 def variant_context(variant):
@@ -118,7 +119,8 @@ def variant_context(variant):
         saved_passes, saved_rules = fusion.fusion_passes, schedules.gpu_rules
         if variant == "castfusion_off":
             fusion.fusion_passes = lambda t: [fusion.FuseAttention(t), fusion.FuseEpilogues()]
-        schedules.gpu_rules = lambda: [r for r in saved_rules() if type(r).__name__ != "RowNorm"]
+        dropped = "HopperGemm" if variant == "wgmma_off" else "RowNorm"
+        schedules.gpu_rules = lambda: [r for r in saved_rules() if type(r).__name__ != dropped]
         try:
             yield
         finally:
@@ -274,6 +276,8 @@ def prepare(a):
             variants += [(f"tc_{t}", [tile_rule(t)]) for t in tiles]
         else:
             variants = [("ember", gpu_rules()), ("dlight", dlight_rules())]
+        if kind in ("gemm", "linear"):  # ember without the Hopper wgmma rule: its WMMA kernels, same run
+            variants.append(("wmma", [r for r in gpu_rules() if type(r).__name__ != "HopperGemm"]))
         if kind == "gemm":  # which tile config is best is measured, not guessed: every config, plus dlight's
             from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
 

@@ -12,6 +12,7 @@ batches of 200 back-to-back calls), torch in the same process. Writes hopper_gem
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -23,30 +24,56 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
 from benchtools import cuda_events_us  # noqa: E402
 
-# problem name -> (m, n, k, layout, linear): linear = MiniLM's fp16 linear (fp32 accumulation, cast, bias add)
+# problem name -> (m, n, k, layout, epilogue): "none" (C = A W in fp16), "bias" (MiniLM's fp16 linear: fp32
+# accumulation, cast, bias add) or "gelu" (bias, then tanh-GELU); odd sizes check the padded tiles (TMA zero fill,
+# guarded stores).
 PROBLEMS = {
-    "gemm_256^3_nt": (256, 256, 256, "nt", False),  # small: quick to rerun under compute-sanitizer
-    "gemm_256^3_nn": (256, 256, 256, "nn", False),
-    "gemm_4096^3_nt": (4096, 4096, 4096, "nt", False),
-    "gemm_4096^3_nn": (4096, 4096, 4096, "nn", False),
-    "linear_qkvo_b32_4096x384x384": (4096, 384, 384, "nn", True),
-    "linear_ffn_up_b32_4096x1536x384": (4096, 1536, 384, "nn", True),
-    "linear_ffn_down_b32_4096x384x1536": (4096, 384, 1536, "nn", True),
+    "gemm_256^3_nt": (256, 256, 256, "nt", "none"),  # small: quick to rerun under compute-sanitizer
+    "gemm_256^3_nn": (256, 256, 256, "nn", "none"),
+    "gemm_4096^3_nt": (4096, 4096, 4096, "nt", "none"),
+    "gemm_4096^3_nn": (4096, 4096, 4096, "nn", "none"),
+    "linear_qkvo_b32_4096x384x384": (4096, 384, 384, "nn", "bias"),
+    "linear_ffn_up_b32_4096x1536x384": (4096, 1536, 384, "nn", "bias"),
+    "linear_ffn_down_b32_4096x384x1536": (4096, 384, 1536, "nn", "bias"),
+    "linear_gelu_4096x1536x384": (4096, 1536, 384, "nn", "gelu"),
+    "odd_1000x200x136_nt": (1000, 200, 136, "nt", "bias"),
+    "odd_1000x200x136_nn": (1000, 200, 136, "nn", "bias"),
 }
+
+
+def linear_func(m, n, k, layout, epilogue):
+    """The kernel as ember's fused graph has it (see the module doc of PROBLEMS)."""
+    from tvm import te
+
+    x = te.placeholder((m, k), "float16", name="x")
+    w = te.placeholder((k, n) if layout == "nn" else (n, k), "float16", name="w")
+    b = te.placeholder((n,), "float16", name="b")
+    r = te.reduce_axis((0, k), "k")
+    wv = (lambda j: w[r, j]) if layout == "nn" else (lambda j: w[j, r])
+    y = te.compute((m, n), lambda i, j: te.sum(x[i, r].astype("float32") * wv(j).astype("float32"), axis=r),
+                   name="y")
+    h = te.compute((m, n), lambda i, j: y[i, j].astype("float16"), name="cast")
+    if epilogue == "none":
+        return te.create_prim_func([x, w, h]).with_attr("global_symbol", "main")
+    o = te.compute((m, n), lambda i, j: h[i, j] + b[j], name="bias")
+    if epilogue == "gelu":
+        def gelu(i, j):
+            v = o[i, j].astype("float32")
+            return (0.5 * v * (1 + te.tanh(0.7978845608 * (v + 0.044715 * v * v * v)))).astype("float16")
+
+        o = te.compute((m, n), gelu, name="gelu")
+    return te.create_prim_func([x, w, b, o]).with_attr("global_symbol", "main")
 
 
 def configs():
     from ember.schedules.gpu.hopper_gemm import HopperConfig
 
-    return {
-        "c2n256s4": HopperConfig(consumers=2, bn=256, stages=4),
-        "c2n128s6": HopperConfig(consumers=2, bn=128, stages=6),
-        "c2n256s4_noreg": HopperConfig(consumers=2, bn=256, stages=4, raise_regs=False),
-        "c1n128s6": HopperConfig(consumers=1, bn=128, stages=6),
-        "c2n192s4": HopperConfig(consumers=2, bn=192, stages=4),
-        "c2n256s3": HopperConfig(consumers=2, bn=256, stages=3),
-        "c1n256s4": HopperConfig(consumers=1, bn=256, stages=4),
-    }
+    # run 2 (benchmarks/results/hopper_gemm_h100_2026-11-26_run2.json) also had c1n128s6, c1n256s4, c2n256s3 and
+    # c2n256s4 without setmaxnreg: each slower than the best below on every problem.
+    base = {"c2n256s4": HopperConfig(consumers=2, bn=256, stages=4),
+            "c2n192s4": HopperConfig(consumers=2, bn=192, stages=4),
+            "c2n128s6": HopperConfig(consumers=2, bn=128, stages=6)}
+    return {**base, **{f"{k}p": dataclasses.replace(c, persistent=True) for k, c in base.items()}}
 
 
 def prepare(a):
@@ -54,34 +81,30 @@ def prepare(a):
 
     from ember.compiler.cuda_aot import cuda_build_environment
     from ember.compiler.targets import resolve
-    from ember.schedules.gpu.hopper_gemm import wgmma_gemm
-
     _, target = resolve(a.target)
     os.makedirs(a.out, exist_ok=True)
     only = set(a.only.split(",")) if a.only else None
     wanted = set(a.configs.split(",")) if a.configs else None
     index = {"target": a.target, "problems": {}}
-    for name, (m, n, k, layout, linear) in PROBLEMS.items():
+    for name, (m, n, k, layout, epilogue) in PROBLEMS.items():
         if only and name not in only:
             continue
-        entry = index["problems"].setdefault(name, dict(m=m, n=n, k=k, layout=layout, linear=linear, variants={}))
-        for cname, cfg in configs().items():
+        entry = index["problems"].setdefault(name, dict(m=m, n=n, k=k, layout=layout, epilogue=epilogue,
+                                                        variants={}))
+        for cname, cfg in [("auto", None)] + list(configs().items()):
             if wanted and cname not in wanted:
                 continue
-            if n % cfg.bn and cfg.bn == 256 and n < 1024:
+            if cfg is not None and n % cfg.bn and cfg.bn == 256 and n < 1024:
                 continue
             if m * n <= 256 * 256 and cname not in ("c2n256s4", "c2n128s6"):
                 continue
             t0 = time.perf_counter()
             try:
-                if linear:
-                    func = _linear_kernel(m, n, k, cfg, target)
-                else:
-                    func = wgmma_gemm(m, n, k, layout, "float16", cfg)
+                func = _scheduled(linear_func(m, n, k, layout, epilogue), cfg, target)
                 with cuda_build_environment(target, str(target)), target:
                     lib = tvm.compile(tvm.IRModule({"main": func}), target)
             except Exception as e:  # pylint: disable=broad-except
-                print(f"{name} [{cname}]: does not compile ({type(e).__name__}: {str(e).strip()[-300:]})")
+                print(f"{name} [{cname}]: not built ({type(e).__name__}: {str(e).strip()[-300:]})")
                 continue
             path = f"{name}.{cname}.so"
             lib.export_library(os.path.join(a.out, path))
@@ -91,20 +114,19 @@ def prepare(a):
         json.dump(index, f, indent=2)
 
 
-def _linear_kernel(m, n, k, cfg, target):
-    """MiniLM's linear as ember compiles it (gpu_bench.matmul_func(linear=True)), scheduled by HopperGemm."""
+def _scheduled(func, cfg, target):
+    """``func`` scheduled by HopperGemm (``cfg`` None: the rule's own tile choice); raises where it declines."""
     import tvm
     from tvm.s_tir import dlight as dl
 
-    from gpu_bench import matmul_func  # noqa: E402  pylint: disable=import-outside-toplevel
     from ember.schedules.gpu.hopper_gemm import HopperGemm
 
-    mod = tvm.IRModule({"main": matmul_func(m, n, k, "nn", linear=True)})
+    mod = tvm.IRModule({"main": func})
     with target:
         mod = dl.ApplyDefaultSchedule(HopperGemm(cfg))(mod)
     func = mod["main"]
     if not (func.attrs and "tirx.is_scheduled" in func.attrs):
-        raise RuntimeError("HopperGemm declined the linear kernel")
+        raise RuntimeError("HopperGemm declined the kernel")
     return func
 
 
@@ -132,20 +154,25 @@ def run(a):
     for name, p in index["problems"].items():
         if only and name not in only:
             continue
-        m, n, k, layout, linear = p["m"], p["n"], p["k"], p["layout"], p["linear"]
+        m, n, k, layout, epilogue = p["m"], p["n"], p["k"], p["layout"], p["epilogue"]
+        linear = epilogue != "none"
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
         w = torch.randn(*((n, k) if layout == "nt" else (k, n)), device="cuda", dtype=torch.float16, generator=g)
         bias = torch.randn(n, device="cuda", dtype=torch.float16, generator=g)
         wt = w.t() if layout == "nt" else w
-        if linear:
+        if epilogue == "gelu":
+            tfn = lambda: torch.nn.functional.gelu(torch.addmm(bias, x, wt), approximate="tanh")  # noqa: E731
+        elif linear:
             tfn = lambda: torch.addmm(bias, x, wt)  # noqa: E731
         else:
             tfn = lambda: torch.matmul(x, wt)  # noqa: E731
         ref = x.float() @ wt.float()
         if linear:
             ref = ref + bias.float()
-        row = {"problem": name, "m": m, "n": n, "k": k, "layout": layout, "linear": linear}
+        if epilogue == "gelu":
+            ref = torch.nn.functional.gelu(ref, approximate="tanh")
+        row = {"problem": name, "m": m, "n": n, "k": k, "layout": layout, "epilogue": epilogue}
         row["torch_us"] = cuda_events_us(tfn)
         row["torch_max_err"] = float((tfn().float() - ref).abs().max())
         row["scale"] = float(ref.abs().max())

@@ -46,6 +46,7 @@ class HopperConfig:
     bn: int = 256
     stages: int = 4
     raise_regs: bool = True  # setmaxnreg: producer down to 40, consumers up to 232 (H100: 632 vs 603 TFLOP/s)
+    persistent: bool = False  # one block per SM walking tiles: the next tile's loads overlap this one's epilogue
 
     @property
     def bm(self) -> int:
@@ -60,6 +61,7 @@ class HopperConfig:
 
 
 SMEM_LIMIT = 227 * 1024  # H100 opt-in dynamic shared memory per block
+SMS = 132  # H100 SXM: a persistent kernel's grid
 
 
 def _tensor_map(name: str, buf: str, inner: int, outer: int, box_inner: int, box_outer: int) -> str:
@@ -132,23 +134,29 @@ def _source(m: int, n: int, k: int, layout: str, cfg: HopperConfig, *, signature
     st = store.replace("EPR", row).replace("EPC", f"({col} + e)").replace("EPV", val)
     if guard:
         stores = (f"if {' and '.join(guard)}:\n"
-                  f"                                for e in T.vectorized(2):\n"
-                  f"                                    {st}")
+                  f"                                        for e in T.vectorized(2):\n"
+                  f"                                            {st}")
     else:
         stores = (f"for e in T.vectorized(2):\n"
-                  f"                                {st}")
+                  f"                                        {st}")
     setreg_p = "T.ptx[\"setmaxnreg.dec.sync.aligned.u32\"](40)" if cfg.raise_regs else "T.evaluate(0)"
     setreg_c = "T.ptx[\"setmaxnreg.inc.sync.aligned.u32\"](232)" if cfg.raise_regs else "T.evaluate(0)"
     # Drain this k-tile's wgmma group, then hand its stage back to the producer. (Keeping one group in flight and
     # releasing the previous stage instead was slower on the H100, 606 vs 632 TFLOP/s at 4096^3.)
     release = (f"T.ptx.wgmma.wait_group.sync.aligned(0)\n"
-               f"                        if tx % 128 == 0:\n"
-               f"                            T.ptx.mbarrier.arrive.shared.b64(T.address_of(bars[{S} + s]))")
+               f"                                if tx % 128 == 0:\n"
+               f"                                    T.ptx.mbarrier.arrive.shared.b64(T.address_of(bars[{S} + s]))")
+    # Tiles: one per block, or (persistent) block b takes tiles b, b + grid, ...; the k-step counter g runs on across
+    # a block's tiles, so the stage ring and its barrier phases simply continue.
+    total = tm * tn
+    grid = min(total, SMS) if cfg.persistent else total
+    per_block = -(-total // grid)
+    live = f"bid + t * {grid} < {total}" if grid * per_block != total else "True"
     src = f"""
 @T.prim_func(s_tir=True)
 def main({signature}):
     T.func_attr({{"tirx.noalias": True, "tirx.is_scheduled": True}})
-{host}    for bid in T.thread_binding({tm * tn}, thread="blockIdx.x"):
+{host}    for bid in T.thread_binding({grid}, thread="blockIdx.x"):
         for tx in T.thread_binding({cfg.threads}, thread="threadIdx.x"):
             with T.sblock("wgmma_gemm"):
                 T.reads({reads})
@@ -158,8 +166,6 @@ def main({signature}):
                 acc = T.alloc_buffer(({acc_n},), "float32", scope="local")
                 desc_a = T.alloc_buffer((1,), "uint64", scope="local")
                 desc_b = T.alloc_buffer((1,), "uint64", scope="local")
-                m0 = T.meta_var(bid % {tm} * {bm})
-                n0 = T.meta_var(bid // {tm} * {bn})
                 if tx == 0:
                     for s in T.unroll({S}):
                         T.ptx.mbarrier.init.shared.b64(T.address_of(bars[s]), T.uint32(1))
@@ -169,31 +175,39 @@ def main({signature}):
                 if tx < 128:
                     {setreg_p}
                     if tx == 0:
-                        for kt in range({kt}):
-                            s = T.meta_var(kt % {S})
-                            if kt >= {S}:
-                                T.cuda.mbarrier_wait(T.address_of(bars[{S} + s]), (kt // {S} + 1) % 2)
-                            T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(bars[s]), T.uint32({stage_bytes}))
-                            {tma}({_dst(f's * {a_elems}', a_elems)}, T.address_of(A_map), kt * {BK}, m0, T.address_of(bars[s]))
-                            {_indent(b_loads, 28)}
+                        for t in range({per_block}):
+                            if {live}:
+                                m0 = T.meta_var((bid + t * {grid}) % {tm} * {bm})
+                                n0 = T.meta_var((bid + t * {grid}) // {tm} * {bn})
+                                for kt in range({kt}):
+                                    s = T.meta_var((t * {kt} + kt) % {S})
+                                    if t * {kt} + kt >= {S}:
+                                        T.cuda.mbarrier_wait(T.address_of(bars[{S} + s]), ((t * {kt} + kt) // {S} + 1) % 2)
+                                    T.ptx.mbarrier.arrive.expect_tx.shared.b64(T.address_of(bars[s]), T.uint32({stage_bytes}))
+                                    {tma}({_dst(f's * {a_elems}', a_elems)}, T.address_of(A_map), kt * {BK}, m0, T.address_of(bars[s]))
+                                    {_indent(b_loads, 36)}
                 else:
                     {setreg_c}
                     wg = T.meta_var(tx // 128 - 1)
-                    for i in T.unroll({acc_n}):
-                        acc[i] = T.float32(0)
-                    for kt in range({kt}):
-                        s = T.meta_var(kt % {S})
-                        T.cuda.mbarrier_wait(T.address_of(bars[s]), kt // {S} % 2)
-                        T.ptx.wgmma.fence.sync.aligned()
-                        for kk in T.unroll({BK // WGMMA_K}):
-                            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a[0]), {a_desc})
-                            T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_b[0]), {b_desc})
-                            T.ptx["{mma}"]({accs}, desc_a[0], desc_b[0], T.bool(True), 1, 1, 0, {trans_b})
-                        T.ptx.wgmma.commit_group.sync.aligned()
-                        {release}
-                    for i in T.unroll({bn // 8}):
-                        for h in T.unroll(2):
-                            {stores}
+                    for t in range({per_block}):
+                        if {live}:
+                            m0 = T.meta_var((bid + t * {grid}) % {tm} * {bm})
+                            n0 = T.meta_var((bid + t * {grid}) // {tm} * {bn})
+                            for i in T.unroll({acc_n}):
+                                acc[i] = T.float32(0)
+                            for kt in range({kt}):
+                                s = T.meta_var((t * {kt} + kt) % {S})
+                                T.cuda.mbarrier_wait(T.address_of(bars[s]), (t * {kt} + kt) // {S} % 2)
+                                T.ptx.wgmma.fence.sync.aligned()
+                                for kk in T.unroll({BK // WGMMA_K}):
+                                    T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_a[0]), {a_desc})
+                                    T.cuda.wgmma.encode_matrix_descriptor(T.address_of(desc_b[0]), {b_desc})
+                                    T.ptx["{mma}"]({accs}, desc_a[0], desc_b[0], T.bool(True), 1, 1, 0, {trans_b})
+                                T.ptx.wgmma.commit_group.sync.aligned()
+                                {release}
+                            for i in T.unroll({bn // 8}):
+                                for h in T.unroll(2):
+                                    {stores}
 """
     return src
 
@@ -367,7 +381,6 @@ def _region(buf) -> str:
 # 128x256 at 4096^3 (632 TFLOP/s nt, 595 nn; 128x128 534/487), 128x192 at 4096x1536x384, 128x128 at N = 384.
 CANDIDATES = (HopperConfig(consumers=2, bn=256, stages=4), HopperConfig(consumers=2, bn=192, stages=4),
               HopperConfig(consumers=2, bn=128, stages=6))
-SMS = 132  # H100 SXM
 MIN_BLOCKS = 66  # below half a wave the WMMA rule's small tiles and split-K do better (MiniLM batch 1)
 
 
