@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
 from benchtools import cpu_name, interleaved_times  # noqa: E402
 
 PEERS = ("PyTorch eager", "torch.compile", "ONNX Runtime")
-ENGINES = ("ember untuned", "ember tuned") + PEERS
+ENGINES = ("ember untuned", "ember tuned", "ember no Winograd") + PEERS
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -123,17 +123,23 @@ def workload(name: str):
 
 
 # ------------------------------------------------------------------------------------------------- engines
-def ember_engine(model, inputs, names, tuning_db=None):
-    """Compile with ember; returns (run function, outputs as numpy, compile seconds)."""
+def ember_engine(model, inputs, names, tuning_db=None, winograd=True):
+    """Compile with ember; returns (run function, outputs as numpy, compile seconds). ``winograd=False``: the
+    direct conv rule for every conv (ember.passes.winograd off), the before/after baseline."""
     import tvm
 
     import ember
+    from ember.passes import winograd as wg
 
     kwargs = {}
     if tuning_db is not None:
         kwargs["tuning"] = ember.Tuning(database=tuning_db, apply_only=True)
     t0 = time.perf_counter()
-    cm = ember.compile(model, inputs, input_names=names, **kwargs)
+    saved, wg.ENABLED = wg.ENABLED, winograd and wg.ENABLED
+    try:
+        cm = ember.compile(model, inputs, input_names=names, **kwargs)
+    finally:
+        wg.ENABLED = saved
     compile_s = time.perf_counter() - t0
     out = cm(*[t.numpy() for t in inputs])
     dev_inputs = [tvm.runtime.tensor(np.ascontiguousarray(t.numpy()), tvm.cpu()) for t in inputs]
@@ -179,11 +185,14 @@ def run_workload(name, args, threads):
         ref = model(*inputs).numpy()
     fns, notes, numerics, compile_s = {}, {}, {}, {}
 
-    for label, db in (("ember untuned", None), ("ember tuned", args.tuning_db)):
+    variants = [("ember untuned", None, True), ("ember tuned", args.tuning_db, True)]
+    if args.winograd_baseline:
+        variants.append(("ember no Winograd", args.tuning_db, False))
+    for label, db, wino in variants:
         if label == "ember tuned" and db is None:
             continue
         try:
-            fn, out, secs = ember_engine(model, inputs, names, db)
+            fn, out, secs = ember_engine(model, inputs, names, db, winograd=wino)
             fns[label], compile_s[label] = fn, round(secs, 1)
             numerics[label] = agreement(out, ref)
         except Exception as e:  # an engine that fails is reported in the table, not hidden
@@ -223,6 +232,9 @@ def run_workload(name, args, threads):
         if engine == "ember tuned" and args.tuning_db is None:
             rows[engine] = {"status": "n/a", "note": "no --tuning-db given"}
             continue
+        if engine == "ember no Winograd" and not args.winograd_baseline:
+            rows[engine] = {"status": "n/a", "note": "no --winograd-baseline"}
+            continue
         if engine not in timing:
             rows[engine] = {"status": "n/a", "note": notes.get(engine, "not run")}
             continue
@@ -258,11 +270,11 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.16
+    width = 0.8 / len(ENGINES)
     xs = np.arange(len(results))
     for i, engine in enumerate(ENGINES):
         vals = [r["engines"][engine].get("ratio_to_fastest_peer") or 0.0 for r in results]
-        bars = ax.bar(xs + (i - 2) * width, vals, width, label=engine)
+        bars = ax.bar(xs + (i - (len(ENGINES) - 1) / 2) * width, vals, width, label=engine)
         for b, r in zip(bars, results):
             row = r["engines"][engine]
             label = f"{row['median_ms']:.1f}" if row["status"] == "ok" else "n/a"
@@ -282,6 +294,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tuning-db", default=None, help="a tuning database directory: adds the 'ember tuned' column")
     ap.add_argument("--workloads", default="minilm-b1,minilm-b8,resnet18-b1")
+    ap.add_argument("--winograd-baseline", action="store_true",
+                    help="adds 'ember no Winograd' (direct conv rule everywhere; with --tuning-db, tuned too)")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per workload")
     ap.add_argument("--per-round", type=int, default=3, help="runs of each engine per round")
     ap.add_argument("--out", default="benchmarks/results")
