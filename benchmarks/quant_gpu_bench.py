@@ -82,6 +82,17 @@ KERNELS = {
     "staged_g128_w2_pdl": dict(group=128, staged=True, warps=2, pdl="start"),
     "staged_g32": dict(group=32, staged=True),
     "staged_g32_pdl": dict(group=32, staged=True, pdl="start"),
+    # run 8: run 7's staged kernel decoded only after its whole row had landed — with one wave of blocks, every
+    # warp then waits for DRAM and all decode at the end (cold 13.2 us). pipe = one cp.async group per step, step c
+    # decoded once groups 0..c landed (copies still all issued at once).
+    "staged_g128_pipe": dict(group=128, staged=True, pipeline=True),
+    "staged_g128_pipe_w8": dict(group=128, staged=True, pipeline=True, warps=8),
+    "staged_g128_pipe_w2": dict(group=128, staged=True, pipeline=True, warps=2),
+    "staged_g128_pipe_pdl": dict(group=128, staged=True, pipeline=True, pdl="start"),
+    "staged_g128_pipe_pdlw": dict(group=128, staged=True, pipeline=True, pdl="wait"),
+    "staged_g128_pipe_w2_pdlw": dict(group=128, staged=True, pipeline=True, warps=2, pdl="wait"),
+    "staged_g32_pipe": dict(group=32, staged=True, pipeline=True),
+    "staged_g32_pipe_pdlw": dict(group=32, staged=True, pipeline=True, pdl="wait"),
 }
 # weight layouts: which packing a variant reads (same bytes, other orders)
 

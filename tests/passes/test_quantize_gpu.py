@@ -216,13 +216,19 @@ def test_weight_only_gemv_staged_twin_matches_numpy(k, n, bits, group, sym, bias
     np.testing.assert_allclose(y, x @ deq + (b if bias else 0), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("pdl", [None, "start"])
-def test_weight_only_gemv_staged_cuda_kernel(pdl):
+@pytest.mark.parametrize("pdl,pipeline", [(None, False), ("start", False), ("wait", True)])
+def test_weight_only_gemv_staged_cuda_kernel(pdl, pipeline):
     """For the issue's shape on CUDA: every copy (10 whole steps, the tail, the scales) is a cp.async issued before
     the one wait; with ``pdl`` the kernel carries the launch tag, and x is read only after griddepcontrol.wait
     (coherent loads inside ember_i4_dot8s_gx) — nothing but weights and scales before it."""
-    func = qg.weight_only_gemv_staged(11008, 4096, 4, 128, True, False, "float16", 1, _target("cuda-sm90"), pdl=pdl)
+    func = qg.weight_only_gemv_staged(11008, 4096, 4, 128, True, False, "float16", 1, _target("cuda-sm90"), pdl=pdl,
+                                      pipeline=pipeline)
     text = func.script()
+    if pipeline:  # a group per step (+ the tail's), step c decoded once groups 0..c landed, the tail after all
+        assert "ember_cp_async_wait_all" not in text and text.count("ember_cp_async_commit()") == 2
+        assert "T.min(10 - c, 15)" in text and "ember_cp_async_wait_n\", 0" in text
+    else:
+        assert "ember_cp_async_wait_all" in text and "ember_cp_async_commit" not in text
     # three unrolled copy loops: 10 whole steps, the tail (24 lanes x 16 bytes), the scales (11 lanes)
     assert "T.unroll(10)" in text and "tx < 24" in text and "tx < 11" in text
     shared = [(d, size) for d, scope, size in _allocations(func) if scope == "shared"]
@@ -235,7 +241,10 @@ def test_weight_only_gemv_staged_cuda_kernel(pdl):
     wait = text.index("ember_grid_dep_wait()")
     assert text.rindex("ember_cp_async16") < wait < text.index("ember_i4_dot8s_gx(")
     assert "x[" not in text[:wait]  # no x read before the wait
-    assert text.index("ember_grid_dep_launch()") < text.index("ember_cp_async16")
+    if pdl == "start":
+        assert text.index("ember_grid_dep_launch()") < text.index("ember_cp_async16")
+    else:
+        assert wait < text.index("ember_grid_dep_launch()") < text.index("ember_i4_dot8s_gx(")
     assert not qg.staged_applies(11008, 4096, 4, 128, 1, target=_target("rocm-gfx942"))
 
 
@@ -326,18 +335,22 @@ def _kernel_names(lib, target):
 
 
 @pytest.mark.slow
-def test_int4_mlp_for_cuda_uses_staged_kernel_where_it_applies(tmp_path):
-    """First layer K = 256 (32 words: one whole stripe) → the staged kernel on interleaved words and scales; second
-    layer K = 64 → the one-word kernel. Both in one CUDA artifact."""
+@pytest.mark.parametrize("staged", [False, True])
+def test_int4_mlp_for_cuda_uses_tiled_kernel_where_it_applies(tmp_path, monkeypatch, staged):
+    """First layer K = 256 (32 words: one whole stripe) → the tiled kernel on interleaved words (or, with
+    quant_gemv.STAGED switched on, the staged kernel with interleaved scales too); second layer K = 64 → the
+    one-word kernel. Both in one CUDA artifact."""
     why = _available("cuda-sm90")
     if why:
         pytest.skip(why)
+    monkeypatch.setattr(qg, "STAGED", staged)
     model = seeded(MLP, d_in=256, hidden=64, d_out=10)
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3))
     cm = ember.compile(model, (x,), target="cuda-sm90", quantization=ember.WeightOnly(bits=4, group_size=32))
     art = cm.export(tmp_path / "art")
     data = open(f"{art}/model.so", "rb").read()
-    assert b"ember_gpu_wo_gemv_4_256_64_32_1_1_4_staged" in data
+    kind = b"staged" if staged else b"tiled"
+    assert b"ember_gpu_wo_gemv_4_256_64_32_1_1_4_" + kind in data
     assert b"ember_gpu_wo_gemv_4_64_10_32_1_1_4_word" in data
 
 

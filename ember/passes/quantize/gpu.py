@@ -8,7 +8,10 @@ The quantization itself — codes, scales, zero points, GPTQ — is the CPU path
   ``[N, K/g]`` (+ uint8 zero points), decoded inside the GEMV kernel
   (:func:`ember.schedules.gpu.quant_gemv.weight_only_gemv_tiled` on words reordered by
   :func:`~ember.schedules.gpu.quant_gemv.interleave_words` for static row counts and whole 32-word stripes, else
-  :func:`ember.schedules.gpu.quant_gemv.weight_only_gemv`): no full-precision weight buffer exists at run time;
+  :func:`ember.schedules.gpu.quant_gemv.weight_only_gemv`; with ``quant_gemv.STAGED`` switched on, CUDA layers the
+  staged kernel covers get :func:`~ember.schedules.gpu.quant_gemv.weight_only_gemv_staged` on interleaved words and
+  :func:`~ember.schedules.gpu.quant_gemv.interleave_scales` scales — off: slower from DRAM on the H100): no
+  full-precision weight buffer exists at run time;
 * INT8 (dynamic or static activations): :func:`quantize_rows` turns each activation row into signed int8 codes
   four per int32 word plus a fp32 scale, then :func:`ember.schedules.gpu.quant_gemv.int8_gemv` accumulates
   int8 x int8 products in int32 (``__dp4a`` on CUDA) and applies ``xs[i] * ws[n] (+ bias)``;
@@ -207,9 +210,9 @@ class GpuEmitter(Emitter):
         self.dequantized[site.name] = deq
         codes = qmath.unpack_int4(arrays["qweight"], site.n) if bits == 4 else arrays["qweight"]  # [K, N]
         rows = self._rows(m)
-        # the staged kernel (cp.async: a warp's whole row in flight at once) where its layouts apply, else the tiled
-        # kernel (16-byte weight loads, columns sharing x loads), else the one-word-per-lane kernel (symbolic rows,
-        # K not a multiple of 32 words, odd N)
+        # the tiled kernel (16-byte weight loads) where the shape allows, else the one-word-per-lane kernel (symbolic
+        # rows, K not a multiple of 32 words, odd N); the staged kernel (cp.async: a warp's whole row in flight at
+        # once) only when switched on (qg.STAGED: slower than the tiled one from DRAM, faster from L2)
         staged = qg.STAGED and qg.staged_applies(site.k, site.n, bits, group, rows, target=self.target)
         tiled = not staged and qg.TILED and qg.tiled_applies(site.k, site.n, bits, group, rows, qg.TILE_COLS,
                                                              qg.TILE_WARPS)
@@ -228,7 +231,8 @@ class GpuEmitter(Emitter):
         def make():
             if staged:
                 return _finish(qg.weight_only_gemv_staged(site.k, site.n, bits, group, sym, bias is not None,
-                                                          "float32", rows, self.target))
+                                                          "float32", rows, self.target,
+                                                          pipeline=qg.STAGED_PIPELINE))
             if tiled:
                 return _finish(qg.weight_only_gemv_tiled(site.k, site.n, bits, group, sym, bias is not None,
                                                          "float32", rows, self.target, cols=qg.TILE_COLS,

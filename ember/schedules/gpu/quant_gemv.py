@@ -32,8 +32,10 @@ is then re-read once per row tile (from L2 for small models): a GEMV, not a tens
 Measured (H100, fp16 x, 4096 x 11008, INT4 g128, BENCHMARKS.md): 12.9 us with weights from DRAM = 60% of the
 copy bandwidth, 2.7x cuBLAS fp16; 8.6 us L2-resident. :func:`weight_only_gemv_tiled` (end of this file: 16-byte
 weight loads in an interleaved word order, all loads before any decode, a cheaper half2 decode, L1-bypassing weight
-loads) reaches 10.4 us = 74% (3.5x torch) and is what ``ember.compile`` uses for static row counts where the shape
-allows (:func:`tiled_applies`); this kernel remains for symbolic row counts and other shapes.
+loads) reaches 10.2-10.4 us = 74-76% (3.5x torch) and is what ``ember.compile`` uses for static row counts where the
+shape allows (:func:`tiled_applies`); this kernel remains for symbolic row counts and other shapes.
+:func:`weight_only_gemv_staged` (cp.async of a warp's whole row, optional programmatic dependent launch) is faster
+from L2 but slower from DRAM (13.2 us; 11.1 us back to back with PDL), so it is opt-in (``STAGED``).
 """
 
 from __future__ import annotations
@@ -635,6 +637,10 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
     above: 12.9 us; with neither half2s nor stream 11.3 us, stream alone 10.9, half2s alone 11.4; 2 columns 11.5).
     The fp16 decode sums 8 products in fp16 and 4 scaled words in fp16 before fp32 (rel. error 5.0e-4 vs a fp32
     matmul on the dequantized weights, 3.8e-4 with "half2").
+
+    Knobs measured off (run 7, same H100 run as the default's 10.2 us): ``scale_vec`` (scales in
+    :func:`interleave_scales` order, one 8-byte load per step instead of 4 two-byte loads) 11.1 us; ``l2_hint``
+    (``.L2::256B`` on the weight loads) 10.4 us.
     """
     from tvm.script import tirx as T
 
@@ -827,11 +833,16 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
 
 
 # -- the staged GEMV: every weight byte of a warp's row in flight at once (cp.async into shared memory) ----------
-# Why: in the tiled kernel above, ptxas does not keep "all loads before any decode" — the SASS issues 2 of the 10
-# 16-byte weight loads up front and the others one per decoded step (fewer live registers: 62), so each warp has only
-# ~1 KB in flight and the tail's and the scales' loads wait for DRAM again at the end. cp.async copies cannot be
-# sunk below the cp.async.wait that consumes them: a warp issues its whole 5.5 KB row (+ its scales) at once, then
-# waits once. The decode reads the words back from shared memory (the lane's own 16 bytes: no bank conflicts).
+# Why it was written: in the tiled kernel above, ptxas does not keep "all loads before any decode" — the SASS
+# (nvdisasm) issues 2 of the 10 16-byte weight loads up front and the others one per decoded step (62 registers), so
+# a warp has ~1 KB in flight, and the tiled kernel takes as long with its weights in L2 as from DRAM (10.2 us both,
+# run 7). cp.async copies cannot be sunk below the wait that consumes them: here a warp issues its whole 5.5 KB row
+# (+ its scales) at once. What it measured (H100, BENCHMARKS.md runs 7-8): from L2 8.6 us (the tiled 10.2), but from
+# DRAM 13.2 us — slower than the tiled kernel's 10.2, with or without one wait per step (``pipeline``), 2 or 8 warps
+# per block or an L2 prefetch hint; so ember.compile keeps the tiled kernel (``STAGED`` off). It is the kernel that
+# carries a programmatic dependent launch (``pdl``), which took 2.1 us off each of back-to-back calls (13.2 -> 11.1)
+# and nothing after a kernel that does not trigger it. The decode reads the words back from shared memory (the lane's
+# own 16 bytes: no bank conflicts).
 _CP_ASYNC_CUDA = r"""
 __forceinline__ __device__ void ember_cp_async16(void* smem, const void* smem_last, const void* gmem) {
   unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
@@ -860,8 +871,40 @@ __forceinline__ __device__ void ember_i4_dot8s_gx(unsigned int w, const void* xg
   ember_i4_dot8s(w, &xr, accp, s, z);
 }
 """
-STAGED = True  # ember.compile uses the staged kernel where staged_applies (ember/passes/quantize/gpu.py)
+# The pipelined variant: one cp.async group per 16-byte step; step c is decoded once groups 0..c have landed
+# (wait_group takes an immediate: the switch folds once the call is inlined with a constant).
+_CP_COMMIT_CUDA = r"""
+__forceinline__ __device__ void ember_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+"""
+_CP_WAIT_N_CUDA = r"""
+__forceinline__ __device__ void ember_cp_async_wait_n(int n) {
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
+    case 7: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
+    case 8: asm volatile("cp.async.wait_group 8;" ::: "memory"); break;
+    case 9: asm volatile("cp.async.wait_group 9;" ::: "memory"); break;
+    case 10: asm volatile("cp.async.wait_group 10;" ::: "memory"); break;
+    case 11: asm volatile("cp.async.wait_group 11;" ::: "memory"); break;
+    case 12: asm volatile("cp.async.wait_group 12;" ::: "memory"); break;
+    case 13: asm volatile("cp.async.wait_group 13;" ::: "memory"); break;
+    case 14: asm volatile("cp.async.wait_group 14;" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 15;" ::: "memory"); break;
+  }
+  __syncwarp();
+}
+"""
+# Off: measured slower than the tiled kernel where the weights come from DRAM (H100, 4096 x 11008 g128, CUDA graph,
+# BENCHMARKS.md run 7-8: 13.2 us vs 10.2; after another kernel 13.2-13.5 vs 10.4) though faster from L2 (8.6 vs 10.2)
+# and, with pdl between back-to-back GEMVs, 11.1 us. ember.compile emits it only when this is switched on.
+STAGED = False
 STAGED_WARPS = 4
+STAGED_PIPELINE = False  # one cp.async group per step, decoded as it lands: measured no change (13.3 vs 13.2 us)
 
 
 def staged_applies(k: int, n: int, bits: int, group: int, rows: int | None, warps: int = STAGED_WARPS,
@@ -881,7 +924,8 @@ def staged_applies(k: int, n: int, bits: int, group: int, rows: int | None, warp
 
 def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool,
                             act_dtype: str, rows: int, target, warps: int = STAGED_WARPS, pdl: str | None = None,
-                            l2_hint: bool = False, decode: str = "half2s", emulate: bool = False) -> tirx.PrimFunc:
+                            l2_hint: bool = False, decode: str = "half2s", pipeline: bool = False,
+                            emulate: bool = False) -> tirx.PrimFunc:
     """Fused decode + GEMV on :func:`interleave_words` weights and :func:`interleave_scales` scales (same arguments
     and result as :func:`weight_only_gemv_tiled`; scales ``[N, scale_row(K/g)]``). One output column per warp.
 
@@ -930,6 +974,14 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
     def cp_wait():
         return cuda_func_call("ember_cp_async_wait_all", source_code=_CP_WAIT_CUDA)
 
+    def cp_commit():
+        return cuda_func_call("ember_cp_async_commit", source_code=_CP_COMMIT_CUDA)
+
+    def cp_wait_n(pending):  # wait_group takes at most 15 here: waiting for more than needed is still correct
+        return cuda_func_call("ember_cp_async_wait_n", T.min(pending, 15), source_code=_CP_WAIT_N_CUDA)
+
+    pipe = pipeline and cuda
+
     def grid_wait():
         return cuda_func_call("ember_grid_dep_wait", source_code=_PDL_WAIT_CUDA)
 
@@ -963,8 +1015,17 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
                 for tx in _loop(WARP, "threadIdx.x", emulate):
                     if pdl == "start":
                         T.evaluate(grid_launch())
-                    # the copies: the row's whole steps (lane t: physical words 4t..4t+3 of each 128-word chunk),
-                    # its tail stripes and its scales
+                    # the copies: the row's scales (first: the pipelined variant's first group holds them), its
+                    # whole steps (lane t: physical words 4t..4t+3 of each 128-word chunk) and its tail stripes
+                    for c in T.unroll(-(-scale_chunks // WARP)):
+                        if c * WARP + tx < scale_chunks:
+                            if cuda:
+                                T.evaluate(cp16(T.address_of(ss[ty, (c * WARP + tx) * 8]),
+                                                T.address_of(ss[ty, (c * WARP + tx) * 8 + 7]),
+                                                T.address_of(s[bx * wb + ty, (c * WARP + tx) * 8])))
+                            else:
+                                for v in T.serial(8):
+                                    ss[ty, (c * WARP + tx) * 8 + v] = s[bx * wb + ty, (c * WARP + tx) * 8 + v]
                     for c in T.unroll(nc):
                         if cuda:
                             T.evaluate(cp16(T.address_of(qs[ty, (c * WARP + tx) * lw]),
@@ -973,6 +1034,8 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
                         else:
                             for v in T.serial(lw):
                                 qs[ty, (c * WARP + tx) * lw + v] = q[bx * wb + ty, (c * WARP + tx) * lw + v]
+                        if pipe:  # one group per step (the first also holds the scales)
+                            T.evaluate(cp_commit())
                     for c in T.unroll(-(-tail_chunks // WARP)):
                         if c * WARP + tx < tail_chunks:
                             if cuda:
@@ -983,15 +1046,8 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
                                 for v in T.serial(lw):
                                     qs[ty, nc * TILE_CHUNK + (c * WARP + tx) * lw + v] = \
                                         q[bx * wb + ty, nc * TILE_CHUNK + (c * WARP + tx) * lw + v]
-                    for c in T.unroll(-(-scale_chunks // WARP)):
-                        if c * WARP + tx < scale_chunks:
-                            if cuda:
-                                T.evaluate(cp16(T.address_of(ss[ty, (c * WARP + tx) * 8]),
-                                                T.address_of(ss[ty, (c * WARP + tx) * 8 + 7]),
-                                                T.address_of(s[bx * wb + ty, (c * WARP + tx) * 8])))
-                            else:
-                                for v in T.serial(8):
-                                    ss[ty, (c * WARP + tx) * 8 + v] = s[bx * wb + ty, (c * WARP + tx) * 8 + v]
+                    if pipe:  # the tail's group (the last)
+                        T.evaluate(cp_commit())
                 for tx in _loop(WARP, "threadIdx.x", emulate):
                     acc = T.decl_buffer((mt,), "float32", scope="local")
                     wv = T.decl_buffer((lw,), "uint32", scope="local")
@@ -1004,13 +1060,15 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
                         T.evaluate(grid_wait())
                         if pdl == "wait":
                             T.evaluate(grid_launch())
-                    if cuda:
+                    if cuda and not pipe:
                         T.evaluate(cp_wait())
                     for a in T.unroll(mt):
                         acc[a] = T.float32(0)
                     for a in T.unroll(mt * 2 if half2s else 0):
                         hacc[a] = T.float16(0)
                     for c in T.unroll(nc):
+                        if pipe:  # groups 0..c landed: nc - c may still be in flight
+                            T.evaluate(cp_wait_n(nc - c))
                         for v in T.vectorized(lw):
                             wv[v] = qs[ty, (c * WARP + tx) * lw + v]
                         for v in T.vectorized(lw):
@@ -1041,6 +1099,8 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
                             acc[a] = acc[a] + (T.Cast("float32", hacc[a * 2]) + T.Cast("float32", hacc[a * 2 + 1]))
                             hacc[a * 2] = T.float16(0)
                             hacc[a * 2 + 1] = T.float16(0)
+                    if pipe:
+                        T.evaluate(cp_wait_n(0))
                     for j in T.unroll(nt):
                         for i in T.unroll(mt):
                             if pdl is None:
