@@ -104,8 +104,9 @@ def policy_tensor_core(policy):
 # Model variants with one of ember's GPU fusions turned off (prepare --variants), for before/after runs in the same
 # call: "castfusion_off" = no fp16 layer norm outputs (ember.passes.half_norm), no fusion through casts, no RowNorm
 # rule (ember as before issue 7's elementwise work); "rownorm_off" = the fusions on, layer norms on dlight's rule;
-# "wgmma_off" = GEMMs on the WMMA rule instead of the Hopper wgmma one (ember.schedules.gpu.hopper_gemm).
-VARIANTS = ("castfusion_off", "rownorm_off", "wgmma_off")
+# "wgmma_off" = GEMMs on the WMMA rule instead of the Hopper wgmma one (ember.schedules.gpu.hopper_gemm);
+# "fp16_residual" = the residual stream stored in fp16 only (ember.passes.fusion.EXACT_RESIDUAL = False).
+VARIANTS = ("castfusion_off", "rownorm_off", "wgmma_off", "fp16_residual")
 
 
 def variant_context(variant):
@@ -116,15 +117,17 @@ def variant_context(variant):
 
     @contextlib.contextmanager
     def swapped():
-        saved_passes, saved_rules = fusion.fusion_passes, schedules.gpu_rules
+        saved_passes, saved_rules, saved_exact = fusion.fusion_passes, schedules.gpu_rules, fusion.EXACT_RESIDUAL
         if variant == "castfusion_off":
             fusion.fusion_passes = lambda t: [fusion.FuseAttention(t), fusion.FuseEpilogues()]
-        dropped = "HopperGemm" if variant == "wgmma_off" else "RowNorm"
+        if variant == "fp16_residual":
+            fusion.EXACT_RESIDUAL = False
+        dropped = {"wgmma_off": "HopperGemm", "fp16_residual": None}.get(variant, "RowNorm")
         schedules.gpu_rules = lambda: [r for r in saved_rules() if type(r).__name__ != dropped]
         try:
             yield
         finally:
-            fusion.fusion_passes, schedules.gpu_rules = saved_passes, saved_rules
+            fusion.fusion_passes, schedules.gpu_rules, fusion.EXACT_RESIDUAL = saved_passes, saved_rules, saved_exact
 
     return swapped()
 

@@ -663,8 +663,10 @@ def epilogue_patterns(casts: bool = False) -> list:
         norm_x = is_op("relax.add")(operand(), operand())
         layer_norm = is_op("relax.nn.layer_norm")(norm_x, wildcard(), wildcard())
         rms_norm = is_op("relax.nn.rms_norm")(norm_x, wildcard())
-        out.append(("ember.add_layer_norm_cast", is_op("relax.astype")(layer_norm), {}, _float_casts_inside))
-        out.append(("ember.add_rms_norm_cast", is_op("relax.astype")(rms_norm), {}, _float_casts_inside))
+        # The norm's fp32 output may have users outside (the residual add, ember.passes.half_norm with
+        # widen=False): the kernel then has two outputs, the fp32 norm and its fp16 copy.
+        out.append(("ember.add_layer_norm_cast", is_op("relax.astype")(layer_norm), {}, _norm_cast_check))
+        out.append(("ember.add_rms_norm_cast", is_op("relax.astype")(rms_norm), {}, _norm_cast_check))
         out.append(("ember.add_layer_norm", layer_norm, {}, _float_casts_inside))
         out.append(("ember.add_rms_norm", rms_norm, {}, _float_casts_inside))
         return out
@@ -702,6 +704,21 @@ def _float_casts_inside(ctx) -> bool:
     return all(_float_cast(e) for e in ctx.matched_bindings.values()) and _only_used_inside(ctx)
 
 
+def _norm_cast_check(ctx) -> bool:
+    """add + norm + cast: float casts only; every swallowed value but the norm's own output used only inside."""
+    if not all(_float_cast(e) for e in ctx.matched_bindings.values()):
+        return False
+    matched = set(ctx.matched_bindings.keys())
+    root = ctx.value_to_bound_var.get(ctx.matched_expr) if hasattr(ctx.value_to_bound_var, "get") else None
+    for var, val in ctx.matched_bindings.items():
+        if (root is not None and var.same_as(root)) or _op_name(val) in ("relax.nn.layer_norm", "relax.nn.rms_norm"):
+            continue
+        users = ctx.var_usages.get(var, []) if hasattr(ctx.var_usages, "get") else []
+        if any(u not in matched for u in users):
+            return False
+    return True
+
+
 def _epilogue_check(ctx) -> bool:
     if any(_symbolic_view(e) or not _float_cast(e) for e in ctx.matched_bindings.values()):
         return False
@@ -735,6 +752,12 @@ def FuseEpilogues(casts: bool = False) -> tvm.transform.Pass:  # pylint: disable
                                             annotate_codegen=False)
 
 
+# GPU, precision="fp16": True keeps the residual stream in fp32 (each add + layer norm kernel writes its output
+# in fp32 for the next residual add and in fp16 for the next matmuls); False stores it in fp16 only (less memory
+# traffic, the rounding torch's fp16 models have). See ember.passes.half_norm and BENCHMARKS.md for both.
+EXACT_RESIDUAL = True
+
+
 def fusion_passes(target: tvm.target.Target) -> list:
     """ember's fusion, in order, for ``lower(target)``: to run right before ``LegalizeOps``. GPU targets first
     store fp16-rounded layer norm outputs in fp16 (ember.passes.half_norm) so that no cast kernels remain around
@@ -742,5 +765,5 @@ def fusion_passes(target: tvm.target.Target) -> list:
     if target.kind.name in _GPU_KINDS:
         from .half_norm import HalfNormOutputs  # pylint: disable=import-outside-toplevel
 
-        return [HalfNormOutputs(), FuseAttention(target), FuseEpilogues(casts=True)]
+        return [HalfNormOutputs(widen=not EXACT_RESIDUAL), FuseAttention(target), FuseEpilogues(casts=True)]
     return [FuseAttention(target), FuseEpilogues()]

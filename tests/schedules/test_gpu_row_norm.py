@@ -17,12 +17,13 @@ H100 = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
 EPS = 1e-12
 
 
-def add_layer_norm(shape, in_dtype="float16", out_dtype="float16", rms=False):
+def add_layer_norm(shape, in_dtype="float16", out_dtype="float16", rms=False, residual_in_fp32=False,
+                   two_outputs=False):
     """out = layer_norm(a + b) * g + beta (or RMS norm), a/b cast to fp32, the result cast to ``out_dtype``: the
     kernel ember's fusion makes of a residual add + layer norm under precision="fp16"."""
     *rows, c = shape
     a = te.placeholder(shape, in_dtype, name="a")
-    b = te.placeholder(shape, in_dtype, name="b")
+    b = te.placeholder(shape, "float32" if residual_in_fp32 else in_dtype, name="b")
     g = te.placeholder((c,), "float32", name="g")
     beta = te.placeholder((c,), "float32", name="beta")
     x = te.compute(shape, lambda *i: a(*i).astype("float32") + b(*i).astype("float32"), name="x")
@@ -38,7 +39,7 @@ def add_layer_norm(shape, in_dtype="float16", out_dtype="float16", rms=False):
         y = te.compute(shape, lambda *i: (x(*i) - s(*i[:-1]) / c) * te.rsqrt(v(*i[:-1]) / c + EPS) * g[i[-1]]
                        + beta[i[-1]], name="y")
     out = te.compute(shape, lambda *i: y(*i).astype(out_dtype), name="out")
-    params = [a, b, g] + ([] if rms else [beta]) + [out]
+    params = [a, b, g] + ([] if rms else [beta]) + [out] + ([y] if two_outputs else [])
     return te.create_prim_func(params).with_attr("global_symbol", "main")
 
 
@@ -72,9 +73,13 @@ def test_rows_per_block_keeps_two_blocks_per_sm():
     assert rows_per_block(None) == 4
 
 
-@pytest.mark.parametrize("shape,rms", [((32, 128, 384), False), ((7, 100), False), ((5, 384), True)])
-def test_claims_norms_and_compiles_to_warp_shuffles(shape, rms):
-    src = device_source(compile_cuda(add_layer_norm(shape, rms=rms)))
+CASES = [((32, 128, 384), False, False), ((7, 100), False, False), ((5, 384), True, False),
+         ((32, 128, 384), False, True)]  # two outputs: fp16 for the matmuls, fp32 for the residual
+
+
+@pytest.mark.parametrize("shape,rms,two", CASES)
+def test_claims_norms_and_compiles_to_warp_shuffles(shape, rms, two):
+    src = device_source(compile_cuda(add_layer_norm(shape, rms=rms, residual_in_fp32=two, two_outputs=two)))
     # one warp per row: statistics by warp shuffles, in registers; no block-wide reduction
     assert "__shfl_down_sync" in src
     assert "__syncthreads" not in src and "__shared__" not in src
@@ -100,21 +105,27 @@ def test_declines_other_kernels():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,rms", [((32, 128, 384), False), ((7, 100), False), ((5, 384), True)])
-def test_matches_numpy_on_gpu(shape, rms):
+@pytest.mark.parametrize("shape,rms,two", CASES)
+def test_matches_numpy_on_gpu(shape, rms, two):
     pytest.importorskip("torch")
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU")
-    func = add_layer_norm(shape, rms=rms)
+    func = add_layer_norm(shape, rms=rms, residual_in_fp32=two, two_outputs=two)
     lib = compile_cuda(func)
     rng = np.random.default_rng(0)
-    args = [(rng.standard_normal(shape) * 2).astype(np.float16), rng.standard_normal(shape).astype(np.float16),
+    args = [(rng.standard_normal(shape) * 2).astype(np.float16),
+            rng.standard_normal(shape).astype(np.float32 if two else np.float16),
             (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)]
     if not rms:
         args.append((0.1 * rng.standard_normal(shape[-1])).astype(np.float32))
     dev = tvm.cuda(0)
-    out = tvm.runtime.tensor(np.full(shape, np.nan, np.float16), dev)
-    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], out)
-    np.testing.assert_allclose(out.numpy().astype(np.float64), reference(args, rms), rtol=2e-3, atol=2e-3)
+    outs = [tvm.runtime.tensor(np.full(shape, np.nan, np.float16), dev)]
+    if two:
+        outs.append(tvm.runtime.tensor(np.full(shape, np.nan, np.float32), dev))
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in args], *outs)
+    ref = reference(args, rms)
+    np.testing.assert_allclose(outs[0].numpy().astype(np.float64), ref, rtol=2e-3, atol=2e-3)
+    if two:
+        np.testing.assert_allclose(outs[1].numpy(), ref, rtol=1e-5, atol=1e-5)

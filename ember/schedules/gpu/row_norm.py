@@ -73,15 +73,20 @@ def _schedule(func: tirx.PrimFunc) -> s_tir.Schedule | None:
     dom_kind = infos[0].dom_kind()
     n_s = len(dom_kind) - len(dom_kind.lstrip("S"))
     n_r = len(dom_kind) - len(dom_kind.rstrip("R"))
-    # Statistics blocks: reductions over the same rows; the last block writes the row (spatial, same domain).
+    # Statistics blocks: reductions over the same rows; then the blocks that write the row (spatial, same domain;
+    # several when the kernel has several outputs, e.g. the norm in fp32 and its fp16 copy).
     if n_r != 1 or n_s < 1 or n_s + n_r != len(dom_kind):
         return None
-    for info in infos[:-1]:
-        if info.dom_kind() != dom_kind:
-            return None
-    last = infos[-1]
-    if not last.is_injective() or last.dom_kind() != "S" * len(dom_kind):
+    n_stats = 0
+    while n_stats < len(infos) and infos[n_stats].dom_kind() == dom_kind:
+        n_stats += 1
+    writers = infos[n_stats:]
+    if n_stats == 0 or not writers:
         return None
+    for info in writers:
+        if not info.is_injective() or info.dom_kind() != "S" * len(dom_kind):
+            return None
+    last, extra = writers[0], writers[1:]
     row_len = _static_extent(sch.get(sch.get_loops(last.block_rv)[-1]).extent)
     if row_len is None or row_len < WARP or row_len > MAX_ROW:
         return None
@@ -102,7 +107,14 @@ def _schedule(func: tirx.PrimFunc) -> s_tir.Schedule | None:
     sch.bind(tx, "threadIdx.x")
     sch.annotate(inner, ann_key="pragma_auto_unroll_max_step", ann_val=256)
     sch.annotate(inner, ann_key="pragma_unroll_explicit", ann_val=1)
-    for info in reversed(infos[:-1]):
+    for info in extra:  # further outputs of the row: same lanes, so each thread reads back what it wrote
+        sch.reverse_compute_at(info.block_rv, ty, preserve_unit_loops=True)
+        e_inner, e_tx = sch.split(sch.get_loops(info.block_rv)[-1], [None, WARP])
+        sch.reorder(e_tx, e_inner)
+        sch.bind(e_tx, "threadIdx.x")
+        sch.annotate(e_inner, ann_key="pragma_auto_unroll_max_step", ann_val=256)
+        sch.annotate(e_inner, ann_key="pragma_unroll_explicit", ann_val=1)
+    for info in reversed(infos[:n_stats]):
         block = info.block_rv
         for i, _ in enumerate(sch.get(block).writes):
             sch.set_scope(block, buffer_index=i, storage_scope="local")
