@@ -93,6 +93,13 @@ KERNELS = {
     "staged_g128_pipe_w2_pdlw": dict(group=128, staged=True, pipeline=True, warps=2, pdl="wait"),
     "staged_g32_pipe": dict(group=32, staged=True, pipeline=True),
     "staged_g32_pipe_pdlw": dict(group=32, staged=True, pipeline=True, pdl="wait"),
+    # NOT yet run (prepared after run 8, this session's last device call): from L2 the staged kernel wins (8.6 vs
+    # 10.2 us), from DRAM it loses (13.2 vs 10.2) — is it the whole row in flight at once? depth = only that many
+    # steps in flight per warp, the next one copied while a step is decoded.
+    "staged_g128_d2": dict(group=128, staged=True, depth=2),
+    "staged_g128_d3": dict(group=128, staged=True, depth=3),
+    "staged_g128_d5": dict(group=128, staged=True, depth=5),
+    "staged_g128_d3_pdlw": dict(group=128, staged=True, depth=3, pdl="wait"),
 }
 # weight layouts: which packing a variant reads (same bytes, other orders)
 

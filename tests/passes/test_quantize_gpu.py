@@ -186,14 +186,15 @@ def test_interleave_scales_lane_order_and_round_trip(group, gw_lanes):
     assert not qg.lane_scales_apply(k, bits, 512)  # a group over more than one stripe: per-word scales
 
 
-@pytest.mark.parametrize("k,n,bits,group,sym,bias,m,warps", [
-    (1536, 16, 4, 128, True, False, 1, 4),  # one whole step + two tail stripes
-    (2048, 16, 4, 128, True, True, 2, 4),  # two steps, two rows, bias
-    (2560, 24, 4, 64, False, False, 1, 8),  # asymmetric, 8 warps
-    (256, 24, 4, 32, False, True, 3, 4),  # tail stripe only
-    (1024, 16, 8, 32, False, True, 1, 2),  # INT8 codes
+@pytest.mark.parametrize("k,n,bits,group,sym,bias,m,warps,depth", [
+    (1536, 16, 4, 128, True, False, 1, 4, None),  # one whole step + two tail stripes
+    (2048, 16, 4, 128, True, True, 2, 4, None),  # two steps, two rows, bias
+    (3584, 16, 4, 128, True, True, 2, 4, 1),  # 3 steps, one in flight: steps 1, 2 copied during the decode
+    (2560, 24, 4, 64, False, False, 1, 8, 1),  # asymmetric, 8 warps, 2 steps + 2 tail stripes, depth 1
+    (256, 24, 4, 32, False, True, 3, 4, None),  # tail stripe only
+    (1024, 16, 8, 32, False, True, 1, 2, None),  # INT8 codes
 ])
-def test_weight_only_gemv_staged_twin_matches_numpy(k, n, bits, group, sym, bias, m, warps):
+def test_weight_only_gemv_staged_twin_matches_numpy(k, n, bits, group, sym, bias, m, warps, depth):
     """The staged GEMV (rows + scales copied to shared memory, then decoded) against numpy, fp32 decode path;
     the twin runs the copy loop of all lanes before their decode, as cp.async.wait_group + __syncwarp order it."""
     from ember.passes.quantize import qmath
@@ -211,7 +212,7 @@ def test_weight_only_gemv_staged_twin_matches_numpy(k, n, bits, group, sym, bias
         args.append(b)
     assert qg.staged_applies(k, n, bits, group, m, warps)
     func = qg.weight_only_gemv_staged(k, n, bits, group, sym, bias, "float32", m, _target("cuda-sm90"),
-                                      warps=warps, emulate=True)
+                                      warps=warps, depth=depth, emulate=True)
     y = _run_twin(func, *args, out_shape=(m, n), out_dtype="float32")
     np.testing.assert_allclose(y, x @ deq + (b if bias else 0), rtol=1e-4, atol=1e-4)
 
@@ -246,6 +247,15 @@ def test_weight_only_gemv_staged_cuda_kernel(pdl, pipeline):
     else:
         assert wait < text.index("ember_grid_dep_launch()") < text.index("ember_i4_dot8s_gx(")
     assert not qg.staged_applies(11008, 4096, 4, 128, 1, target=_target("rocm-gfx942"))
+
+
+def test_weight_only_gemv_staged_depth_keeps_depth_steps_in_flight():
+    """``depth=3`` on the issue's shape: 3 steps (+ scales, tail) copied before the decode, one more copied at each
+    decoded step while 3 groups stay pending (cp.async.wait_group 3), no wait-for-all."""
+    text = qg.weight_only_gemv_staged(11008, 4096, 4, 128, True, False, "float16", 1, _target("cuda-sm90"),
+                                      depth=3).script()
+    assert "T.unroll(3)" in text and "c + 3 < 10" in text and "ember_cp_async_wait_all" not in text
+    assert "ember_cp_async_wait_n\", 3" in text
 
 
 @pytest.mark.parametrize("k,n,bias,m,rows", [(70, 24, True, 3, 3), (512, 16, False, 9, None)])

@@ -925,7 +925,7 @@ def staged_applies(k: int, n: int, bits: int, group: int, rows: int | None, warp
 def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool,
                             act_dtype: str, rows: int, target, warps: int = STAGED_WARPS, pdl: str | None = None,
                             l2_hint: bool = False, decode: str = "half2s", pipeline: bool = False,
-                            emulate: bool = False) -> tirx.PrimFunc:
+                            depth: int | None = None, emulate: bool = False) -> tirx.PrimFunc:
     """Fused decode + GEMV on :func:`interleave_words` weights and :func:`interleave_scales` scales (same arguments
     and result as :func:`weight_only_gemv_tiled`; scales ``[N, scale_row(K/g)]``). One output column per warp.
 
@@ -934,6 +934,10 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
     reads its own words (one 16-byte shared load per step) and its 4 scales of a step (one 8-byte load).
     ``pdl`` ("start"/"wait": where the kernel lets the next one launch) makes the kernel a programmatic dependent
     launch: the copies go out before ``griddepcontrol.wait``, x and y are touched only after it.
+    ``pipeline``: one cp.async group per step, step c decoded once groups 0..c have landed (copies still all issued
+    first). ``depth`` (NOT yet measured on a GPU): only ``depth`` steps in flight per warp — the scales, the tail and
+    steps 0..depth-1 first, then step c + depth issued while step c is decoded (a software pipeline between the
+    tiled kernel's ~1 KB and this kernel's whole 5.5 KB row in flight per warp).
     ``emulate``: the CPU twin (plain copies, fp32 decode, serial lanes), as in :func:`weight_only_gemv`.
     """
     from tvm.script import tirx as T
@@ -980,7 +984,9 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
     def cp_wait_n(pending):  # wait_group takes at most 15 here: waiting for more than needed is still correct
         return cuda_func_call("ember_cp_async_wait_n", T.min(pending, 15), source_code=_CP_WAIT_N_CUDA)
 
-    pipe = pipeline and cuda
+    depth = depth if depth is not None and 0 < depth < nc else None
+    pipe = pipeline and cuda and depth is None
+    dep = depth is not None and cuda  # the groups of the depth pipeline (the twin copies in program order)
 
     def grid_wait():
         return cuda_func_call("ember_grid_dep_wait", source_code=_PDL_WAIT_CUDA)
@@ -1026,7 +1032,17 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
                             else:
                                 for v in T.serial(8):
                                     ss[ty, (c * WARP + tx) * 8 + v] = s[bx * wb + ty, (c * WARP + tx) * 8 + v]
-                    for c in T.unroll(nc):
+                    for c in T.unroll(-(-tail_chunks // WARP) if depth is not None else 0):
+                        if c * WARP + tx < tail_chunks:
+                            if cuda:
+                                T.evaluate(cp16(T.address_of(qs[ty, nc * TILE_CHUNK + (c * WARP + tx) * lw]),
+                                                T.address_of(qs[ty, nc * TILE_CHUNK + (c * WARP + tx) * lw + lw - 1]),
+                                                T.address_of(q[bx * wb + ty, nc * TILE_CHUNK + (c * WARP + tx) * lw])))
+                            else:
+                                for v in T.serial(lw):
+                                    qs[ty, nc * TILE_CHUNK + (c * WARP + tx) * lw + v] = \
+                                        q[bx * wb + ty, nc * TILE_CHUNK + (c * WARP + tx) * lw + v]
+                    for c in T.unroll(nc if depth is None else depth):
                         if cuda:
                             T.evaluate(cp16(T.address_of(qs[ty, (c * WARP + tx) * lw]),
                                             T.address_of(qs[ty, (c * WARP + tx) * lw + lw - 1]),
@@ -1034,9 +1050,9 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
                         else:
                             for v in T.serial(lw):
                                 qs[ty, (c * WARP + tx) * lw + v] = q[bx * wb + ty, (c * WARP + tx) * lw + v]
-                        if pipe:  # one group per step (the first also holds the scales)
+                        if pipe or dep:  # one group per step (the first also holds the scales [and tail])
                             T.evaluate(cp_commit())
-                    for c in T.unroll(-(-tail_chunks // WARP)):
+                    for c in T.unroll(-(-tail_chunks // WARP) if depth is None else 0):
                         if c * WARP + tx < tail_chunks:
                             if cuda:
                                 T.evaluate(cp16(T.address_of(qs[ty, nc * TILE_CHUNK + (c * WARP + tx) * lw]),
@@ -1060,13 +1076,26 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
                         T.evaluate(grid_wait())
                         if pdl == "wait":
                             T.evaluate(grid_launch())
-                    if cuda and not pipe:
+                    if cuda and not pipe and not dep:
                         T.evaluate(cp_wait())
                     for a in T.unroll(mt):
                         acc[a] = T.float32(0)
                     for a in T.unroll(mt * 2 if half2s else 0):
                         hacc[a] = T.float16(0)
                     for c in T.unroll(nc):
+                        if depth is not None:  # issue step c + depth (this lane's own words), then wait for step c
+                            if c + depth < nc:
+                                if cuda:
+                                    T.evaluate(cp16(T.address_of(qs[ty, ((c + depth) * WARP + tx) * lw]),
+                                                    T.address_of(qs[ty, ((c + depth) * WARP + tx) * lw + lw - 1]),
+                                                    T.address_of(q[bx * wb + ty, ((c + depth) * WARP + tx) * lw])))
+                                else:
+                                    for v in T.serial(lw):
+                                        qs[ty, ((c + depth) * WARP + tx) * lw + v] = \
+                                            q[bx * wb + ty, ((c + depth) * WARP + tx) * lw + v]
+                            if dep:  # an empty group past the last step keeps "depth groups pending" uniform
+                                T.evaluate(cp_commit())
+                                T.evaluate(cp_wait_n(depth))
                         if pipe:  # groups 0..c landed: nc - c may still be in flight
                             T.evaluate(cp_wait_n(nc - c))
                         for v in T.vectorized(lw):
