@@ -57,7 +57,7 @@ def _host_ir(lib) -> str:
 
 @pytest.mark.parametrize("layout", ["nt", "nn"])
 def test_kernel_compiles_to_wgmma_and_tma_for_sm90a(layout):
-    cfg = HopperConfig(consumers=2, bn=256, stages=4)
+    cfg = HopperConfig(consumers=2, bn=256, stages=4, persistent=layout == "nn")
     lib = compile_cuda(tvm.s_tir.Schedule(wgmma_gemm(256, 512, 256, layout, "float16", cfg)))
     src = device_source(lib)
     assert "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16" in src
@@ -130,9 +130,9 @@ def test_rule_declines_symbolic_rows():
 
 def test_tile_choice_follows_the_h100_runs():
     # 4096^3: 128x256 (632 TFLOP/s vs 534 for 128x128); 4096x1536: 128x192; N = 384: 128x128 (96 blocks)
-    assert choose_config(4096, 4096, 4096).bn == 256
-    assert choose_config(4096, 1536, 384).bn == 192
-    assert choose_config(4096, 384, 384).bn == 128
+    assert choose_config(4096, 4096, 4096).bn == 256 and not choose_config(4096, 4096, 4096).persistent
+    assert choose_config(4096, 1536, 384).bn == 192 and choose_config(4096, 1536, 384).persistent  # 2 waves, short K
+    assert choose_config(4096, 384, 384).bn == 128 and not choose_config(4096, 384, 384).persistent  # one wave
     assert choose_config(128, 384, 384) is None and choose_config(128, 1536, 384) is None
     for cfg in CANDIDATES:
         assert cfg.smem_bytes() + 1024 <= 227 * 1024 and cfg.threads == 384
@@ -175,3 +175,42 @@ def test_numerics_on_device(rows, n, k, layout, epilogue):
     lib["main"](*args, out)
     # fp32 accumulation over K: the fp16 output's rounding (2^-11 relative) dominates
     np.testing.assert_allclose(out.numpy().astype("float32"), ref, rtol=4e-3, atol=4e-3 * np.abs(ref).max())
+
+
+def test_erf_gelu_chain_of_blocks_is_folded_into_the_store():
+    # What FuseOps leaves for nn.Linear + nn.GELU() under precision="fp16": matmul, cast, bias add, then the erf
+    # GELU as several elementwise blocks, one intermediate read twice.
+    x = te.placeholder((4096, 384), "float16", name="x")
+    w = te.placeholder((384, 1536), "float16", name="w")
+    b = te.placeholder((1536,), "float16", name="b")
+    r = te.reduce_axis((0, 384), "k")
+    y = te.compute((4096, 1536), lambda i, j: te.sum(x[i, r].astype("float32") * w[r, j].astype("float32"), axis=r),
+                   name="matmul")
+    h = te.compute((4096, 1536), lambda i, j: y[i, j].astype("float16"), name="cast")
+    a = te.compute((4096, 1536), lambda i, j: b[j] + h[i, j], name="add")
+    s = te.compute((4096, 1536), lambda i, j: a[i, j] * tvm.tirx.const(0.7071067811865476, "float16"), name="mul")
+    e = te.compute((4096, 1536), lambda i, j: te.erf(s[i, j].astype("float32")).astype("float16"), name="erf")
+    o = te.compute((4096, 1536), lambda i, j: a[i, j] * (tvm.tirx.const(0.5, "float16") * e[i, j] +
+                                                          tvm.tirx.const(0.5, "float16")), name="gelu")
+    func = te.create_prim_func([x, w, b, o]).with_attr("global_symbol", "main")
+    plan = plan_kernel(func)
+    assert plan is not None and "erf" in plan.store and plan.store.count("EPV") == 2
+    assert "wgmma.mma_async" in device_source(compile_cuda(HopperGemm().apply(func, H100, False)))
+
+
+
+def test_buffers_of_one_name_are_told_apart():
+    # FuseTIR can leave two parameters named "lv" (and te names every stage "compute"): the epilogue must still
+    # read the right buffers.
+    x = te.placeholder((4096, 384), "float16", name="lv")
+    w = te.placeholder((384, 1536), "float16", name="lv")
+    b = te.placeholder((1536,), "float16", name="lv")
+    r = te.reduce_axis((0, 384), "k")
+    y = te.compute((4096, 1536), lambda i, j: te.sum(x[i, r].astype("float32") * w[r, j].astype("float32"), axis=r))
+    o = te.compute((4096, 1536), lambda i, j: y[i, j].astype("float16") + b[j])
+    func = te.create_prim_func([x, w, b, o]).with_attr("global_symbol", "main")
+    plan = plan_kernel(func)
+    names = [p.name for p in plan.params]
+    assert len(set(names)) == 4 and plan.act.name == names[0] and plan.weight.name == names[1]
+    assert f"{names[2]}[EPC]" in plan.store and plan.store.startswith(f"{names[3]}[")
+    assert "wgmma.mma_async" in device_source(compile_cuda(HopperGemm().apply(func, H100, False)))
