@@ -529,7 +529,9 @@ _PDL_WAIT_CUDA = r"""
 __forceinline__ __device__ void ember_grid_dep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 """
 _PDL_LAUNCH_CUDA = r"""
-__forceinline__ __device__ void ember_grid_dep_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__forceinline__ __device__ void ember_grid_dep_launch() {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
 """
 PDL_TAG = "tirx.use_programtic_dependent_launch"
 
@@ -550,8 +552,9 @@ def scale_row(ng: int) -> int:
 
 def interleave_scales(scales: np.ndarray, k: int, bits: int, group: int) -> np.ndarray:
     """The tiled kernel's scale order (``scale_vec=True``): scales ``[N, K/g]`` → ``[N, scale_row(K/g)]``
-    (zero padded, so every row starts 16-byte aligned: whole 16-byte copies in :func:`weight_only_gemv_staged`). In each whole 128-word chunk c (``G = 128 / gw`` groups,
-    ``gw`` words per group, ``H = 32 / gw`` lane groups), position ``c G + 4 h + j`` holds group ``c G + H j + h``:
+    (zero padded, so every row starts 16-byte aligned: whole 16-byte copies in :func:`weight_only_gemv_staged`).
+    In each whole 128-word chunk c (``G = 128 / gw`` groups, ``gw`` words per group, ``H = 32 / gw`` lane groups),
+    position ``c G + 4 h + j`` holds group ``c G + H j + h``:
     the scales of lane t's 4 words (logical words ``128 c + 32 j + t``, j = 0..3) are the 4 fp16 at
     ``c G + 4 (t // gw)`` — one 8-byte load instead of 4 loads. Groups of the tail stripes keep their place."""
     assert lane_scales_apply(k, bits, group), (k, bits, group)
