@@ -214,3 +214,31 @@ def test_buffers_of_one_name_are_told_apart():
     assert len(set(names)) == 4 and plan.act.name == names[0] and plan.weight.name == names[1]
     assert f"{names[2]}[EPC]" in plan.store and plan.store.startswith(f"{names[3]}[")
     assert "wgmma.mma_async" in device_source(compile_cuda(HopperGemm().apply(func, H100, False)))
+
+
+def _reshaped_linear(perm=False):
+    """A linear whose epilogue reshapes [4096, 1536] to [32, 128, 1536] before the bias-added GELU (what FuseTIR
+    leaves for MiniLM's FFN-up); ``perm``: read the rows transposed instead (not a reshape: must be declined)."""
+    x = te.placeholder((4096, 384), "float16", name="x")
+    w = te.placeholder((384, 1536), "float16", name="w")
+    b = te.placeholder((1536,), "float16", name="b")
+    r = te.reduce_axis((0, 384), "k")
+    y = te.compute((4096, 1536), lambda i, j: te.sum(x[i, r].astype("float32") * w[r, j].astype("float32"), axis=r),
+                   name="matmul")
+    a = te.compute((4096, 1536), lambda i, j: b[j] + y[i, j].astype("float16"), name="add")
+    if perm:
+        rs = te.compute((32, 128, 1536), lambda p, q, j: a[q * 32 + p, j], name="reshape")
+    else:
+        rs = te.compute((32, 128, 1536), lambda p, q, j: a[(p * 128 + q) % 4096, j % 1536], name="reshape")
+    o = te.compute((32, 128, 1536), lambda p, q, j: rs[p, q, j] * (tvm.tirx.const(0.5, "float16") + te.erf(
+        (rs[p, q, j] * tvm.tirx.const(0.7071, "float16")).astype("float32")).astype("float16") *
+        tvm.tirx.const(0.5, "float16")), name="gelu")
+    return te.create_prim_func([x, w, b, o]).with_attr("global_symbol", "main")
+
+
+def test_reshape_before_the_gelu_epilogue_maps_rows_to_the_output():
+    plan = plan_kernel(_reshaped_linear())
+    assert plan is not None and plan.store.startswith("gelu[(EPR // 128 % 32), (EPR % 128), EPC] = ")
+    assert plan.store.count("EPV") == 2 and "matmul" not in plan.store
+    assert "wgmma.mma_async" in device_source(compile_cuda(HopperGemm().apply(_reshaped_linear(), H100, False)))
+    assert plan_kernel(_reshaped_linear(perm=True)) is None  # a row permutation is not a reshape

@@ -345,20 +345,24 @@ def plan_kernel(func: tvm.tirx.PrimFunc) -> _Plan | None:
         # block's output indices, hence (EPR, EPC); every other read must be a function parameter.
         ep_vars = {iv.var.name for iv in ep.iter_vars}
         acc_reads = [r for r in ep.reads if r.source.same_as(acc_buf)]
-        if len(acc_reads) != 1 or len(ep_vars) != len(ep.iter_vars) or len(ep.iter_vars) != len(main_idx):
+        if len(acc_reads) != 1 or len(ep_vars) != len(ep.iter_vars):
             return None
         if any(not r.source.same_as(acc_buf) and not any(b.same_as(r.source) for b in params) for r in ep.reads):
             return None
         acc_idx = [x.min for x in acc_reads[0].region]
-        if any(not isinstance(e, tirx.Var) or e.name not in ep_vars for e in acc_idx) or \
-                len({e.name for e in acc_idx}) != len(acc_idx) or any(x.extent != 1 for x in acc_reads[0].region):
+        if any(x.extent != 1 for x in acc_reads[0].region):
             return None
-        ep_map = {e.name: vmap[mi.name] for e, mi in zip(acc_idx, main_idx)}
         text = _stmt_text(ep.body, params + [acc_buf])
         if text is None:
             return None
-        load = f"{acc_buf.name}[{', '.join(e.name for e in acc_idx)}]"
-        if load not in text:
+        if all(isinstance(e, tirx.Var) and e.name in ep_vars for e in acc_idx) and \
+                len({e.name for e in acc_idx}) == len(acc_idx) == len(ep.iter_vars):
+            ep_map = {e.name: vmap[mi.name] for e, mi in zip(acc_idx, main_idx)}
+            load = f"{acc_buf.name}[{', '.join(e.name for e in acc_idx)}]"
+        else:
+            ep_map = _reshape_map(ep, acc_idx, main_idx, out, m, n, rows, n_var)
+            load = _load_text(text, acc_buf.name)
+        if ep_map is None or load is None or load not in text:
             return None
         text = text.replace(load, "EPV")
         for name, expr in sorted(ep_map.items(), key=lambda kv: -len(kv[0])):
@@ -370,6 +374,81 @@ def plan_kernel(func: tvm.tirx.PrimFunc) -> _Plan | None:
         if ident not in known:
             return None
     return _Plan(m, n, k, layout, mm.act, mm.weight, params, [out], store, acc_cast)
+
+
+def _reshape_map(ep, acc_idx, main_idx, out, m, n, rows, n_var):
+    """The epilogue reshapes the [M, N] result into ``out`` [r0, r1, ..., N] (FuseTIR puts a linear's reshape to
+    [batch, seq, N] before its GELU): map the epilogue's iterators (the output's indices) to (EPR, EPC). Only a
+    pure row split is taken, and it is checked by evaluating the accumulator's index expressions at sample points
+    (they must read row = flat(output row indices), column = the last index). None otherwise."""
+    from tvm import tirx  # pylint: disable=import-outside-toplevel
+
+    if len(main_idx) != 2 or len(rows) != 1 or not main_idx[0].same_as(rows[0][0]) or \
+            not main_idx[1].same_as(n_var):
+        return None
+    shape = [int(d) for d in out.shape]
+    if shape[-1] != n or int(np_prod(shape[:-1])) != m or len(ep.iter_vars) != len(shape):
+        return None
+    store_idx = list(ep.body.indices)
+    ivars = [iv.var for iv in ep.iter_vars]
+    if len(store_idx) != len(shape) or any(not (isinstance(e, tirx.Var) and e.same_as(v))
+                                           for e, v in zip(store_idx, ivars)):
+        return None
+    strides = [int(np_prod(shape[d + 1:-1])) for d in range(len(shape) - 1)]
+    rng = __import__("random").Random(0)
+    for _ in range(64):
+        point = [rng.randrange(d) for d in shape]
+        env = {v.name: x for v, x in zip(ivars, point)}
+        try:
+            got = [_eval_index(e, env) for e in acc_idx]
+        except (TypeError, KeyError):
+            return None
+        if got != [sum(x * st for x, st in zip(point[:-1], strides)), point[-1]]:
+            return None
+    ep_map = {}
+    for d, (v, ext) in enumerate(zip(ivars[:-1], shape[:-1])):
+        ep_map[v.name] = f"(EPR // {strides[d]} % {ext})" if strides[d] > 1 else f"(EPR % {ext})"
+    ep_map[ivars[-1].name] = "EPC"
+    return ep_map
+
+
+def np_prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= int(x)
+    return out
+
+
+def _eval_index(e, env) -> int:
+    """An integer index expression (vars, constants, + - * // %, casts) at one point."""
+    from tvm import tirx  # pylint: disable=import-outside-toplevel
+
+    if isinstance(e, tirx.IntImm):
+        return int(e.value)
+    if isinstance(e, tirx.Var):
+        return env[e.name]
+    if isinstance(e, tirx.Cast):
+        return _eval_index(e.value, env)
+    ops = {tirx.Add: lambda a, b: a + b, tirx.Sub: lambda a, b: a - b, tirx.Mul: lambda a, b: a * b,
+           tirx.FloorDiv: lambda a, b: a // b, tirx.FloorMod: lambda a, b: a % b}
+    for cls, fn in ops.items():
+        if isinstance(e, cls):
+            return fn(_eval_index(e.a, env), _eval_index(e.b, env))
+    raise TypeError(type(e).__name__)
+
+
+def _load_text(text: str, name: str) -> str | None:
+    """The one accumulator load in the printed statement (every occurrence must be the same text)."""
+    loads = set()
+    for start in [mt.start() for mt in re.finditer(rf"(?<![\w.]){re.escape(name)}\[", text)]:
+        depth, i = 0, start + len(name)
+        while i < len(text):
+            depth += {"[": 1, "]": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+            i += 1
+        loads.add(text[start:i + 1])
+    return loads.pop() if len(loads) == 1 else None
 
 
 def _inline_epilogue_chain(sch, func) -> None:
