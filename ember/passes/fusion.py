@@ -29,6 +29,11 @@ launches plus three head transposes. This module adds three rewrites, all before
 
 2 and 3 group ops with ``FuseOpsByPattern`` into primitive functions that ``FuseTIR`` turns into one PrimFunc
 each, after ``LegalizeOps``; every rewrite checks that the intermediate values it swallows have no other user.
+
+On GPU targets 2 and 3 also see through the float casts ``precision="fp16"`` leaves (``matmul -> astype(f16) ->
+bias -> gelu``; ``astype -> add -> layer_norm -> astype``), after :mod:`ember.passes.half_norm` has put each fp16
+cast of a layer norm output right after the norm: no cast kernels remain around the norms, and an add + layer
+norm whose fp32 output also feeds the residual becomes one kernel with two outputs (``EXACT_RESIDUAL``).
 Dequantize/unpack fusion of compressed weights lives in the quantization and sparsity kernels themselves.
 """
 
