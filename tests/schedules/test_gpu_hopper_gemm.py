@@ -242,3 +242,38 @@ def test_reshape_before_the_gelu_epilogue_maps_rows_to_the_output():
     assert plan.store.count("EPV") == 2 and "matmul" not in plan.store
     assert "wgmma.mma_async" in device_source(compile_cuda(HopperGemm().apply(_reshaped_linear(), H100, False)))
     assert plan_kernel(_reshaped_linear(perm=True)) is None  # a row permutation is not a reshape
+
+
+@pytest.mark.slow
+def test_ember_compile_puts_a_linear_gelu_model_on_wgmma(tmp_path):
+    # End to end through ember.compile for cuda-sm90 (fp16): the FFN-up + GELU kernel as FuseTIR makes it (two
+    # parameters named "lv", a reshape to [batch, seq, N] before the erf-GELU) must come out as the wgmma kernel,
+    # whose host code builds TMA descriptors; the FFN-down linear too.
+    torch = pytest.importorskip("torch")
+    import ember
+
+    class FFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(384, 1536), torch.nn.Linear(1536, 384)
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.gelu(self.up(x)))
+
+    decided = []
+    orig = HopperGemm.apply
+
+    def spy(self, func, target, tunable=False):
+        sch = orig(self, func, target, tunable)
+        if "matmul" in func.script():
+            decided.append(sch is not None)
+        return sch
+
+    HopperGemm.apply = spy
+    try:
+        cm = ember.compile(FFN().eval(), (torch.randn(32, 128, 384),), target="cuda-sm90", precision="fp16")
+    finally:
+        HopperGemm.apply = orig
+    assert decided and all(decided), decided
+    cm.export(str(tmp_path / "ffn"))
+    assert b"cuTensorMapEncodeTiled" in (tmp_path / "ffn" / "model.so").read_bytes()
