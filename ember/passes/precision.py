@@ -74,14 +74,24 @@ def apply_precision(imported, precision, *, accumulate: str = "float32"):
     if len(set(names)) != len(names):
         raise ConfigError("precision='fp16' needs unique weight names in the imported graph; this model repeats "
                           "some — please report it with the model")
-    seq = tvm.transform.Sequential([
-        relax.transform.ConvertToDataflow(),
-        relax.transform.ToMixedPrecision(out_dtype=accumulate, fp16_input_names=fp32_names),
-        # ToMixedPrecision casts an fp32 value once per consumer: a layer norm feeding the Q, K and V projections
-        # became three identical reshape + astype kernels (MiniLM: 12 of 151 launches, ~14 us on the H100).
-        relax.transform.EliminateCommonSubexpr(),
-    ])
-    new_mod = seq(mod)
+    def lower(names):
+        return tvm.transform.Sequential([
+            relax.transform.ConvertToDataflow(),
+            relax.transform.ToMixedPrecision(out_dtype=accumulate, fp16_input_names=names),
+            # ToMixedPrecision casts an fp32 value once per consumer: a layer norm feeding the Q, K and V projections
+            # became three identical reshape + astype kernels (MiniLM: 12 of 151 launches, ~14 us on the H100).
+            relax.transform.EliminateCommonSubexpr(),
+        ])(mod)
+
+    cast_in_graph = False
+    try:
+        new_mod = lower(fp32_names)
+    except tvm.error.InternalError:
+        cast_in_graph = True
+        # TVM 0.27's ToMixedPrecision fails on named fp16 inputs when the function has symbolic shapes (a dynamic
+        # batch: "no block is being built"). Without names the weights stay fp32 parameters cast to fp16 in the
+        # graph; LiftTransformParams moves those casts to compile time, so the artifact still stores fp16.
+        new_mod = lower([])
     # ToMixedPrecision keeps the function's signature apart from the named weights; the manifest relies on it.
     if not tvm_ffi.structural_equal(main.ret_ty, new_mod["main"].ret_ty):
         raise EmberError(f"precision='fp16' changed the model's output types ({main.ret_ty} -> "
@@ -97,7 +107,9 @@ def apply_precision(imported, precision, *, accumulate: str = "float32"):
         new_params.append(arr)
     imported.mod = new_mod
     imported.params = new_params
-    return imported, {"precision": precision, "accumulate": accumulate, "fp16_weights": half,
-                      "weights": len(new_params)}
+    report = {"precision": precision, "accumulate": accumulate, "fp16_weights": half, "weights": len(new_params)}
+    if cast_in_graph:
+        report["weights_cast_at_compile_time"] = True  # dynamic shapes: see the fallback above
+    return imported, report
 
 

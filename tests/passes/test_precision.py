@@ -73,3 +73,20 @@ def test_fp16_transformer_matches_torch_within_half_precision():
     assert err <= 2e-2 * scale, (err, scale)
     # ...and it really computed in half precision (an fp32 graph would agree to ~1e-6).
     assert err > 1e-6 * scale
+
+
+@pytest.mark.slow
+def test_fp16_with_a_dynamic_batch_compiles_and_matches_torch():
+    """TVM's ToMixedPrecision fails on named fp16 weights when shapes are symbolic; ember then lets the graph cast
+    the weights (lifted to compile time) — one artifact serves every batch size."""
+    model = seeded(MLP)
+    cm = ember.compile(model, (torch.randn(2, 32),), precision="fp16", dynamic_batch=True)
+    assert cm.manifest["compression"]["precision"].get("weights_cast_at_compile_time") is True
+    for batch in (1, 5):
+        x = torch.randn(batch, 32)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        ours = np.asarray(cm(x.numpy()))
+        assert ours.shape == ref.shape
+        scale = np.abs(ref).max()
+        assert 1e-6 * scale < np.abs(ours - ref).max() <= 2e-2 * scale  # half precision, really
