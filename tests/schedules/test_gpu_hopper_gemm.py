@@ -277,3 +277,15 @@ def test_ember_compile_puts_a_linear_gelu_model_on_wgmma(tmp_path):
     assert decided and all(decided), decided
     cm.export(str(tmp_path / "ffn"))
     assert b"cuTensorMapEncodeTiled" in (tmp_path / "ffn" / "model.so").read_bytes()
+
+
+def test_only_a_multiply_accumulate_is_taken():
+    # a sum of two reads that is not x * w (here x + w) must not become a GEMM
+    x = te.placeholder((4096, 384), "float16", name="x")
+    w = te.placeholder((384, 1536), "float16", name="w")
+    r = te.reduce_axis((0, 384), "k")
+    y = te.compute((4096, 1536), lambda i, j: te.sum(x[i, r].astype("float32") + w[r, j].astype("float32"), axis=r),
+                   name="y")
+    func = te.create_prim_func([x, w, y]).with_attr("global_symbol", "main")
+    assert plan_kernel(func) is None
+    assert plan_kernel(linear((4096,), 1536, 384)) is not None

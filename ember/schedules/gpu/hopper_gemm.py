@@ -295,10 +295,9 @@ def plan_kernel(func: tvm.tirx.PrimFunc) -> _Plan | None:
     if not any(b.same_as(mm.act) for b in params) or not any(b.same_as(mm.weight) for b in params):
         return None  # a producer (transpose, dequantize...) would have to run inside the kernel
     main = probe.get(mm.block)
-    body = main.body
     acc_buf = main.writes[0].source
     acc_dtype = str(acc_buf.dtype)
-    if acc_dtype not in ("float32", "float16"):
+    if acc_dtype not in ("float32", "float16") or not _is_multiply_accumulate(main.body, acc_buf, mm.act, mm.weight):
         return None
     k_var = mm.k_iter.var
     reads = {r.source.name: [x.min for x in r.region] for r in main.reads if not r.source.same_as(acc_buf)}
@@ -384,6 +383,27 @@ def plan_kernel(func: tvm.tirx.PrimFunc) -> _Plan | None:
         if ident not in known:
             return None
     return _Plan(m, n, k, layout, mm.act, mm.weight, params, [out], store, acc_cast)
+
+
+def _is_multiply_accumulate(body, acc_buf, act, weight) -> bool:
+    """``C = C + (cast) A[..] * (cast) W[..]`` exactly (analyze_matmul only checks for a sum of two reads)."""
+    from tvm import tirx  # pylint: disable=import-outside-toplevel
+
+    def is_load(e, buf):  # (TVM 0.27: loads are tvm.ir TensorLoad nodes; the buffer is their .source)
+        src = getattr(e, "source", None)
+        return src is not None and hasattr(e, "indices") and src.same_as(buf)
+
+    def operand(e):
+        return e.value if isinstance(e, tirx.Cast) else e
+
+    val = body.value
+    if not isinstance(val, tirx.Add):
+        return False
+    prod = val.b if is_load(val.a, acc_buf) else val.a if is_load(val.b, acc_buf) else None
+    if not isinstance(prod, tirx.Mul):
+        return False
+    a, b = operand(prod.a), operand(prod.b)
+    return (is_load(a, act) and is_load(b, weight)) or (is_load(a, weight) and is_load(b, act))
 
 
 def _reshape_map(ep, acc_idx, main_idx, out, m, n, rows, n_var):
