@@ -100,6 +100,45 @@ KERNELS = {
     "staged_g128_d3": dict(group=128, staged=True, depth=3),
     "staged_g128_d5": dict(group=128, staged=True, depth=5),
     "staged_g128_d3_pdlw": dict(group=128, staged=True, depth=3, pdl="wait"),
+    # helper C2 (run 9): the tiled kernel with every weight load of the row forced in flight before the first decode
+    # (hold: nvdisasm shows 10 + 3 loads up front instead of 2, 71-72 registers), and/or a programmatic dependent
+    # launch (pdl; with hold the weight loads precede griddepcontrol.wait in the SASS, without it ptxas hoists the wait)
+    "tiled_g128_hold": dict(group=128, tiled=True, decode="half2s", stream=True, hold=True),
+    "tiled_g128_hold_w2": dict(group=128, tiled=True, decode="half2s", stream=True, hold=True, warps=2),
+    "tiled_g128_hold_w8": dict(group=128, tiled=True, decode="half2s", stream=True, hold=True, warps=8),
+    "tiled_g128_pdlw": dict(group=128, tiled=True, decode="half2s", stream=True, pdl="wait"),
+    "tiled_g128_hold_pdlw": dict(group=128, tiled=True, decode="half2s", stream=True, hold=True, pdl="wait"),
+    "tiled_g128_hold_pdl": dict(group=128, tiled=True, decode="half2s", stream=True, hold=True, pdl="start"),
+    "tiled_g32_hold": dict(group=32, tiled=True, decode="half2s", stream=True, hold=True),
+    "tiled_g32_hold_pdlw": dict(group=32, tiled=True, decode="half2s", stream=True, hold=True, pdl="wait"),
+    # run 10: run 9's hold / pdl kernels took 70-72 registers (the default 64): 28 warps per SM instead of 32, so the
+    # 4096 warps no longer fit one wave; capped at 64 (__maxnreg__) here. And the staged depth + PDL neighbourhood
+    # of run 9's best (staged_g128_d3_pdlw, 9.9 us).
+    "tiled_g128_pdlw_r64": dict(group=128, tiled=True, decode="half2s", stream=True, pdl="wait", max_registers=64),
+    "tiled_g128_hold_r64": dict(group=128, tiled=True, decode="half2s", stream=True, hold=True, max_registers=64),
+    "tiled_g128_hold_pdlw_r64": dict(group=128, tiled=True, decode="half2s", stream=True, hold=True, pdl="wait",
+                                     max_registers=64),
+    "tiled_g128_hold_pdl_r64": dict(group=128, tiled=True, decode="half2s", stream=True, hold=True, pdl="start",
+                                    max_registers=64),
+    "staged_g128_d1_pdlw": dict(group=128, staged=True, depth=1, pdl="wait"),
+    "staged_g128_d2_pdlw": dict(group=128, staged=True, depth=2, pdl="wait"),
+    "staged_g128_d4_pdlw": dict(group=128, staged=True, depth=4, pdl="wait"),
+    "staged_g128_d2_pdl": dict(group=128, staged=True, depth=2, pdl="start"),
+    "staged_g128_d3_pdl": dict(group=128, staged=True, depth=3, pdl="start"),
+    "staged_g128_d3_pdlw_w2": dict(group=128, staged=True, depth=3, pdl="wait", warps=2),
+    "staged_g128_d3_pdlw_w8": dict(group=128, staged=True, depth=3, pdl="wait", warps=8),
+    "staged_g32_d3_pdlw": dict(group=32, staged=True, depth=3, pdl="wait"),
+    # run 11: run 10's best was depth 3 + PDL with 2 warps per block (9.2 us); fewer warps per block, depth 1-5
+    "staged_g128_d3_pdlw_w1": dict(group=128, staged=True, depth=3, pdl="wait", warps=1),
+    "staged_g128_d2_pdlw_w1": dict(group=128, staged=True, depth=2, pdl="wait", warps=1),
+    "staged_g128_d2_pdlw_w2": dict(group=128, staged=True, depth=2, pdl="wait", warps=2),
+    "staged_g128_d1_pdlw_w2": dict(group=128, staged=True, depth=1, pdl="wait", warps=2),
+    "staged_g128_d4_pdlw_w2": dict(group=128, staged=True, depth=4, pdl="wait", warps=2),
+    "staged_g128_d2_pdl_w2": dict(group=128, staged=True, depth=2, pdl="start", warps=2),
+    "staged_g128_d3_pdl_w2": dict(group=128, staged=True, depth=3, pdl="start", warps=2),
+    "staged_g128_d3_pdl_w1": dict(group=128, staged=True, depth=3, pdl="start", warps=1),
+    "staged_g128_d3_w2": dict(group=128, staged=True, depth=3, warps=2),  # the same without PDL
+    "staged_g32_d3_pdlw_w2": dict(group=32, staged=True, depth=3, pdl="wait", warps=2),
 }
 # weight layouts: which packing a variant reads (same bytes, other orders)
 
@@ -165,6 +204,8 @@ def prepare(a):
     _, target = resolve(a.target)
     index = {"target": a.target, "n": N, "k": K, "kernels": {}, "mlps": {}}
     for name, kw in KERNELS.items():
+        if a.kernels and name not in a.kernels.split(","):
+            continue
         t0 = time.perf_counter()
         opts = {k: v for k, v in kw.items() if k not in ("group", "tiled", "staged")}
         make = (weight_only_gemv_staged if kw.get("staged") else weight_only_gemv_tiled if kw.get("tiled")
@@ -177,7 +218,7 @@ def prepare(a):
         lib.export_library(os.path.join(a.out, path))
         index["kernels"][name] = {"file": path, **kw}
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    for name, (make, dyn) in MLPS.items():
+    for name, (make, dyn) in (MLPS.items() if not a.skip_mlp else ()):
         t0 = time.perf_counter()
         model = seeded(MLP, **MLP_DIMS)
         x = torch.randn(6, MLP_DIMS["d_in"], generator=torch.Generator().manual_seed(1))
@@ -501,6 +542,8 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--target", default="cuda-sm90")
     p.add_argument("--skip-minilm", action="store_true")
+    p.add_argument("--skip-mlp", action="store_true", help="kernels only (no quantized MLP artifacts)")
+    p.add_argument("--kernels", help="comma-separated kernel variants to build (default: all)")
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("--out", required=True)

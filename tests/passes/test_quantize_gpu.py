@@ -127,6 +127,7 @@ def test_interleave_words_round_trip_and_lane_order():
     (2560, 24, 4, 64, False, False, 1, {"cols": 1, "warps": 8, "batch": 4}),  # 5 steps: batch 4 → 1 (divides)
     (256, 24, 4, 32, False, True, 3, {"cols": 1, "warps": 8}),  # tail only
     (1024, 16, 8, -1, False, True, 1, {"cols": 2, "warps": 2}),  # INT8 codes, one group per row
+    (1536, 16, 4, 128, True, True, 2, {"hold": True, "pdl": "wait"}),  # CUDA-only options: the twin ignores them
 ])
 def test_weight_only_gemv_tiled_twin_matches_numpy(k, n, bits, group, sym, bias, m, opts):
     """The tiled GEMV (interleaved words, columns per warp, batched loads) against numpy, fp32 decode path."""
@@ -215,6 +216,71 @@ def test_weight_only_gemv_staged_twin_matches_numpy(k, n, bits, group, sym, bias
                                       warps=warps, depth=depth, emulate=True)
     y = _run_twin(func, *args, out_shape=(m, n), out_dtype="float32")
     np.testing.assert_allclose(y, x @ deq + (b if bias else 0), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("hold,pdl", [(True, None), (False, "wait"), (True, "wait"), (True, "start")])
+def test_weight_only_gemv_tiled_hold_and_pdl_cuda_kernel(hold, pdl):
+    """The tiled kernel's ``hold`` and ``pdl`` options on the issue's shape. hold: the 10 16-byte weight loads and
+    the 3 tail loads all come before ember_hold_words (which folds the 43 words and feeds the signed zero every
+    decode adds: ember_i4_dot8sz), and no decode comes before it. pdl: the launch tag, griddepcontrol.wait after every
+    weight load (with hold: inside ember_hold_words_wait, behind the branch on the folded words), x read only after
+    it (coherent loads inside the _gx decode), launch_dependents at the start or after the wait."""
+    func = qg.weight_only_gemv_tiled(11008, 4096, 4, 128, True, False, "float16", 1, _target("cuda-sm90"),
+                                     hold=hold, pdl=pdl)
+    text = func.script()
+    tags = func.attrs.get("tirx.kernel_launch_params") if func.attrs else None
+    assert (list(tags) == [qg.PDL_TAG]) if pdl else tags is None
+    def call(name):  # where the kernel calls ``name`` (its CUDA source follows each call in the script)
+        return text.index(f'func_call("{name}"')
+
+    first_dot = call(("ember_i4_dot8sz" if hold else "ember_i4_dot8s") + ("_gx" if pdl else ""))
+    tail, steps = call("ember_ld_stream4"), call("ember_ld_stream16")
+    assert "for j in T.unroll(3)" in text[:tail] and "for u in T.unroll(10)" in text[tail:steps]
+    last_load = steps
+    if hold:
+        hold_at = call("ember_hold_words_wait" if pdl else "ember_hold_words")
+        assert tail < steps < hold_at < first_dot
+        assert 'func_call("ember_i4_dot8s"' not in text and 'func_call("ember_i4_dot8s_gx"' not in text
+        assert "T.address_of(wv[0]), 40, T.address_of(wt[0]), 3, T.address_of(hz[0])" in text  # all 43 words
+        assert "hz[0], source_code" in text[first_dot:]  # the decode takes the fold's signed zero
+    if pdl is None:
+        assert "griddepcontrol" not in text and "ember_grid_dep" not in text
+        return
+    wait = call("ember_hold_words_wait" if hold else "ember_grid_dep_wait")
+    assert last_load < wait < first_dot
+    assert "x[" not in text[:wait]  # x only through the coherent loads after the wait (register loads: 0 trips)
+    assert text.count("for v0 in T.unroll(0)") == 2 and "for v0 in T.unroll(1)" not in text
+    launch = call("ember_grid_dep_launch")
+    assert (launch < tail) if pdl == "start" else (wait < launch < first_dot)
+    src = qg._HOLD_WAIT_CUDA
+    assert src.count("griddepcontrol.wait") == 2 and "bra.uni" in src  # both paths of the branch wait
+    with pytest.raises(AssertionError, match="one batch"):
+        qg.weight_only_gemv_tiled(11008, 4096, 4, 128, True, False, "float16", 1, _target("cuda-sm90"),
+                                  batch=5, hold=hold, pdl=pdl)
+
+
+def test_weight_only_gemv_tiled_register_cap_reaches_cuda_source():
+    """``max_registers`` puts a tirx.max_registers AttrStmt inside the blockIdx.x loop (a PrimFunc attribute does
+    not reach the device kernel), which TVM's CUDA codegen prints as __maxnreg__(64); the CPU twin ignores it."""
+    import tvm
+
+    from ember.compiler.cuda_aot import cuda_build_environment
+
+    target = _target("cuda-sm90")
+    func = qg.weight_only_gemv_tiled(11008, 4096, 4, 128, True, False, "float16", 1, target, hold=True,
+                                     max_registers=64)
+    text = func.script()
+    assert text.count('"tirx.max_registers", 64') == 1
+    assert text.index("blockIdx.x") < text.index('"tirx.max_registers"') < text.index("threadIdx.y")
+    twin = qg.weight_only_gemv_tiled(1536, 16, 4, 128, True, False, "float32", 1, target, max_registers=64,
+                                     emulate=True)
+    assert "max_registers" not in twin.script()
+    if _available("cuda-sm90"):
+        pytest.skip(_available("cuda-sm90"))
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    with cuda_build_environment(target, "cuda-sm90"), target:
+        lib = tvm.compile(mod, target)
+    assert "__maxnreg__(64)" in lib.mod.imports[0].inspect_source("cuda")
 
 
 @pytest.mark.parametrize("pdl,pipeline", [(None, False), ("start", False), ("wait", True)])

@@ -35,7 +35,12 @@ weight loads in an interleaved word order, all loads before any decode, a cheape
 loads) reaches 10.2-10.4 us = 74-76% (3.5x torch) and is what ``ember.compile`` uses for static row counts where the
 shape allows (:func:`tiled_applies`); this kernel remains for symbolic row counts and other shapes.
 :func:`weight_only_gemv_staged` (cp.async of a warp's whole row, optional programmatic dependent launch) is faster
-from L2 but slower from DRAM (13.2 us; 11.1 us back to back with PDL), so it is opt-in (``STAGED``).
+from L2 but slower from DRAM (13.2 us; 11.1 us back to back with PDL), so it is opt-in (``STAGED``). With only 2
+steps in flight per warp (``depth=2``), 2 warps per block and a programmatic dependent launch
+(:data:`STAGED_FP16_PDL`) it is the fastest kernel for back-to-back fp16 GEMVs: 9.0-9.1 us = 86% of the copy
+bandwidth, 4.0x torch fp16 (runs 10-11) — issue 4's target, but only when the previous kernel triggers the launch too
+(after any other kernel: 10.7-10.8 us, the tiled kernel 10.4), and only for fp16 activations (ember.compile's
+quantized layers take fp32 x), so ember.compile keeps the tiled kernel.
 """
 
 from __future__ import annotations
@@ -333,6 +338,23 @@ def with_root_block(func: tirx.PrimFunc, params=None) -> tirx.PrimFunc:
     return tirx.PrimFunc(list(func.params) if params is None else params, body, func.ret_type, func.attrs)
 
 
+def _with_kernel_attr(func: tirx.PrimFunc, key: str, value: int) -> tirx.PrimFunc:
+    """``func`` with an AttrStmt ``key = value`` just inside its blockIdx.x loop: where TVM's CUDA codegen collects
+    per-kernel launch attributes (``tirx.max_registers`` → ``__maxnreg__``); a PrimFunc attribute does not reach the
+    device kernel that SplitHostDevice makes."""
+    from tvm import s_tir, tirx
+
+    realize = func.body  # with_root_block's root block, whose body is the blockIdx.x loop
+    loop = realize.block.body
+    assert isinstance(loop, tirx.For) and loop.thread_binding.thread_tag == "blockIdx.x", type(loop)
+    body = tirx.AttrStmt(tirx.IntImm("int32", 0), key, tirx.IntImm("int32", value), loop.body)
+    loop = tirx.For(loop.loop_var, loop.min, loop.extent, loop.kind, body, loop.thread_binding, loop.annotations)
+    blk = realize.block
+    blk = s_tir.SBlock(blk.iter_vars, blk.reads, blk.writes, blk.name_hint, loop, blk.init, blk.alloc_buffers,
+                       blk.match_buffers, blk.annotations)
+    return func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, blk))
+
+
 def _drop_unused(func: tirx.PrimFunc, symmetric: bool, has_bias: bool) -> tirx.PrimFunc:
     """The template declares every optional argument; remove the ones this kernel does not read (zeros for
     symmetric codes, bias) so the call site passes exactly what the kernel needs."""
@@ -535,6 +557,63 @@ __forceinline__ __device__ void ember_grid_dep_launch() {
 """
 PDL_TAG = "tirx.use_programtic_dependent_launch"
 
+# Keeps a row's weight loads in flight together (the tiled kernel's ``hold``): ptxas schedules for register pressure
+# and sinks loads whose results are used late into the decode (a side-effecting use, e.g. a predicated shared store,
+# it simply moves to the end of the kernel; a dependence of the accumulators alone lets it decode early steps first).
+# So every step's decode is made to depend on every loaded word: they are XOR-folded into one value f, and the
+# decode's zero-point constant gets (f == magic ? -0.0 : +0.0) added (one HADD2 per kernel) — a data dependence
+# ptxas cannot fold away, and exact for any f (1024 + z plus a signed zero is 1024 + z).
+_HOLD_CUDA = r"""
+__forceinline__ __device__ void ember_hold_words(const void* a, int na, const void* b, int nb, void* zp) {
+  const unsigned int* p = (const unsigned int*)a;
+  const unsigned int* q = (const unsigned int*)b;
+  unsigned int f = 0u;
+#pragma unroll
+  for (int i = 0; i < na; ++i) f ^= p[i];
+#pragma unroll
+  for (int i = 0; i < nb; ++i) f ^= q[i];
+  *(half*)zp = __ushort_as_half(f == 0x9E3779B9u ? (unsigned short)0x8000u : (unsigned short)0u);
+}
+"""
+# ``hold`` with ``pdl``: ptxas hoists griddepcontrol.wait above plain loads (legal: an acquire lets earlier loads sink
+# below it), so the weights would be requested only after the previous kernel ends. A branch on the folded words in
+# front of the wait (both paths wait; waiting twice is harmless) keeps it below every weight load.
+_HOLD_WAIT_CUDA = _HOLD_CUDA + r"""
+__forceinline__ __device__ void ember_hold_words_wait(const void* a, int na, const void* b, int nb, void* zp) {
+  ember_hold_words(a, na, b, nb, zp);
+  unsigned int f = (unsigned int)__half_as_ushort(*(half*)zp);
+  asm volatile("{\n\t.reg .pred hp;\n\tsetp.ne.u32 hp, %0, 0;\n\t@hp bra.uni EMBER_HOLD_W;\n\t"
+               "griddepcontrol.wait;\n\tEMBER_HOLD_W:\n\tgriddepcontrol.wait;\n\t}" :: "r"(f) : "memory");
+}
+"""
+# ember_i4_dot8s with that signed zero added to its zero-point constant (``hold``); _gx: x read coherently (``pdl``)
+_DOT8SZ_CUDA = r"""
+__forceinline__ __device__ void ember_i4_dot8sz(unsigned int w, const void* xp, void* accp, half s, float z, half zz) {
+  const half2* x = (const half2*)xp;
+  half2* acc = (half2*)accp;
+  const half2 blo = __hadd2(__float2half2_rn(1024.0f + z), __half2half2(zz));
+  const half2 bhi = __float2half2_rn(-64.0f - z);
+  const half2 sixteenth = __float2half2_rn(0.0625f);
+  unsigned int w8 = w >> 8;
+  unsigned int t0 = (w & 0x000F000Fu) | 0x64006400u;
+  unsigned int t1 = (w & 0x00F000F0u) | 0x64006400u;
+  unsigned int t2 = (w8 & 0x000F000Fu) | 0x64006400u;
+  unsigned int t3 = (w8 & 0x00F000F0u) | 0x64006400u;
+  half2 p = __hmul2(__hsub2(*reinterpret_cast<half2*>(&t0), blo), x[0]);
+  p = __hfma2(__hfma2(*reinterpret_cast<half2*>(&t1), sixteenth, bhi), x[1], p);
+  p = __hfma2(__hsub2(*reinterpret_cast<half2*>(&t2), blo), x[2], p);
+  p = __hfma2(__hfma2(*reinterpret_cast<half2*>(&t3), sixteenth, bhi), x[3], p);
+  *acc = __hfma2(p, __half2half2(s), *acc);
+}
+__forceinline__ __device__ void ember_i4_dot8sz_gx(unsigned int w, const void* xg, void* accp, half s, float z,
+                                                   half zz) {
+  uint4 xr;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(xr.x), "=r"(xr.y), "=r"(xr.z), "=r"(xr.w) : "l"(xg) : "memory");
+  ember_i4_dot8sz(w, &xr, accp, s, z, zz);
+}
+"""
+
 
 def lane_scales_apply(k: int, bits: int, group: int) -> bool:
     """Whether :func:`interleave_scales` covers the group size: a group is at most one 32-word stripe and divides
@@ -622,7 +701,8 @@ def deinterleave_words(words: np.ndarray) -> np.ndarray:
 def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool, act_dtype: str,
                            rows: int, target, cols: int = 1, warps: int = 4, batch: int | None = None,
                            decode: str = "half2s", stream: bool = True, scale_vec: bool = False,
-                           l2_hint: bool = False, emulate: bool = False) -> tirx.PrimFunc:
+                           l2_hint: bool = False, hold: bool = False, pdl: str | None = None,
+                           max_registers: int | None = None, emulate: bool = False) -> tirx.PrimFunc:
     """Fused decode + GEMV on :func:`interleave_words` weights; same arguments and results as
     :func:`weight_only_gemv` (qweight interleaved). Only for :func:`tiled_applies` shapes.
 
@@ -644,6 +724,18 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
     Knobs measured off (run 7, same H100 run as the default's 10.2 us): ``scale_vec`` (scales in
     :func:`interleave_scales` order, one 8-byte load per step instead of 4 two-byte loads) 11.1 us; ``l2_hint``
     (``.L2::256B`` on the weight loads) 10.4 us.
+
+    ``hold`` (CUDA, half2s): keep every weight load of the row in flight before the first decode. ptxas otherwise
+    sinks 8 of the 10 16-byte loads into the decode (nvdisasm: 2 up front), so a warp has ~1 KB in flight instead of
+    5.5 KB; with :data:`_HOLD_CUDA` the SASS issues all 10 + 3 loads first. ``pdl`` ("start"/"wait", CUDA, fp16 x
+    with half2s): a programmatic dependent launch as in :func:`weight_only_gemv_staged` — x read with coherent loads
+    after ``griddepcontrol.wait``; ptxas hoists that wait above the weight loads unless ``hold`` is on too.
+    ``max_registers``: a ``__maxnreg__`` cap (hold / pdl take 70-72 registers; above 64 only 28 of the 32 warps per SM
+    fit, and the 4096 warps of the issue's shape no longer run in one wave).
+    Measured (H100, runs 9-10, same runs as the default's 10.2-10.3 us): all SLOWER — hold 14.2 us (13.9 capped at
+    64 registers: it spills), pdl 13.5 (12.8 capped), hold + pdl 13.0-13.3 (11.7 capped). Keeping the whole row in
+    registers before any decode costs more than it gains; the staged kernel with ``depth=2`` + PDL is the one that
+    reaches the target (:data:`STAGED_FP16_PDL`). Off by default, kept as measured options.
     """
     from tvm.script import tirx as T
 
@@ -669,6 +761,11 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
     half2s = half2 and decode == "half2s"
     half2 = half2 and not half2s
     stream = stream and cuda
+    hold = hold and half2s
+    pdl = pdl if cuda else None
+    assert pdl in (None, "start", "wait"), pdl
+    assert pdl is None or half2s, "pdl: fp16 x with the half2s decode (x loaded inside ember_i4_dot8s_gx)"
+    assert not (hold or pdl) or b == nc, "hold / pdl: all steps in one batch"
     if cuda:
         from tvm.backend.cuda.op import cuda_func_call
 
@@ -687,6 +784,37 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
         if l2_hint:
             def ld16(dst, src):  # noqa: F811 (the hinted variant)
                 return cuda_func_call("ember_ld_stream16_l2", dst, src, source_code=_LD_STREAM16_L2_CUDA)
+
+        def hold_words(addr, count, addr2, count2, zaddr):
+            if pdl is not None:  # the hold also does griddepcontrol.wait (see _HOLD_WAIT_CUDA)
+                return cuda_func_call("ember_hold_words_wait", addr, count, addr2, count2, zaddr,
+                                      source_code=_HOLD_WAIT_CUDA)
+            return cuda_func_call("ember_hold_words", addr, count, addr2, count2, zaddr, source_code=_HOLD_CUDA)
+
+        def dot8sz(word, xaddr, accaddr, sc, zf, zz):
+            return cuda_func_call("ember_i4_dot8sz_gx" if pdl else "ember_i4_dot8sz", word, xaddr, accaddr, sc, zf,
+                                  zz, source_code=_DOT8SZ_CUDA)
+
+        def dot_s(zz, word, xaddr, accaddr, sc, zf):  # x from registers (xv)
+            if hold:
+                return cuda_func_call("ember_i4_dot8sz", word, xaddr, accaddr, sc, zf, zz, source_code=_DOT8SZ_CUDA)
+            return dot8s(word, xaddr, accaddr, sc, zf)
+
+        def dot_g(zz, word, xaddr, accaddr, sc, zf):  # x read from global memory after griddepcontrol.wait (pdl)
+            if hold:
+                return cuda_func_call("ember_i4_dot8sz_gx", word, xaddr, accaddr, sc, zf, zz,
+                                      source_code=_DOT8SZ_CUDA)
+            return dot8s_gx(word, xaddr, accaddr, sc, zf)
+
+        def grid_wait():
+            return cuda_func_call("ember_grid_dep_wait", source_code=_PDL_WAIT_CUDA)
+
+        def grid_launch():
+            return cuda_func_call("ember_grid_dep_launch", source_code=_PDL_LAUNCH_CUDA)
+
+        def dot8s_gx(word, xaddr, accaddr, sc, zf):
+            return cuda_func_call("ember_i4_dot8s_gx", word, xaddr, accaddr, sc, zf,
+                                  source_code=_DOT8S_CUDA + _DOT8S_GX_CUDA)
     vec = _vec_elems(act_dtype, target)
     ws_ = _warp_size(target)
     wb = warps
@@ -711,6 +839,9 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                     red = T.decl_buffer((1,), "float32", scope="local")
                     hacc = T.decl_buffer((mt * cols * 2,), "float16", scope="local")
                     sv = T.decl_buffer((cols * lw,), "float16", scope="local")
+                    hz = T.decl_buffer((1,), "float16", scope="local")  # hold's signed zero
+                    if pdl == "start":
+                        T.evaluate(grid_launch())
                     for a in T.unroll(mt * cols):
                         acc[a] = T.float32(0)
                     for a in T.unroll(mt * cols * 2 if half2s else 0):
@@ -733,6 +864,14 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                                     for v in T.vectorized(lw):
                                         wv[(u * cols + r) * lw + v] = q[(bx * wb + ty) * cols + r,
                                                                         ((ob * b + u) * WARP + tx) * lw + v]
+                        if hold:  # every load above issued before any decode (see _HOLD_CUDA)
+                            T.evaluate(hold_words(T.address_of(wv[0]), b * cols * lw, T.address_of(wt[0]),
+                                                  nt * cols, T.address_of(hz[0])))
+                        if pdl is not None:  # weights in flight; x and y only after the previous kernel is done
+                            if not hold:  # (hold waits itself, after a branch on the loaded words)
+                                T.evaluate(grid_wait())
+                            if pdl == "wait":
+                                T.evaluate(grid_launch())
                         for u in T.unroll(b):
                             if scale_vec:  # the 4 scales of this step's 4 words, one 8-byte load a column
                                 for r in T.unroll(cols):
@@ -741,7 +880,7 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                                                            (ob * b + u) * sg + (tx // gw) * lw + v]
                             for j in T.unroll(lw):
                                 for i in T.unroll(mt):
-                                    for v0 in T.unroll(epw // vec if epw >= vec else 1):
+                                    for v0 in T.unroll((epw // vec if epw >= vec else 1) if pdl is None else 0):
                                         for v in T.vectorized(min(vec, epw)):
                                             xv[v0 * vec + v] = x[i, (((ob * b + u) * lw + j) * WARP + tx) * epw
                                                                  + v0 * vec + v]
@@ -752,8 +891,15 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                                         zf = T.Cast("float32", z[(bx * wb + ty) * cols + r,
                                                                  (((ob * b + u) * lw + j) * WARP + tx) * epw // g]) \
                                             if not symmetric else T.float32(zero_sym)
-                                        if half2s:
-                                            T.evaluate(dot8s(wv[(u * cols + r) * lw + j], T.address_of(xv[0]),
+                                        if pdl is not None:  # x loaded coherently inside, after the wait
+                                            T.evaluate(dot_g(hz[0], wv[(u * cols + r) * lw + j], T.address_of(
+                                                x[i, (((ob * b + u) * lw + j) * WARP + tx) * epw]),
+                                                T.address_of(hacc[(i * cols + r) * 2]),
+                                                sv[r * lw + j] if scale_vec else
+                                                s[(bx * wb + ty) * cols + r,
+                                                  (((ob * b + u) * lw + j) * WARP + tx) * epw // g], zf))
+                                        elif half2s:
+                                            T.evaluate(dot_s(hz[0], wv[(u * cols + r) * lw + j], T.address_of(xv[0]),
                                                              T.address_of(hacc[(i * cols + r) * 2]),
                                                              sv[r * lw + j] if scale_vec else
                                                              s[(bx * wb + ty) * cols + r,
@@ -779,7 +925,7 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                                 hacc[a * 2 + 1] = T.float16(0)
                     for j in T.unroll(nt):
                         for i in T.unroll(mt):
-                            for v0 in T.unroll(epw // vec if epw >= vec else 1):
+                            for v0 in T.unroll((epw // vec if epw >= vec else 1) if pdl is None else 0):
                                 for v in T.vectorized(min(vec, epw)):
                                     xv[v0 * vec + v] = x[i, (nc * TILE_CHUNK + j * WARP + tx) * epw + v0 * vec + v]
                             for r in T.unroll(cols):
@@ -788,8 +934,14 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                                 zf = T.Cast("float32", z[(bx * wb + ty) * cols + r,
                                                          (nc * TILE_CHUNK + j * WARP + tx) * epw // g]) \
                                     if not symmetric else T.float32(zero_sym)
-                                if half2s:
-                                    T.evaluate(dot8s(wt[j * cols + r], T.address_of(xv[0]),
+                                if pdl is not None:
+                                    T.evaluate(dot_g(hz[0], wt[j * cols + r], T.address_of(
+                                        x[i, (nc * TILE_CHUNK + j * WARP + tx) * epw]),
+                                        T.address_of(hacc[(i * cols + r) * 2]),
+                                        s[(bx * wb + ty) * cols + r, (nc * TILE_CHUNK + j * WARP + tx) * epw // g],
+                                        zf))
+                                elif half2s:
+                                    T.evaluate(dot_s(hz[0], wt[j * cols + r], T.address_of(xv[0]),
                                                      T.address_of(hacc[(i * cols + r) * 2]),
                                                      s[(bx * wb + ty) * cols + r,
                                                        (nc * TILE_CHUNK + j * WARP + tx) * epw // g], zf))
@@ -832,7 +984,10 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
                             else:
                                 y[a // cols, (bx * wb + ty) * cols + a % cols] = T.Cast(act_dtype, red[0])
 
-    return _drop_unused(kernel, symmetric, has_bias)
+    func = _drop_unused(kernel, symmetric, has_bias)
+    if max_registers and cuda:  # CUDA __maxnreg__: the register cap ptxas must fit (occupancy, see the doc)
+        func = _with_kernel_attr(func, "tirx.max_registers", max_registers)
+    return func.with_attr("tirx.kernel_launch_params", [PDL_TAG]) if pdl is not None else func
 
 
 # -- the staged GEMV: every weight byte of a warp's row in flight at once (cp.async into shared memory) ----------
@@ -845,7 +1000,9 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
 # per block or an L2 prefetch hint; so ember.compile keeps the tiled kernel (``STAGED`` off). It is the kernel that
 # carries a programmatic dependent launch (``pdl``), which took 2.1 us off each of back-to-back calls (13.2 -> 11.1)
 # and nothing after a kernel that does not trigger it. The decode reads the words back from shared memory (the lane's
-# own 16 bytes: no bank conflicts).
+# own 16 bytes: no bank conflicts). Runs 9-11 (helper C2): ``depth`` (only that many steps in flight per warp) alone
+# gains little (depth 2: 12.7 us), but with PDL it is what reaches issue 4's target for back-to-back fp16 GEMVs:
+# depth 2, 2 warps per block, pdl "wait": 9.0 / 9.1 us (:data:`STAGED_FP16_PDL`).
 _CP_ASYNC_CUDA = r"""
 __forceinline__ __device__ void ember_cp_async16(void* smem, const void* smem_last, const void* gmem) {
   unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
@@ -907,6 +1064,10 @@ __forceinline__ __device__ void ember_cp_async_wait_n(int n) {
 # and, with pdl between back-to-back GEMVs, 11.1 us. ember.compile emits it only when this is switched on.
 STAGED = False
 STAGED_WARPS = 4
+# The fastest configuration for back-to-back fp16 GEMVs (H100, 4096 x 11008 INT4 g128, cold, CUDA graph; BENCHMARKS.md
+# runs 9-11): 9.0 / 9.1 us (86%, 4.0x torch fp16 eager) vs depth 3: 9.2-9.3, depth 1 / 4: 9.5-9.6, 1 warp per block:
+# 11.3-11.7, 4 / 8 warps: 9.7-10.1 / 9.6, no PDL: 12.7. pdl="start" measured the same (9.0-9.1).
+STAGED_FP16_PDL = dict(depth=2, pdl="wait", warps=2)
 STAGED_PIPELINE = False  # one cp.async group per step, decoded as it lands: measured no change (13.3 vs 13.2 us)
 
 
@@ -938,9 +1099,11 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
     ``pdl`` ("start"/"wait": where the kernel lets the next one launch) makes the kernel a programmatic dependent
     launch: the copies go out before ``griddepcontrol.wait``, x and y are touched only after it.
     ``pipeline``: one cp.async group per step, step c decoded once groups 0..c have landed (copies still all issued
-    first). ``depth`` (NOT yet measured on a GPU): only ``depth`` steps in flight per warp — the scales, the tail and
-    steps 0..depth-1 first, then step c + depth issued while step c is decoded (a software pipeline between the
-    tiled kernel's ~1 KB and this kernel's whole 5.5 KB row in flight per warp).
+    first). ``depth``: only ``depth`` steps in flight per warp — the scales, the tail and steps 0..depth-1 first
+    (with ``pdl``: before the wait), then step c + depth issued while step c is decoded (a software pipeline between
+    the tiled kernel's ~1 KB and this kernel's whole 5.5 KB row in flight per warp). Measured (H100, runs 9-11, cold,
+    CUDA graph): without PDL depth 2/3/5 12.7/13.1/13.8 us; with pdl="wait" depth 1-4 9.7-10.3 (4 warps), 9.0-9.6
+    (2 warps; depth 2 best: 9.0 / 9.1), 11.3-11.7 (1 warp) — :data:`STAGED_FP16_PDL`.
     ``emulate``: the CPU twin (plain copies, fp32 decode, serial lanes), as in :func:`weight_only_gemv`.
     """
     from tvm.script import tirx as T
