@@ -324,6 +324,19 @@ def test_weight_only_gemv_staged_depth_keeps_depth_steps_in_flight():
     assert "ember_cp_async_wait_n\", 3" in text
 
 
+def test_staged_fp16_pdl_preset_kernel():
+    """STAGED_FP16_PDL (issue 4's measured best for back-to-back fp16 GEMVs): 2 warps per block, 2 steps copied before
+    griddepcontrol.wait (+ scales and tail), step c + 2 issued while step c is decoded, the PDL launch tag."""
+    func = qg.weight_only_gemv_staged(11008, 4096, 4, 128, True, False, "float16", 1, _target("cuda-sm90"),
+                                      **qg.STAGED_FP16_PDL)
+    text = func.script()
+    assert list(func.attrs["tirx.kernel_launch_params"]) == [qg.PDL_TAG]
+    assert "T.thread_binding(2048" in text and "T.thread_binding(2, thread=\"threadIdx.y\")" in text
+    wait = text.index("ember_grid_dep_wait")
+    assert "for c in T.unroll(2)" in text[:wait] and "c + 2 < 10" in text[wait:]
+    assert "ember_cp_async_wait_n\", 2" in text and "x[" not in text[:wait]
+
+
 @pytest.mark.parametrize("k,n,bias,m,rows", [(70, 24, True, 3, 3), (512, 16, False, 9, None)])
 def test_int8_gemv_twin_matches_numpy(k, n, bias, m, rows):
     """INT8 x INT8 → int32 GEMV (the sign-extending dot product, as on ROCm / Metal) against numpy."""
