@@ -89,8 +89,8 @@ def choose_tile(oh: int, ow: int, c: int, o: int) -> int | None:
     keep the direct conv.
 
     From benchmarks/winograd_bench.py on the 2-core AVX-512 Xeon (times relative to the direct rule, one conv +
-    bias + ReLU, batch 1): 56x56x64 F2 0.87 / F4 0.67; 28x28x128 0.51 / 0.40; 14x14x256 0.62 / 0.66; 7x7x512
-    0.50 / 1.00. F(4x4) wins where the image is large enough for many tiles; on small images its transformed
+    bias + ReLU, batch 1; load 1.0 / load 4.5): 56x56x64 F2 0.87 / F4 0.73 (0.87 / 0.67); 28x28x128 0.75 / 0.62
+    (0.51 / 0.40); 14x14x256 0.69 / 0.74 (0.62 / 0.66); 7x7x512 0.41 / 0.45 (0.50 / 1.00). F(4x4) wins where the image is large enough for many tiles; on small images its transformed
     weight (4x the direct one) is read for too few tiles, so F(2x2) (1.8x) is the better trade there.
     """
     if c < 8 or o < 8:
