@@ -117,8 +117,12 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
     t0 = time.perf_counter()
     imported = import_model(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names,
                             output_names=output_names)
-    imported, compression = compress(imported, quantization=quantization, sparsity=sparsity, target=tgt,
-                                     example_inputs=example_inputs, verbose=verbose, precision=precision)
+    from ..passes.precision import normalize_precision
+    from ..passes.quantize.gpu import half_activations  # fp16 x for the GPU INT4 layers (the PDL GEMV)
+
+    with half_activations(normalize_precision(precision) == "fp16"):
+        imported, compression = compress(imported, quantization=quantization, sparsity=sparsity, target=tgt,
+                                         example_inputs=example_inputs, verbose=verbose, precision=precision)
     from ..passes.precision import apply_precision  # precision="fp16": fp32 import, then half the graph
 
     # (with a sparsity, compress ran the precision pass itself, before packing: its report says so)

@@ -105,9 +105,11 @@ def lower(target: tvm.target.Target, tuning_database=None, tuning_stats: dict | 
 
         report = [report_pass(groups, kernel_report)]
     from .kernel_scratch import scratch_to_local_pass  # GPU backends reject kernel-internal global buffers
+    from ..passes.pdl import trigger_pass  # sm_90+: every kernel lets a PDL GEMV after it start early
 
     return tvm.transform.Sequential(_legalize_and_fuse(target, fusion, groups) + tuned + [schedule_pass(target)]
-                                    + [scratch_to_local_pass(target)] + report + _lower_to_vm(),
+                                    + [scratch_to_local_pass(target), trigger_pass(target)] + report
+                                    + _lower_to_vm(),
                                     name="ember.lower")
 
 

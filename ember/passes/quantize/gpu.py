@@ -29,6 +29,9 @@ dlight touch it. Before/after in Relax, for a linear layer on CUDA::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import numpy as np
 from tvm import relax, s_tir, te, tirx
 
@@ -40,6 +43,30 @@ from .graph import sinfo
 
 OPAQUE = 8
 THREADS = 128  # threads per row of the activation quantizer / per block of the gather
+
+# Set (by ember.compile, around the quantization pass) when the model is compiled with precision="fp16": the
+# activations reaching a quantized linear will be fp16 once the precision pass has run, so an INT4 layer may take
+# fp16 x and give fp16 y (the PDL GEMV, :data:`~ember.schedules.gpu.quant_gemv.STAGED_FP16_PDL`) — with fp32
+# activations that kernel would round x to fp16, a loss the caller did not ask for.
+HALF_ACTIVATIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("ember_half_activations", default=False)
+
+
+@contextlib.contextmanager
+def half_activations(on: bool):
+    token = HALF_ACTIVATIONS.set(bool(on))
+    try:
+        yield
+    finally:
+        HALF_ACTIVATIONS.reset(token)
+
+
+def pdl_gemv_applies(k: int, n: int, bits: int, group: int, rows, target) -> bool:
+    """Whether a weight-only layer gets the PDL GEMV: fp16 activations (:data:`HALF_ACTIVATIONS`), INT4, an sm_90+
+    CUDA target with PDL on (:mod:`ember.passes.pdl`), and a shape the staged kernel covers with its 2 warps."""
+    from .. import pdl
+
+    return (HALF_ACTIVATIONS.get() and bits == 4 and pdl.enabled() and pdl.target_supports(target)
+            and qg.staged_applies(k, n, bits, group, rows, qg.STAGED_FP16_PDL["warps"], target=target))
 
 
 def is_gpu_target(target) -> bool:
@@ -213,7 +240,8 @@ class GpuEmitter(Emitter):
         # the tiled kernel (16-byte weight loads) where the shape allows, else the one-word-per-lane kernel (symbolic
         # rows, K not a multiple of 32 words, odd N); the staged kernel (cp.async: a warp's whole row in flight at
         # once) only when switched on (qg.STAGED: slower than the tiled one from DRAM, faster from L2)
-        staged = qg.STAGED and qg.staged_applies(site.k, site.n, bits, group, rows, target=self.target)
+        pdl = pdl_gemv_applies(site.k, site.n, bits, group, rows, self.target)
+        staged = pdl or (qg.STAGED and qg.staged_applies(site.k, site.n, bits, group, rows, target=self.target))
         tiled = not staged and qg.TILED and qg.tiled_applies(site.k, site.n, bits, group, rows, qg.TILE_COLS,
                                                              qg.TILE_WARPS)
         words = qg.pack_words(np.ascontiguousarray(codes.T), bits)
@@ -222,13 +250,20 @@ class GpuEmitter(Emitter):
                "scales": qg.interleave_scales(scales, site.k, bits, group) if staged else scales}
         if not sym:
             gpu["zeros"] = np.ascontiguousarray(arrays["zeros"].T)
-        args = [x2] + [self._param(f"{site.name}.{k}", a) for k, a in gpu.items()]
+        # the PDL GEMV reads fp16 x (a cast here, which ember's fusion puts into the producer's kernel: the norm or
+        # the activation) and writes fp32 y (its sums are fp32; no cast kernel between it and its consumers)
+        args = [bb.emit(relax.op.astype(x2, "float16")) if pdl else x2]
+        args += [self._param(f"{site.name}.{k}", a) for k, a in gpu.items()]
         if bias is not None:
             args.append(bias)
         key = ("ember_gpu_wo_gemv", bits, site.k, site.n, group, int(sym), int(bias is not None), rows or "m",
-               "staged" if staged else "tiled" if tiled else "word")
+               "staged_pdl" if pdl else "staged" if staged else "tiled" if tiled else "word")
 
         def make():
+            if pdl:
+                return _finish(qg.weight_only_gemv_staged(site.k, site.n, bits, group, sym, bias is not None,
+                                                          "float16", rows, self.target, out_dtype="float32",
+                                                          **qg.STAGED_FP16_PDL))
             if staged:
                 return _finish(qg.weight_only_gemv_staged(site.k, site.n, bits, group, sym, bias is not None,
                                                           "float32", rows, self.target,

@@ -1089,7 +1089,8 @@ def staged_applies(k: int, n: int, bits: int, group: int, rows: int | None, warp
 def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bool, has_bias: bool,
                             act_dtype: str, rows: int, target, warps: int = STAGED_WARPS, pdl: str | None = None,
                             l2_hint: bool = False, decode: str = "half2s", pipeline: bool = False,
-                            depth: int | None = None, emulate: bool = False) -> tirx.PrimFunc:
+                            depth: int | None = None, emulate: bool = False,
+                            out_dtype: str | None = None) -> tirx.PrimFunc:
     """Fused decode + GEMV on :func:`interleave_words` weights and :func:`interleave_scales` scales (same arguments
     and result as :func:`weight_only_gemv_tiled`; scales ``[N, scale_row(K/g)]``). One output column per warp.
 
@@ -1105,7 +1106,10 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
     CUDA graph): without PDL depth 2/3/5 12.7/13.1/13.8 us; with pdl="wait" depth 1-4 9.7-10.3 (4 warps), 9.0-9.6
     (2 warps; depth 2 best: 9.0 / 9.1), 11.3-11.7 (1 warp) — :data:`STAGED_FP16_PDL`.
     ``emulate``: the CPU twin (plain copies, fp32 decode, serial lanes), as in :func:`weight_only_gemv`.
+    ``out_dtype``: y's dtype (default ``act_dtype``); ember.compile's PDL layers read fp16 x and write fp32 y (the
+    sums are fp32 anyway), so no cast kernel follows the GEMV and its fp32 consumers read y directly.
     """
+    out_dtype = out_dtype or act_dtype
     from tvm.script import tirx as T
 
     assert staged_applies(k, n, bits, group, rows, warps), (k, n, bits, group, rows, warps)
@@ -1176,7 +1180,7 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
         s = T.match_buffer(s_h, (n, ngs), "float16")
         z = T.match_buffer(z_h, (n, ng), "uint8")
         bias = T.match_buffer(b_h, (n,), "float32")
-        y = T.match_buffer(y_h, (mt, n), act_dtype)
+        y = T.match_buffer(y_h, (mt, n), out_dtype)
         for bx in _loop(n // wb, "blockIdx.x", emulate):
             qs = T.decl_buffer((wb, kw), "uint32", scope=smem)
             ss = T.decl_buffer((wb, ngs), "float16", scope=smem)
@@ -1329,11 +1333,11 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
                     for a in T.unroll(mt if emulate else 0):  # CPU twin: lanes in turn, summed into y
                         if tx == 0:
                             if has_bias:
-                                y[a, bx * wb + ty] = T.Cast(act_dtype, acc[a] + bias[bx * wb + ty])
+                                y[a, bx * wb + ty] = T.Cast(out_dtype, acc[a] + bias[bx * wb + ty])
                             else:
-                                y[a, bx * wb + ty] = T.Cast(act_dtype, acc[a])
+                                y[a, bx * wb + ty] = T.Cast(out_dtype, acc[a])
                         else:
-                            y[a, bx * wb + ty] = y[a, bx * wb + ty] + T.Cast(act_dtype, acc[a])
+                            y[a, bx * wb + ty] = y[a, bx * wb + ty] + T.Cast(out_dtype, acc[a])
                     for a in T.unroll(0 if emulate else mt):
                         red[0] = acc[a]
                         red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 16, WARP, ws_)
@@ -1343,9 +1347,9 @@ def weight_only_gemv_staged(k: int, n: int, bits: int, group: int, symmetric: bo
                         red[0] = red[0] + T.tvm_warp_shuffle_down(T.tvm_warp_activemask(), red[0], 1, WARP, ws_)
                         if tx == 0:
                             if has_bias:
-                                y[a, bx * wb + ty] = T.Cast(act_dtype, red[0] + bias[bx * wb + ty])
+                                y[a, bx * wb + ty] = T.Cast(out_dtype, red[0] + bias[bx * wb + ty])
                             else:
-                                y[a, bx * wb + ty] = T.Cast(act_dtype, red[0])
+                                y[a, bx * wb + ty] = T.Cast(out_dtype, red[0])
 
     func = _drop_unused(kernel, symmetric, has_bias)
     return func.with_attr("tirx.kernel_launch_params", [PDL_TAG]) if pdl is not None else func
