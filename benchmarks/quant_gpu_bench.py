@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -190,6 +191,101 @@ def gemv_weights(group: int, seed: int = SEED):
 # ----------------------------------------------------------------------------------------------------------------
 # Build machine
 # ----------------------------------------------------------------------------------------------------------------
+# An LLM decode step at batch 1 (issue 4's shape): x -> LayerNorm -> Linear 4096->11008 -> SiLU -> Linear 11008->4096
+# + x, fp16, INT4 g128 (helper C3). Built with PDL on (the PDL GEMV + every kernel's trigger) and off (EMBER_PDL=0:
+# the tiled fp32-x GEMV, no trigger); one layer: two artifacts of 23 MB each fit the device's 64 MiB carry.
+DECODE_DIMS = dict(d=4096, h=11008, layers=1)
+
+
+def decode_model(d, h, layers):
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(d)
+            self.up = torch.nn.Linear(d, h, bias=False)
+            self.down = torch.nn.Linear(h, d, bias=False)
+
+        def forward(self, x):
+            return x + self.down(torch.nn.functional.silu(self.up(self.norm(x))))
+
+    class Decode(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block() for _ in range(layers)])
+
+        def forward(self, x):
+            for b in self.blocks:
+                x = b(x)
+            return x
+
+    torch.manual_seed(SEED)
+    return Decode().eval()
+
+
+def prepare_decode(a, index):
+    import torch
+
+    import ember
+
+    model = decode_model(**DECODE_DIMS)
+    x = torch.randn(1, DECODE_DIMS["d"], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.savez(os.path.join(a.out, "decode.data.npz"), x=x.numpy(), torch=ref)
+    index["decode"] = {}
+    for name, env in (("decode_pdl", "1"), ("decode_nopdl", "0")):
+        t0 = time.perf_counter()
+        old = os.environ.get("EMBER_PDL")
+        os.environ["EMBER_PDL"] = env
+        try:
+            for graph in (True, False):  # graph=False: captured by the benchmark into one CUDA graph of many calls
+                cm = ember.compile(model, (x,), target=a.target, precision="fp16", cuda_graph=graph,
+                                   quantization=ember.WeightOnly(bits=4, group_size=128))
+                if graph:
+                    cm.export(os.path.join(a.out, name), overwrite=True)
+                else:  # same weights: the run copies them from the graph build (the carry holds 64 MiB)
+                    art = os.path.join(a.out, name + "_nograph")
+                    cm.export(art, overwrite=True)
+                    os.remove(os.path.join(art, "params.bin"))
+        finally:
+            if old is None:
+                os.environ.pop("EMBER_PDL")
+            else:
+                os.environ["EMBER_PDL"] = old
+        index["decode"][name] = {"dir": name, "pdl": env == "1"}
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    split_params(os.path.join(a.out, "decode_nopdl"), os.path.join(a.out, "decode_pdl"))
+
+
+def split_params(art, base):
+    """Drop from ``art``'s params.bin the arrays ``base`` holds identically (the interleaved INT4 words: 45 MB;
+    only the scales' layout differs), so both artifacts fit the device's carry; :func:`join_params` rebuilds the
+    file byte for byte there (its sha256 is in the manifest)."""
+    from tvm.runtime import load_param_dict, save_param_dict
+
+    mine = load_param_dict(open(os.path.join(art, "params.bin"), "rb").read())
+    other = load_param_dict(open(os.path.join(base, "params.bin"), "rb").read())
+    order = list(mine.keys())
+    own = {k: v for k, v in mine.items()
+           if k not in other or other[k].shape != v.shape or str(other[k].dtype) != str(v.dtype)
+           or not np.array_equal(other[k].numpy(), v.numpy())}
+    open(os.path.join(art, "params.part.bin"), "wb").write(save_param_dict(own))
+    json.dump({"order": order, "base": os.path.basename(base)}, open(os.path.join(art, "params.part.json"), "w"))
+    os.remove(os.path.join(art, "params.bin"))
+
+
+def join_params(art):
+    from tvm.runtime import load_param_dict, save_param_dict
+
+    meta = json.load(open(os.path.join(art, "params.part.json")))
+    own = load_param_dict(open(os.path.join(art, "params.part.bin"), "rb").read())
+    base = load_param_dict(open(os.path.join(os.path.dirname(art), meta["base"], "params.bin"), "rb").read())
+    full = {k: own[k] if k in own else base[k] for k in meta["order"]}
+    open(os.path.join(art, "params.bin"), "wb").write(save_param_dict(full))
+
+
 def prepare(a):
     import torch
     import tvm
@@ -238,6 +334,8 @@ def prepare(a):
                  **{f"w.{k}": v.numpy() for k, v in model.state_dict().items()})
         index["mlps"][name] = {"dir": name, "scheme": str(cfg), "dynamic_batch": dyn, "inputs": len(inputs)}
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    if a.decode:
+        prepare_decode(a, index)
     index["minilms"] = {}
     if not a.skip_minilm:
         from benchtools import MINILM_CONFIG, minilm_arch
@@ -450,6 +548,76 @@ def run_mlps(d, index, out):
     out["mlps"] = rows
 
 
+def run_decode(d, index, out):
+    """The decode step with PDL on / off vs torch fp16 (eager and in a CUDA graph), outputs vs fp32 torch."""
+    import torch
+    import tvm_ffi
+
+    import ember
+
+    if not index.get("decode"):
+        return
+    data = np.load(os.path.join(d, "decode.data.npz"))
+    for info in index["decode"].values():
+        if os.path.exists(os.path.join(d, info["dir"], "params.part.json")):
+            join_params(os.path.join(d, info["dir"]))
+    rows = []
+    outs = {}
+    for name, info in index["decode"].items():
+        row = {"model": name, "pdl": info["pdl"]}
+        try:
+            x = torch.from_numpy(data["x"]).cuda()
+            m = ember.load(os.path.join(d, info["dir"]), device="cuda")
+            got = m(x)
+            got = got.float().cpu().numpy() if hasattr(got, "cpu") else np.asarray(got.numpy())
+            outs[name] = got
+            ref = data["torch"]
+            row["rel_err_vs_torch_fp32"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+            row["ok"] = row["rel_err_vs_torch_fp32"] < 0.05
+            row["ember_us_events"] = _events_us(lambda: m(x), iters=200, warmup=20)
+            ng = os.path.join(d, info["dir"] + "_nograph")
+            if not os.path.exists(os.path.join(ng, "params.bin")):
+                shutil.copy(os.path.join(d, info["dir"], "params.bin"), os.path.join(ng, "params.bin"))
+            mg = ember.load(ng, device="cuda")
+            _, dev_inputs = mg._prepare((x,), {})
+            for _ in range(3):
+                mg.run_device(dev_inputs)
+            torch.cuda.synchronize()
+            row["ember_us_graph"] = _graph_us([lambda: mg.run_device(dev_inputs)] * 50)
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if len(outs) == 2:
+        a_, b_ = outs.values()
+        out["decode_pdl_vs_nopdl_rel"] = float(np.linalg.norm(a_ - b_) / np.linalg.norm(b_))
+    model = decode_model(**DECODE_DIMS).cuda().half()
+    x = torch.from_numpy(data["x"]).cuda().half()
+    with torch.no_grad():
+        row = {"model": "torch_fp16", "torch_us_events": _events_us(lambda: model(x), iters=200, warmup=20)}
+        try:
+            g = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    model(x)
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(g):
+                for _ in range(50):
+                    model(x)
+            row["torch_us_graph"] = _events_us(g.replay, iters=20, warmup=3) / 50
+        except Exception as e:  # noqa: BLE001
+            row["graph_error"] = str(e)[:200]
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    del tvm_ffi
+    out["decode"] = rows
+
+
 def run_minilms(d, index, out):
     import torch
 
@@ -505,6 +673,7 @@ def run(a):
            "command": " ".join(sys.argv), "n": N, "k": K}
     run_kernels(a.dir, index, out)
     run_mlps(a.dir, index, out)
+    run_decode(a.dir, index, out)
     run_minilms(a.dir, index, out)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "quant_gpu_bench.json"), "w") as f:
@@ -544,6 +713,7 @@ def main():
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--skip-mlp", action="store_true", help="kernels only (no quantized MLP artifacts)")
     p.add_argument("--kernels", help="comma-separated kernel variants to build (default: all)")
+    p.add_argument("--decode", action="store_true", help="the fp16 INT4 decode-step model, PDL on and off")
     r = sub.add_parser("run")
     r.add_argument("dir")
     r.add_argument("--out", required=True)

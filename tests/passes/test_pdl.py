@@ -148,7 +148,7 @@ def test_fp16_int4_decode_step_gets_pdl_gemv_and_triggers(monkeypatch):
             assert "ember_cp_async16" in body[:wait]  # the weights are in flight before it
         else:  # the trigger comes first: before any load or store of the kernel
             first = body.index("ember_grid_dep_launch();")
-            assert not re.search(r"_ptr\[", body[:first]), name
+            assert not [ln for ln in body[:first].splitlines() if "_ptr[" in ln and "=" in ln], name  # (decls only)
 
 
 @pytest.mark.slow
