@@ -161,3 +161,19 @@ def test_pdl_opt_out_and_fp32(monkeypatch):
     kernels = _compile(precision=None)  # fp32 activations: the fp32-x kernel; the triggers stay
     assert not any("staged_pdl" in k for k in kernels) and any("_tiled" in k for k in kernels)
     assert all("ember_grid_dep_launch();" in b for b in kernels.values())
+
+
+def test_pdl_gemv_applies_only_to_fp16_int4_on_sm90(monkeypatch):
+    from ember.passes.quantize.gpu import half_activations, pdl_gemv_applies
+
+    monkeypatch.delenv(pdl.ENV, raising=False)
+    sm90 = _target("cuda-sm90")
+    with half_activations(True):
+        assert pdl_gemv_applies(4096, 11008, 4, 128, 1, sm90) and pdl_gemv_applies(11008, 4096, 4, 128, 1, sm90)
+        assert not pdl_gemv_applies(4096, 11008, 4, 128, 1, _target("cuda-sm80"))  # no griddepcontrol
+        assert not pdl_gemv_applies(4096, 11008, 8, 128, 1, sm90)  # the half2 decode is INT4's
+        assert not pdl_gemv_applies(4096, 11008, 4, 128, None, sm90)  # symbolic rows: not the staged kernel
+        monkeypatch.setenv(pdl.ENV, "0")
+        assert not pdl_gemv_applies(4096, 11008, 4, 128, 1, sm90)
+    monkeypatch.delenv(pdl.ENV)
+    assert not pdl_gemv_applies(4096, 11008, 4, 128, 1, sm90)  # fp32 activations

@@ -11,7 +11,11 @@ The quantization itself — codes, scales, zero points, GPTQ — is the CPU path
   :func:`ember.schedules.gpu.quant_gemv.weight_only_gemv`; with ``quant_gemv.STAGED`` switched on, CUDA layers the
   staged kernel covers get :func:`~ember.schedules.gpu.quant_gemv.weight_only_gemv_staged` on interleaved words and
   :func:`~ember.schedules.gpu.quant_gemv.interleave_scales` scales — off: slower from DRAM on the H100): no
-  full-precision weight buffer exists at run time;
+  full-precision weight buffer exists at run time. With ``precision="fp16"`` on sm_90+ CUDA (:func:`pdl_gemv_applies`)
+  INT4 layers get the staged kernel as a programmatic dependent launch
+  (:data:`~ember.schedules.gpu.quant_gemv.STAGED_FP16_PDL`, fp16 x, fp32 y), whose weight copies overlap the kernel
+  before it, which :mod:`ember.passes.pdl` makes trigger early (H100 decode step: 27.5 vs 38.1 us, BENCHMARKS.md
+  run 12);
 * INT8 (dynamic or static activations): :func:`quantize_rows` turns each activation row into signed int8 codes
   four per int32 word plus a fp32 scale, then :func:`ember.schedules.gpu.quant_gemv.int8_gemv` accumulates
   int8 x int8 products in int32 (``__dp4a`` on CUDA) and applies ``xs[i] * ws[n] (+ bias)``;

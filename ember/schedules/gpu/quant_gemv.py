@@ -1066,7 +1066,9 @@ STAGED = False
 STAGED_WARPS = 4
 # The fastest configuration for back-to-back fp16 GEMVs (H100, 4096 x 11008 INT4 g128, cold, CUDA graph; BENCHMARKS.md
 # runs 9-11): 9.0 / 9.1 us (86%, 4.0x torch fp16 eager) vs depth 3: 9.2-9.3, depth 1 / 4: 9.5-9.6, 1 warp per block:
-# 11.3-11.7, 4 / 8 warps: 9.7-10.1 / 9.6, no PDL: 12.7. pdl="start" measured the same (9.0-9.1).
+# 11.3-11.7, 4 / 8 warps: 9.7-10.1 / 9.6, no PDL: 12.7. pdl="start" measured the same (9.0-9.1). ember.compile emits
+# it for INT4 layers of precision="fp16" models on sm_90+ (ember.passes.quantize.gpu.pdl_gemv_applies; every other
+# kernel then triggers early: ember.passes.pdl): decode step 27.5 us vs 38.1 us without (BENCHMARKS.md run 12).
 STAGED_FP16_PDL = dict(depth=2, pdl="wait", warps=2)
 STAGED_PIPELINE = False  # one cp.async group per step, decoded as it lands: measured no change (13.3 vs 13.2 us)
 
