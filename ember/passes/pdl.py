@@ -65,7 +65,12 @@ def _is_launch_loop(stmt) -> bool:
 
 
 def _mentions_trigger(func: tirx.PrimFunc) -> bool:
-    return TRIGGER in func.script()
+    """A PDL kernel (launch tag; it places its own trigger) or one this pass has already rewritten."""
+    from ..schedules.gpu.quant_gemv import PDL_TAG
+
+    tags = func.attrs.get("tirx.kernel_launch_params") if func.attrs is not None else None
+    return (tags is not None and PDL_TAG in [str(t) for t in tags]) or \
+        bool(func.attrs is not None and func.attrs.get("ember.pdl_trigger"))
 
 
 def _with_trigger(loop, call):
@@ -129,7 +134,7 @@ def add_trigger(func: tirx.PrimFunc) -> tirx.PrimFunc:
         return func
     count: list = []
     body = _rewrite(func.body, _trigger_call(), count)
-    return func.with_body(body) if count else func
+    return func.with_body(body).with_attr("ember.pdl_trigger", True) if count else func
 
 
 def trigger_pass(target) -> tvm.transform.Pass:
