@@ -56,8 +56,45 @@ def test_pdl_gemv_keeps_its_own_trigger():
     assert pdl.add_trigger(func).same_as(func)
 
 
+def _with_pdl_gemv(mod):
+    """``mod`` plus a PDL GEMV: the pass only touches modules where some kernel can take the early start."""
+    gemv = qg.weight_only_gemv_staged(4096, 64, 4, 128, True, False, "float16", 1, _target("cuda-sm90"),
+                                      **qg.STAGED_FP16_PDL)
+    mod = mod.clone()
+    mod["gemv"] = gemv.with_attr("global_symbol", "gemv")
+    return mod
+
+
+def _reshape_kernel():
+    import tvm
+    from tvm import te
+    from tvm.s_tir import dlight as dl
+
+    a = te.placeholder((32, 128, 384), "float16", name="a")
+    b = te.compute((4096, 384), lambda i, j: a[i // 128, i % 128, j], name="T_reshape")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, b])})
+    with _target("cuda-sm90"):  # scheduled as ember leaves it: launch loops the trigger could go into
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
+    return mod["main"]
+
+
+def test_trigger_pass_needs_a_pdl_kernel_and_skips_reshapes():
+    from tvm.relax.analysis import has_reshape_pattern
+
+    plain = _scheduled_add()
+    assert pdl.trigger_pass(_target("cuda-sm90"))(plain)["main"].same_as(plain["main"])  # no PDL kernel: as is
+    mod = _with_pdl_gemv(plain)
+    reshape = _reshape_kernel()
+    assert has_reshape_pattern(reshape)
+    mod["reshape"] = reshape
+    on = pdl.trigger_pass(_target("cuda-sm90"))(mod)
+    assert pdl.TRIGGER in on["main"].script()
+    # a reshape must stay the pattern RewriteDataflowReshape turns into a view, not a launched copy
+    assert pdl.TRIGGER not in on["reshape"].script()
+
+
 def test_trigger_pass_targets_and_opt_out(monkeypatch):
-    mod = _scheduled_add()
+    mod = _with_pdl_gemv(_scheduled_add())
     on = pdl.trigger_pass(_target("cuda-sm90"))(mod)
     assert pdl.TRIGGER in on["main"].script()
     for name in ("cuda-sm80", "rocm-gfx942"):  # griddepcontrol is an sm_90 instruction
@@ -158,9 +195,9 @@ def test_pdl_opt_out_and_fp32(monkeypatch):
     assert not any("staged_pdl" in k for k in kernels) and any("_tiled" in k for k in kernels)
     assert not any("griddepcontrol" in b or "ember_grid_dep" in b for b in kernels.values())
     monkeypatch.delenv(pdl.ENV)
-    kernels = _compile(precision=None)  # fp32 activations: the fp32-x kernel; the triggers stay
+    kernels = _compile(precision=None)  # fp32 activations: the fp32-x kernel, no PDL kernel, so no triggers
     assert not any("staged_pdl" in k for k in kernels) and any("_tiled" in k for k in kernels)
-    assert all("ember_grid_dep_launch();" in b for b in kernels.values())
+    assert not any("ember_grid_dep" in b for b in kernels.values())
 
 
 def test_pdl_gemv_applies_only_to_fp16_int4_on_sm90(monkeypatch):
