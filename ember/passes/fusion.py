@@ -640,11 +640,14 @@ def epilogue_patterns(casts: bool = False) -> list:
     }
     stages = [("bias", lambda x: _add(x, wildcard())), ("view", _view), ("act", _activation), ("view", _view),
               ("residual", lambda x: _add(x, wildcard())), ("view", _view)]
+    cores = {name: (core, core) for name, core in cores.items()}  # name -> (pattern, the contraction inside it)
     if casts:
-        for core_name, core in list(cores.items()):
-            cores[f"{core_name}_cast"] = is_op("relax.astype")(core)
+        for core_name, (core, _) in list(cores.items()):
+            # annotate the contraction, not the cast: _epilogue_check must see which kernel it is (an opaque
+            # call_tir such as a GPU sparse/quantized GEMV must not be swallowed through its output cast)
+            cores[f"{core_name}_cast"] = (is_op("relax.astype")(core), core)
     out = []
-    for core_name, core in cores.items():
+    for core_name, (core, inner) in cores.items():
         combos = []
         for mask in itertools.product((0, 1), repeat=len(stages)):
             names = [n for (n, _), on in zip(stages, mask) if on]
@@ -660,7 +663,7 @@ def epilogue_patterns(casts: bool = False) -> list:
                 if on:
                     p = make(p)
             label = "_".join([core_name] + [n for n in names if n != "view"])
-            out.append((f"ember.{label}", p, {"core": core}, _epilogue_check))
+            out.append((f"ember.{label}", p, {"core": inner}, _epilogue_check))
     if casts:
         def operand():  # one pattern object per operand: DPL binds a pattern object reused twice to one value
             return is_op("relax.astype")(wildcard()) | wildcard()
