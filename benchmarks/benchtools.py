@@ -129,3 +129,20 @@ def minilm_arch(attn_implementation: str | None = None):
             return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
 
     return Encoder(bert).eval()
+
+
+def prepare_run_parser(doc: str, run_out_required: bool = False):
+    """The two-step command line of the GPU benchmarks: ``prepare --out DIR [--target T]`` here (compile, no GPU)
+    and ``run DIR [--out OUT]`` on the device. Returns (parser, subparsers action, prepare subparser, run subparser):
+    the script adds its own options and any further step; ``cmd`` says which step was asked for."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    prep = sub.add_parser("prepare")
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--target", default="cuda-sm90")
+    run = sub.add_parser("run")
+    run.add_argument("dir")
+    run.add_argument("--out", **({"required": True} if run_out_required else {"default": "."}))
+    return ap, sub, prep, run

@@ -30,7 +30,6 @@ puts the runtime-only TVM on it.)
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -44,7 +43,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
-from benchtools import MINILM_CONFIG, cuda_kernel_times, cuda_median_ms, minilm_arch  # noqa: E402
+from benchtools import MINILM_CONFIG, cuda_kernel_times, cuda_median_ms, minilm_arch, prepare_run_parser  # noqa: E402
 
 HEADS, DH, ATT_SEQ = 12, 64, 2048
 MINILM_SEQ = 128
@@ -541,15 +540,8 @@ def profile_kernels(fn, iters=20):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare")
-    p.add_argument("--out", required=True)
-    p.add_argument("--target", default="cuda-sm90")
+    ap, _, p, r = prepare_run_parser(__doc__)
     p.add_argument("--only", default="", help="comma-separated names (default: all)")
-    r = sub.add_parser("run")
-    r.add_argument("dir")
-    r.add_argument("--out", default=".")
     r.add_argument("--repeat", type=int, default=200)
     r.add_argument("--rounds", type=int, default=5)
     r.add_argument("--profile", action="store_true", help="per-kernel GPU time of the fused MiniLMs")

@@ -18,7 +18,6 @@ gpu_bench.json` makes it anywhere).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import datetime
 import hashlib
@@ -33,7 +32,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
-from benchtools import MINILM_CONFIG, cuda_events_us, cuda_kernel_times, cuda_median_ms, minilm_arch  # noqa: E402
+from benchtools import MINILM_CONFIG, cuda_events_us, cuda_kernel_times, cuda_median_ms, minilm_arch, prepare_run_parser  # noqa: E402
 
 SEQ = 128
 SHARED_PARAMS = "minilm_fp16.params.bin"  # older indexes: one params file for every MiniLM artifact
@@ -613,11 +612,7 @@ def plot(info, path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare")
-    p.add_argument("--out", required=True)
-    p.add_argument("--target", default="cuda-sm90")
+    ap, sub, p, r = prepare_run_parser(__doc__)
     p.add_argument("--only", default="", help="comma-separated kernel/model names (default: all)")
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--gzip-params", action="store_true", help="store the shared params files gzip'ed")
@@ -625,9 +620,6 @@ def main():
     p.add_argument("--policies", default="", help="also compile each model with these POLICIES (tile choices)")
     p.add_argument("--baseline-rev", default="", help="linear kernels: also build the tensor-core rule of this "
                                                        "git revision (before/after)")
-    r = sub.add_parser("run")
-    r.add_argument("dir")
-    r.add_argument("--out", default=".")
     r.add_argument("--no-compile-torch", action="store_true")
     r.add_argument("--kernels-only", action="store_true")
     r.add_argument("--models-only", action="store_true")

@@ -13,7 +13,6 @@ loads each artifact with ember.load(device="cuda"), compares with PyTorch on the
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -25,7 +24,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
-from benchtools import minilm_arch  # noqa: E402
+from benchtools import minilm_arch, prepare_run_parser  # noqa: E402
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
@@ -129,14 +128,7 @@ def run(a):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare")
-    p.add_argument("--out", required=True)
-    p.add_argument("--target", default="cuda-sm90")
-    r = sub.add_parser("run")
-    r.add_argument("dir")
-    r.add_argument("--out", default=".")
+    ap, _, p, r = prepare_run_parser(__doc__)
     a = ap.parse_args()
     prepare(a) if a.cmd == "prepare" else run(a)
 

@@ -11,7 +11,6 @@ batches of 200 back-to-back calls), torch in the same process. Writes hopper_gem
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -22,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
-from benchtools import cuda_events_us  # noqa: E402
+from benchtools import cuda_events_us, prepare_run_parser  # noqa: E402
 
 # problem name -> (m, n, k, layout, epilogue): "none" (C = A W in fp16), "bias" (MiniLM's fp16 linear: fp32
 # accumulation, cast, bias add) or "gelu" (bias, then tanh-GELU); odd sizes check the padded tiles (TMA zero fill,
@@ -233,16 +232,9 @@ def run(a):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare")
-    p.add_argument("--out", required=True)
-    p.add_argument("--target", default="cuda-sm90")
+    ap, _, p, r = prepare_run_parser(__doc__)
     p.add_argument("--only", default="")
     p.add_argument("--configs", default="")
-    r = sub.add_parser("run")
-    r.add_argument("dir")
-    r.add_argument("--out", default=".")
     r.add_argument("--time-wrong", action="store_true", help="also time kernels whose result is wrong")
     r.add_argument("--only", default="")
     r.add_argument("--configs", default="")

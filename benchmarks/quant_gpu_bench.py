@@ -30,7 +30,6 @@ Writes quant_gpu_bench.json.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import gzip
 import json
@@ -45,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # models.py (the MLP)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools (the MiniLM architecture)
-from benchtools import cuda_events_us  # noqa: E402
+from benchtools import cuda_events_us, prepare_run_parser  # noqa: E402
 
 N, K = 4096, 11008  # issue 4: "INT4 weight-only GEMV 4096x11008": 4096 outputs, K = 11008 (an LLM down-projection)
 SEED = 0
@@ -721,18 +720,11 @@ def print_table(out):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare")
-    p.add_argument("--out", required=True)
-    p.add_argument("--target", default="cuda-sm90")
+    ap, _, p, r = prepare_run_parser(__doc__, run_out_required=True)
     p.add_argument("--skip-minilm", action="store_true")
     p.add_argument("--skip-mlp", action="store_true", help="kernels only (no quantized MLP artifacts)")
     p.add_argument("--kernels", help="comma-separated kernel variants to build (default: all)")
     p.add_argument("--decode", action="store_true", help="the fp16 INT4 decode-step model, PDL on and off")
-    r = sub.add_parser("run")
-    r.add_argument("dir")
-    r.add_argument("--out", required=True)
     r.add_argument("--kernels", help="comma-separated kernel variants to run (default: all prepared)")
     a = ap.parse_args()
     prepare(a) if a.cmd == "prepare" else run(a)

@@ -19,7 +19,6 @@ Writes sparse_gpu_bench.json under --out.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -31,7 +30,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
-from benchtools import cuda_events_us  # noqa: E402
+from benchtools import cuda_events_us, prepare_run_parser  # noqa: E402
 
 # (out features N, in features K): y[1, N] = x[1, K] @ W[N, K].T — gpu_bench.py's names
 SHAPES = {"4096x11008": (4096, 11008), "4096x4096": (4096, 4096)}
@@ -241,15 +240,8 @@ def print_table(info):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare")
-    p.add_argument("--out", required=True)
-    p.add_argument("--target", default="cuda-sm90")
+    ap, _, p, r = prepare_run_parser(__doc__)
     p.add_argument("--no-variants", action="store_true", help="only the kernels ember.compile uses")
-    r = sub.add_parser("run")
-    r.add_argument("dir")
-    r.add_argument("--out", default=".")
     a = ap.parse_args()
     prepare(a) if a.cmd == "prepare" else run(a)
 
