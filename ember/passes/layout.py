@@ -177,6 +177,16 @@ def _static_int(e):
     return int(e.value) if isinstance(e, tirx.IntImm) else None
 
 
+def plain_nhwc_conv(call) -> bool:
+    """An ungrouped conv2d in NHWC/HWIO (NHWC out) with a 4-D input and known shapes: the convolutions ember's CPU
+    conv kernels (packed direct, Winograd) take."""
+    attrs = call.attrs
+    xs, ws = call.args[0].ty, call.args[1].ty
+    if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NHWC", "HWIO", "NHWC"):
+        return False
+    return int(attrs.groups) == 1 and ws.shape is not None and xs.shape is not None and xs.ndim == 4
+
+
 def from_weight(mutator, expr, weights, depth=0) -> bool:
     """Whether ``expr`` is computed from weights and constants alone (a weight, its transpose, a weight with
     BatchNorm folded in, ...): then its re-layout is lifted to compile time with the rest. ``mutator``: the
@@ -285,9 +295,7 @@ class _PackWeights(PyExprMutator):
         attrs = call.attrs
         x, w = call.args
         xs, ws = x.ty, w.ty
-        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NHWC", "HWIO", "NHWC"):
-            return call
-        if int(attrs.groups) != 1 or ws.shape is None or xs.shape is None or xs.ndim != 4:
+        if not plain_nhwc_conv(call):
             return call
         kh, kw, c, f = (_static_int(d) for d in ws.shape.values)
         ih, iw, ic = (_static_int(d) for d in xs.shape.values[1:])

@@ -47,7 +47,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .layout import _out_dtype, _static_int, dense_panel_width, emit_te_kernel, from_weight
+from .layout import _out_dtype, _static_int, dense_panel_width, emit_te_kernel, from_weight, plain_nhwc_conv
 
 # Module switch (before/after measurements); the environment variable EMBER_WINOGRAD=0 also turns it off.
 ENABLED = True
@@ -217,9 +217,7 @@ class _Winograd(PyExprMutator):
         attrs = call.attrs
         x, w = call.args
         xs, ws = x.ty, w.ty
-        if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NHWC", "HWIO", "NHWC"):
-            return call
-        if int(attrs.groups) != 1 or ws.shape is None or xs.shape is None or xs.ndim != 4:
+        if not plain_nhwc_conv(call):
             return call
         if [int(v) for v in attrs.strides] != [1, 1] or [int(v) for v in attrs.dilation] != [1, 1]:
             return call
