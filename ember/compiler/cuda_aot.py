@@ -500,15 +500,21 @@ def _describe_cuda_payload(payload: bytes):
     return fmt, None, [], []
 
 
-def inspect_device_code(lib_path) -> DeviceCode:
-    """Say what CUDA device code an exported ``model.so`` holds. Pure Python; needs no TVM, GPU or CUDA tools."""
+def library_modules(lib_path) -> list:
+    """(kind, payload) of each module TVM embedded in the ELF library ``lib_path`` (an exported ``model.so``),
+    or an ArtifactError naming the file when it is not one."""
     with open(os.fspath(lib_path), "rb") as f:
         data = f.read()
     try:
-        mods = _tvm_modules(data, _elf_sections(data))
+        return _tvm_modules(data, _elf_sections(data))
     except (ValueError, struct.error, IndexError) as e:
         raise ArtifactError(f"{lib_path}: cannot read the modules TVM embedded ({e}); is this a model.so "
                             "exported by ember?") from None
+
+
+def inspect_device_code(lib_path) -> DeviceCode:
+    """Say what CUDA device code an exported ``model.so`` holds. Pure Python; needs no TVM, GPU or CUDA tools."""
+    mods = library_modules(lib_path)
     kinds, sass, ptx, fmts, count = [], [], [], [], 0
     for kind, payload in mods:
         if kind != "cuda":

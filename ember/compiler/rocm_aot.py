@@ -43,7 +43,7 @@ import threading
 from dataclasses import dataclass
 
 from ..errors import ArtifactError, TargetError
-from .cuda_aot import _elf_sections, _elf_symbols, _tvm_modules
+from .cuda_aot import _elf_sections, _elf_symbols, library_modules
 from .targets import gpu_arch
 
 EM_AMDGPU = 224
@@ -308,13 +308,7 @@ def read_code_object(elf: bytes, functions=()) -> CodeObject:
 
 def inspect_code_objects(lib_path) -> list[CodeObject]:
     """Every AMDGPU code object in an exported ``model.so``. Pure Python; needs no TVM, GPU or ROCm."""
-    with open(os.fspath(lib_path), "rb") as f:
-        data = f.read()
-    try:
-        mods = _tvm_modules(data, _elf_sections(data))
-    except (ValueError, struct.error, IndexError) as e:
-        raise ArtifactError(f"{lib_path}: cannot read the modules TVM embedded ({e}); is this a model.so "
-                            "exported by ember?") from None
+    mods = library_modules(lib_path)
     out = []
     for kind, payload in mods:
         if kind not in ("hip", "rocm"):

@@ -30,7 +30,7 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .relax_util import is_call, usage_counts
+from .relax_util import is_call, rewrite_graph_functions, usage_counts
 
 # TVM 0.27 calls Relax constants ``tvm.ir.expr.GenericConst`` (``relax.const`` builds one).
 _CONST_TYPE = type(relax.const(0.0))
@@ -143,17 +143,13 @@ def FoldBatchNorm(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # pylint: disable=i
     # Importers bind BN's unused running-stat outputs (``bn[1]``, ``bn[2]``); drop them so that only real uses
     # of the BN tuple count.
     mod = relax.transform.DeadCodeElimination()(mod)
-    updates = {}
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function) and not (func.attrs and "Primitive" in func.attrs):
-            new, n = fold_batch_norm_function(mod, func)
-            if n:
-                updates[gv] = new
-    if not updates:
+    def _fold(func):
+        new, n = fold_batch_norm_function(mod, func)
+        return new if n else None
+
+    mod, changed = rewrite_graph_functions(mod, _fold)
+    if not changed:
         return mod
-    mod = mod.clone()
-    for gv, f in updates.items():
-        mod.update_func(gv, f)
     # Drop the now-dead conv/BN bindings; evaluate the parts that read only constants (torch.export makes the
     # running statistics constants, not parameters): LiftTransformParams lifts what depends on parameters but
     # leaves constant-only expressions in main, where they would otherwise run at every inference.

@@ -22,7 +22,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm_ffi import structural_equal
 
-from .relax_util import is_call
+from .relax_util import is_call, rewrite_graph_functions
 
 
 def _matrix_dims_kept(src_ty, dst_ty) -> bool:
@@ -83,16 +83,12 @@ class _BroadcastDropper(PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="ember.DropMatmulBroadcast")
 def DropMatmulBroadcast(mod: tvm.IRModule, _ctx) -> tvm.IRModule:  # pylint: disable=invalid-name
     """Module pass: see the module doc. The dead ``broadcast_to`` bindings are removed."""
-    updates = {}
-    for gv, func in mod.functions.items():
-        if isinstance(func, relax.Function) and not (func.attrs and "Primitive" in func.attrs):
-            dropper = _BroadcastDropper(mod)
-            new = dropper.visit_expr(func)
-            if dropper.dropped:
-                updates[gv] = new
-    if not updates:
+    def _drop(func):
+        dropper = _BroadcastDropper(mod)
+        new = dropper.visit_expr(func)
+        return new if dropper.dropped else None
+
+    mod, changed = rewrite_graph_functions(mod, _drop)
+    if not changed:
         return mod
-    mod = mod.clone()
-    for gv, f in updates.items():
-        mod.update_func(gv, f)
     return relax.transform.DeadCodeElimination()(mod)

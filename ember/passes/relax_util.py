@@ -21,3 +21,21 @@ def usage_counts(func: relax.Function) -> dict:
 
     relax.analysis.post_order_visit(func.body, _visit)
     return counts
+
+
+def rewrite_graph_functions(mod: tvm.IRModule, rewrite) -> tuple[tvm.IRModule, bool]:
+    """Apply ``rewrite(func) -> new func or None`` to every Relax function of ``mod`` that is not a fused
+    primitive; returns (a copy of ``mod`` with the rewritten functions, whether any changed). The caller's module
+    is left as it was, and an unchanged module is returned as is (no clone)."""
+    updates = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, relax.Function) and not (func.attrs and "Primitive" in func.attrs):
+            new = rewrite(func)
+            if new is not None:
+                updates[gv] = new
+    if not updates:
+        return mod, False
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod.update_func(gv, func)
+    return mod, True
