@@ -84,11 +84,17 @@ def _plans(cfg, sites, ref, data, taps_per_batch, outs_ref, verbose):
             extra["weight_rounding"] = "GPTQ error compensation on the calibration data"
     elif isinstance(cfg, Int8Dynamic):
         for s in sites:
-            plans[s.name] = {"scheme": "int8", "per_token": cfg.granularity == "token", "static": False,
-                             "clip": None, "act_bits": cfg.activation_bits}
+            # convs: one scale per tensor whatever the granularity (conv.py says why)
+            plans[s.name] = {"scheme": "int8", "per_token": cfg.granularity == "token" and s.kind == "matmul",
+                             "static": False, "clip": None, "act_bits": cfg.activation_bits}
     elif isinstance(cfg, Int8Static):
         alpha = cfg.smoothing if cfg.smoothing is not None else (0.5 if cfg.granularity == "tensor" else 0.0)
         for i, s in enumerate(sites):
+            if s.kind == "conv2d":  # per-tensor clip from the conv's observed inputs; no smoothing
+                values = [ref.site_tensor(t, i) for t in taps_per_batch]
+                plans[s.name] = {"scheme": "int8", "per_token": False, "static": True, "act_bits": 8,
+                                 "clip": _cal.calibrate(values, cfg.method, cfg.percentile), "smooth": None}
+                continue
             values = [ref.site_input(t, i, s.k) for t in taps_per_batch]
             smooth = None
             if alpha > 0:
@@ -127,11 +133,13 @@ def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False
     # made MiniLM no faster on this machine (best of 120 runs 8.03 vs 8.07 ms) and slower under load (median 14.3
     # vs 12.0 ms): the erf polynomial costs the same in either place, and the longer parallel region suffers more
     # from preemption.
-    sites = find_sites(func, imported.param_names, embeddings=isinstance(cfg, (WeightOnly, Mixed)))
+    # INT8 convs (conv.py): CPU kernels only; weight-only schemes leave convs fp32.
+    sites = find_sites(func, imported.param_names, embeddings=isinstance(cfg, (WeightOnly, Mixed)),
+                       convs=isinstance(cfg, (Int8Dynamic, Int8Static)) and not is_gpu_target(target))
     _validate(cfg, sites)
     report = {"scheme": _report.describe(cfg), "layers": [], "end_to_end": None}
     if not sites:
-        report["note"] = "no float32 linear/matmul weights or embedding tables found; nothing was quantized"
+        report["note"] = "no float32 linear/matmul/conv2d weights or embedding tables found; nothing was quantized"
         return imported, report
     from .reference import Reference
 

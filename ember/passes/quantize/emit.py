@@ -25,6 +25,7 @@ class Emitter:
         self._funcs = {}
         self._memo = []
         self.dequantized = {}  # site name -> the fp32 weight the kernel effectively uses (for the report)
+        self.conv_fp32 = {}  # conv site name -> (fp32 weight with BatchNorm folded in, bias or None)
         self._prequantized = []  # (fp32 tensor, (codes, scale)) made by a fused producer (layernorm_quantize)
 
     # -- helpers ---------------------------------------------------------------------------------------------
@@ -63,6 +64,8 @@ class Emitter:
         plan = self.plans[site.name]
         if site.kind == "embedding":
             return self._embedding(bb, site, x, plan)
+        if site.kind == "conv2d":
+            return self._conv(bb, site, x, plan)
         m, dims = leading_rows(x)
         src = x if src is None else src
         x2 = self._shared(("reshape", site.k), src, lambda: bb.emit(relax.op.reshape(src, [m, site.k])))
@@ -149,6 +152,51 @@ class Emitter:
         gv = self._func(bb, key, lambda: kernels.int8_matmul(site.k, site.n, lanes, bias is not None,
                                                              self.target, activation=site.activation))
         return bb.emit(relax.call_tir(gv, args, relax.TensorType([m, site.n], "float32")))
+
+    def _conv(self, bb, site, x, plan):
+        """INT8 conv2d (see :mod:`.conv`): quantize x once into padded NHWC codes (shared by every conv reading
+        x with the same padding and scale), implicit-im2col int8 GEMM, NHWC rows back to NCHW."""
+        from . import conv as cv
+        from . import conv_kernels as ck
+
+        spec = site.conv
+        lanes = kernels.int8_lanes(self.target)
+        w, bias = cv.folded_weight_bias(site, self.imported.params)
+        packed = cv.pack_weight(w, spec, lanes)
+        self.dequantized[site.name] = packed["deq"]
+        self.conv_fp32[site.name] = (w, bias)
+        qmax = (1 << (plan["act_bits"] - 1)) - 1
+        static = bool(plan["static"])
+        qkey = ("ember_conv_quantize", spec.c, spec.h, spec.w) + spec.pads + (qmax, int(static))
+        qgv = self._func(bb, qkey, lambda: ck.quantize_pad_nhwc(spec.c, spec.h, spec.w, spec.pads, qmax, static,
+                                                                  self.target))
+        batch = sinfo(x).shape.values[0]
+        pt, pl, pb, pr = spec.pads
+        cp = ck.padded_channels(spec.c)
+
+        def quantize():
+            qargs = [x] + ([self._param(f"{site.name}.act_clip", np.array([plan["clip"]], np.float32))]
+                           if static else [])
+            qx = bb.emit(relax.call_tir(qgv, qargs, [
+                relax.TensorType([batch, spec.h + pt + pb, spec.w + pl + pr, cp], "uint8"),
+                relax.TensorType([1], "float32")]))
+            return bb.emit(relax.TupleGetItem(qx, 0)), bb.emit(relax.TupleGetItem(qx, 1))
+
+        codes, xs = self._shared(qkey + (plan["clip"],), x, quantize)
+        args = [codes, self._param(f"{site.name}.int8", packed["wpacked"]),
+                self._param(f"{site.name}.wsum", packed["wsum"]), xs,
+                self._param(f"{site.name}.wscale", packed["wscale"])]
+        if bias is not None:
+            args.append(self._param(f"{site.name}.bias", bias))
+        key = ("ember_int8_conv2d", spec.c, spec.h, spec.w, spec.o) + spec.kernel + spec.strides + spec.dilation \
+            + spec.pads + (lanes, int(bias is not None))
+        gv = self._func(bb, key, lambda: ck.int8_conv2d(spec.c, spec.h, spec.w, spec.o, spec.kernel, spec.strides,
+                                                         spec.dilation, spec.pads, lanes, bias is not None,
+                                                         self.target))
+        oh, ow = spec.out_hw
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([batch * oh * ow, spec.o], "float32")))
+        y = bb.emit(relax.op.reshape(y, [batch, oh, ow, spec.o]))
+        return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
 
     def _embedding(self, bb, site, ids, plan):
         bits, group, sym = plan["bits"], plan["group"], plan["symmetric"]

@@ -79,11 +79,15 @@ class Site:
     bias_index: int | None = None
     activation: str | None = None  # "gelu": the erf GELU that is the matmul's only consumer, in the epilogue
     out_shape: list | None = None  # shape of out_var when it is not x's leading dims + [N] (fused through a reshape)
+    conv: object = None  # kind "conv2d": the conv's geometry (conv.ConvSpec)
+    conv_bias: tuple | None = None  # conv2d: the fused bias, ("param", index) or ("const", array)
+    bn: dict | None = None  # conv2d: the inference BatchNorm folded into the weights (conv.find_conv_sites)
 
 
-def find_sites(func: relax.Function, param_names: list[str], embeddings: bool, activations: bool = False) \
-        -> list[Site]:
-    """activations: also fuse a GELU that is a matmul's only consumer (for kernels with an activation epilogue)."""
+def find_sites(func: relax.Function, param_names: list[str], embeddings: bool, activations: bool = False,
+               convs: bool = False) -> list[Site]:
+    """activations: also fuse a GELU that is a matmul's only consumer (for kernels with an activation epilogue).
+    convs: also NCHW conv2d layers (+ bias, + BatchNorm), see :mod:`.conv` (INT8 schemes on CPU targets)."""
     n_in = int(func.attrs["num_input"])
     weights = {p: i for i, p in enumerate(func.params[n_in:])}
     bindings, uses = {}, {}
@@ -183,6 +187,12 @@ def find_sites(func: relax.Function, param_names: list[str], embeddings: bool, a
             site.skip_vars += [site.out_var] + ([through] if through is not None else [])
             site.out_var = var
             site.out_shape = list(sinfo(var).shape.values)
+    if convs:
+        from .conv import find_conv_sites
+
+        sites += find_conv_sites(bindings, uses, weights, param_names)
+        order = {v: i for i, v in enumerate(bindings)}
+        sites.sort(key=lambda s: min(order.get(v, 0) for v in [s.out_var] + s.skip_vars))  # graph order
     return sites
 
 

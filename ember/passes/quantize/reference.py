@@ -55,7 +55,7 @@ class Reference:
             by_name[p.name] = p
         self.tap_of_site, taps = [], []
         for s in sites:
-            if s.kind != "matmul":
+            if s.kind not in ("matmul", "conv2d"):
                 self.tap_of_site.append(None)
                 continue
             v = by_name.get(s.x.name) if isinstance(s.x, relax.Var) else None
@@ -91,6 +91,11 @@ class Reference:
         outputs = _flatten(out[0])
         taps = [out[1 + i].numpy() for i in range(self.n_taps)]
         return outputs, taps
+
+    def site_tensor(self, taps, site_index: int):
+        """The input of a site from one batch's taps, in its own shape (conv2d: [B, C, H, W])."""
+        t = self.tap_of_site[site_index]
+        return None if t is None else taps[t]
 
     def site_input(self, taps, site_index: int, k: int):
         """The 2-D [M, K] input of a matmul site from one batch's taps."""

@@ -62,6 +62,9 @@ def layer_errors(sites, plans, emitter, ref, taps_per_batch, imported) -> list:
     out = []
     for i, s in enumerate(sites):
         plan = plans[s.name]
+        if s.kind == "conv2d":
+            out.append(_conv_errors(s, plan, emitter, ref, taps_per_batch, i))
+            continue
         w = np.asarray(imported.params[s.weight_index], np.float32)
         if s.kind == "matmul" and s.transposed:
             w = w.T
@@ -88,6 +91,34 @@ def layer_errors(sites, plans, emitter, ref, taps_per_batch, imported) -> list:
                 entry["output_error"] = round(qmath.relative_error(y, xd @ deq), 6)
         out.append(entry)
     return out
+
+
+def _conv_errors(s, plan, emitter, ref, taps_per_batch, i) -> dict:
+    """A conv layer's errors, on up to _MAX_ROWS output pixels' worth of its observed input images."""
+    from . import conv as cv
+
+    w, bias = emitter.conv_fp32[s.name]
+    deq = emitter.dequantized[s.name]
+    spec = s.conv
+    entry = {"layer": s.name, "kind": "conv2d", "shape": list(w.shape), "bits": 8,
+             "weight_error": round(qmath.relative_error(w, deq), 6), "activation_granularity": "tensor",
+             "stride": list(spec.strides), "padding": list(spec.pads)}
+    if s.bn is not None:
+        entry["batch_norm_folded"] = True
+    oh, ow = spec.out_hw
+    imgs = max(1, _MAX_ROWS // (oh * ow))
+    x = ref.site_tensor(taps_per_batch[0], i)[:imgs] if taps_per_batch else None
+    if x is None:
+        return entry
+    qmax = (1 << (plan["act_bits"] - 1)) - 1
+    q, sc = cv.quantize_tensor(x, qmax, clip=plan["clip"])
+    xd = q.astype(np.float32) * sc
+    entry["activation_error"] = round(qmath.relative_error(x, xd), 6)
+    if plan["static"]:
+        entry["activation_clip"] = round(float(plan["clip"]), 6)
+    y = cv.conv2d(x, w, spec, bias)
+    entry["output_error"] = round(qmath.relative_error(y, cv.conv2d(xd, deq, spec, bias)), 6)
+    return entry
 
 
 def end_to_end(compiled, data, outs_ref, data_kind: str) -> dict:
