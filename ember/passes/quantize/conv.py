@@ -249,3 +249,33 @@ def quantize_tensor(x: np.ndarray, qmax: int = 127, clip=None):
     inv = np.float32(qmax) / amax
     q = np.clip(np.round(np.asarray(x, np.float32) * inv), -qmax, qmax).astype(np.int32)
     return q, np.float32(amax / np.float32(qmax))
+
+
+def skipped_convs(func: relax.Function, sites: list, param_names: list) -> list:
+    """The convolutions left in fp32, each with why (for the report): grouped/depthwise, conv1d/3d, layouts other
+    than NCHW/OIHW, weights that are not float32 parameters, dynamic C/H/W."""
+    n_in = int(func.attrs["num_input"])
+    names = {p: param_names[i] for i, p in enumerate(func.params[n_in:])}
+    done = {v for s in sites if s.kind == "conv2d" for v in [s.out_var] + s.skip_vars}
+    out = []
+    for block in func.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if not isinstance(v, relax.Call) or not isinstance(v.op, tvm.ir.Op) \
+                    or v.op.name not in ("relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d") or b.var in done:
+                continue
+            w = v.args[1]
+            layer = names.get(w, w.name if isinstance(w, relax.Var) else "a computed weight")
+            a = v.attrs
+            if v.op.name != "relax.nn.conv2d":
+                why = f"{v.op.name.split('.')[-1]}: only conv2d has an INT8 kernel"
+            elif int(a.groups) != 1:
+                why = f"groups={int(a.groups)} (grouped/depthwise): no INT8 kernel, stays fp32"
+            elif str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW":
+                why = f"layout {a.data_layout}/{a.kernel_layout}: only NCHW/OIHW is matched"
+            elif w not in names or dtype_of(w) != "float32":
+                why = "weight is not a float32 parameter"
+            else:
+                why = "input channels/height/width not static"
+            out.append({"layer": layer, "reason": why})
+    return out

@@ -160,6 +160,8 @@ def format_report(report: dict) -> str:
         if "output_error" in e:
             parts.append(f"out err {e['output_error']:.4f}")
         lines.append("  ".join(parts))
+    for e in report.get("fp32_convs", []):
+        lines.append(f"  {e['layer']:<40} conv kept fp32: {e['reason']}")
     pb = report.get("param_bytes")
     if pb:
         lines.append(f"  params: {pb['quantized'] / 1e6:.2f} MB quantized vs {pb['fp32'] / 1e6:.2f} MB fp32 "
