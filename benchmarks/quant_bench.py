@@ -7,10 +7,16 @@ latency and parameter bytes on disk for
 Calibration data: other stdlib sentences (disjoint from the evaluation ones) packed into full 128-token sequences.
 
 Digits: a small CNN trained in this script (fixed seed) on sklearn's 8x8 digits; top-1 on the held-out split for
-torch fp32, ember fp32 and ember static INT8 (calibrated on training images). ember's quantizer covers
-linear/matmul layers: the CNN's convolutions stay fp32, its two classifier layers are INT8.
+torch fp32, ember fp32 and ember static INT8 (calibrated on training images): both convolutions and both
+classifier layers INT8.
+
+ResNet-18 (``--resnet``, cpu_bench's model: random weights and BN statistics from a seed, batch 1, 3x224x224):
+logit cosine vs torch fp32 on seeded random images and latency (interleaved) for ember fp32, ember INT8 dynamic,
+ember INT8 static (calibrated on other random images), ONNX Runtime fp32 and ORT INT8 (quantize_static, QDQ,
+same calibration images; quantize_dynamic). Random weights and inputs: the cosine is a proxy, not an accuracy.
 
     flock /tmp/ember-bench.lock nice -n 5 .venv/bin/python benchmarks/quant_bench.py [--eval 32] [--out results/]
+    flock /tmp/ember-bench.lock nice -n 5 .venv/bin/python benchmarks/quant_bench.py --skip-minilm --resnet
 """
 
 from __future__ import annotations
@@ -297,9 +303,85 @@ def bench_digits(tmp: str) -> dict:
     res["ember_int8_static_top1"] = top1(cm8)
     rep = cm8.manifest["compression"]["quantization"]
     res["int8_layers"] = [e["layer"] for e in rep["layers"]]
+    res["int8_layer_errors"] = {e["layer"]: {k: e.get(k) for k in ("kind", "activation_error", "output_error")}
+                                for e in rep["layers"]}
+    res["fp32_convs"] = rep.get("fp32_convs", [])
     res["drop_points"] = round(100 * (res["torch_fp32_top1"] - res["ember_int8_static_top1"]), 2)
     print("digits", res, flush=True)
     return res
+
+
+def bench_resnet(tmp: str, n_eval: int = 8, n_calib: int = 8, rounds: int = 5) -> dict:
+    """ResNet-18 (cpu_bench.resnet18) fp32 vs INT8 in ember and ONNX Runtime: cosine of the logits vs torch fp32 and
+    interleaved latency, batch 1."""
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, \
+        quantize_static
+
+    import ember
+    from cpu_bench import resnet18
+
+    model = resnet18()
+    rng = np.random.default_rng(0)
+    evals = rng.standard_normal((n_eval, 1, 3, 224, 224)).astype(np.float32)
+    calib = [(rng.standard_normal((1, 3, 224, 224)).astype(np.float32),) for _ in range(n_calib)]
+    with torch.no_grad():
+        ref = np.concatenate([model(torch.from_numpy(x)).numpy() for x in evals])
+    rows, runners = {}, {}
+    x0 = evals[0]
+
+    def record(label, outs, secs=None):
+        cos = _cos_rows(np.concatenate(outs), ref)
+        rows[label] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
+        if secs is not None:
+            rows[label]["compile_s"] = round(secs, 1)
+        print(label, rows[label], flush=True)
+
+    for label, q in (("ember fp32", None), ("ember INT8 dynamic", ember.Int8Dynamic()),
+                     ("ember INT8 static (minmax)", ember.Int8Static(calibration=calib, method="minmax")),
+                     ("ember INT8 static (percentile)", ember.Int8Static(calibration=calib, method="percentile"))):
+        t = time.perf_counter()
+        cm = ember.compile(model, (torch.from_numpy(x0),), quantization=q)
+        secs = time.perf_counter() - t
+        record(label, [np.asarray(cm(x)) for x in evals], secs)
+        rep = (cm.manifest.get("compression") or {}).get("quantization")
+        if rep:
+            rows[label]["int8_convs"] = sum(e["kind"] == "conv2d" for e in rep["layers"])
+            rows[label]["end_to_end"] = rep["end_to_end"]
+        runners[label] = (lambda c: (lambda: c(x0)))(cm)
+    onnx_path = os.path.join(tmp, "resnet18.onnx")
+    torch.onnx.export(model, (torch.from_numpy(x0),), onnx_path, input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{"x": c[0]} for c in calib])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    qs_path, qd_path = os.path.join(tmp, "resnet18.qs.onnx"), os.path.join(tmp, "resnet18.qd.onnx")
+    quantize_static(onnx_path, qs_path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_dynamic(onnx_path, qd_path, weight_type=QuantType.QUInt8)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count() or 1
+    for label, path in (("ONNX Runtime fp32", onnx_path), ("ORT INT8 static (QDQ, per-channel)", qs_path),
+                        ("ORT INT8 dynamic", qd_path)):
+        try:
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            record(label, [sess.run(None, {"x": x})[0] for x in evals])
+        except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+            rows[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            print(label, rows[label], flush=True)
+            continue
+        runners[label] = (lambda s_: (lambda: s_.run(None, {"x": x0})))(sess)
+    lat = _interleaved(runners, rounds, 5)
+    for k, (med, best) in lat.items():
+        rows[k]["latency_ms"], rows[k]["latency_best_ms"] = med, best
+    print("latency (interleaved (median, best), ms):", lat, flush=True)
+    return {"eval_images": n_eval, "calibration_images": n_calib, "rows": rows}
 
 
 def main():
@@ -309,6 +391,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--resnet", action="store_true", help="also ResNet-18 fp32 vs INT8 (ember, ONNX Runtime)")
     ap.add_argument("--only", help="comma-separated MiniLM rows: " + ",".join(ROWS))
     ap.add_argument("--rounds", type=int, default=6, help="interleaved latency rounds (10 runs each)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
@@ -335,6 +418,8 @@ def main():
                                          profile=args.profile)
         if not args.skip_digits:
             out["digits"] = bench_digits(tmp)
+        if args.resnet:
+            out["resnet18"] = bench_resnet(tmp, rounds=args.rounds)
     out["load_after"] = os.getloadavg()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"quant_{out['date']}{args.tag}.json")
@@ -351,6 +436,12 @@ def main():
                   f"{r['latency_ms'] / ort8:.2f} | {r['latency_best_ms']:.1f} | {r['latency_best_ms'] / ort8b:.2f} | "
                   f"{r['param_bytes'] / 1e6:.1f} | "
                   f"{r['param_bytes'] / out['minilm']['fp32_param_bytes']:.3f} |")
+    if "resnet18" in out:
+        print("\n| ResNet-18 b1 | cosine vs torch fp32 mean (min) | median ms | best ms |\n| --- | --- | --- | --- |")
+        for k, r in out["resnet18"]["rows"].items():
+            if "latency_ms" in r:
+                print(f"| {k} | {r['cos_mean']:.5f} ({r['cos_min']:.5f}) | {r['latency_ms']:.2f} | "
+                      f"{r['latency_best_ms']:.2f} |")
     print(f"\ndigits: {out.get('digits')}\nwrote {path}")
 
 
