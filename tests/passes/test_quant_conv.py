@@ -44,11 +44,11 @@ def _run_conv(x, w, bias, spec, target, clip=None):
                                             if clip is not None else [])
     tvm.compile(_module(qf), target=target)["main"](*qargs, codes, scale)
     oh, ow = spec.out_hw
-    out = tvm.runtime.tensor(np.zeros((b * oh * ow, spec.o), np.float32), dev)
+    out = tvm.runtime.tensor(np.zeros((b, spec.o, oh * ow), np.float32), dev)
     cargs = [codes] + [tvm.runtime.tensor(packed[k], dev) for k in ("wpacked", "wsum")] + [scale] + \
         [tvm.runtime.tensor(packed["wscale"], dev)] + ([tvm.runtime.tensor(bias, dev)] if bias is not None else [])
     tvm.compile(_module(cf), target=target)["main"](*cargs, out)
-    return out.numpy().reshape(b, oh, ow, spec.o).transpose(0, 3, 1, 2), float(scale.numpy()[0]), packed
+    return out.numpy().reshape(b, spec.o, oh, ow), float(scale.numpy()[0]), packed
 
 
 CASES = [  # (B, C, H, W, O, kernel, stride, pads (t, l, b, r), dilation)

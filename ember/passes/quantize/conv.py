@@ -12,8 +12,8 @@ x must have static C, H, W (the batch may be symbolic). Skipped, left fp32: grou
 (:meth:`.emit.Emitter._conv`) turns a site into::
 
     (codes, xs) = R.call_tir(ember_conv_quantize, (x[, clip]), ...)        # padded NHWC uint8 codes, scale [1]
-    y2 = R.call_tir(ember_int8_conv2d, (codes, wpacked, wsum, xs, wscale[, bias]), [B*OH*OW, O])
-    z  = R.permute_dims(R.reshape(y2, [B, OH, OW, O]), [0, 3, 1, 2])
+    y2 = R.call_tir(ember_int8_conv2d, (codes, wpacked, wsum, xs, wscale[, bias]), [B, O, OH*OW])
+    z  = R.reshape(y2, [B, O, OH, OW])
 
 Weights: symmetric int8 per output channel (BatchNorm scale folded in first), packed for the VNNI dot product
 with K ordered (ky, kx, c) and C padded to a multiple of 4. Activations: one scale per tensor (dynamic: max |x|

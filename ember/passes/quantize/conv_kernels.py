@@ -11,7 +11,8 @@ Two kernels per conv layer (see :mod:`.conv` for the graph side and the numpy re
   padded NHWC codes: 4 consecutive channels are one 32-bit word, which is exactly the ``u8 x s8`` operand of
   ``vpdpbusd`` (the same VNNI micro-kernel as :func:`.kernels.int8_matmul`, weights in the same
   ``[N/L, K/4, L, 4]`` layout with K ordered (ky, kx, c)). Epilogue: ``(acc - 128 * wsum[o]) * xs * ws[o] + bias[o]``
-  written as ``[B*OH*OW, O]`` (NHWC rows; the graph reshapes/transposes it back to NCHW).
+  written straight in NCHW as ``[B, O, OH*OW]`` (row tiles never span two images, so each register tile's
+  outputs are one box of the NCHW tensor): no transpose kernel after the conv.
 
 The batch is symbolic: one kernel serves every batch size. Targets without VNNI get vectorized int32 code.
 """
@@ -43,10 +44,15 @@ def quantize_pad_nhwc(c: int, h: int, w: int, pads: tuple, qmax: int, static: bo
         args.append(clip)
         rng = te.compute((_i64(1),), lambda _: clip[0], name="range")
     else:
+        # max |x| as `lw` partial maxima along W (one vector register, contiguous loads), then across them: the
+        # scalar reduction cost 4x the quantization itself on ResNet's 64x56x56 inputs.
+        lw = max(v for v in (1, 2, 4, 8, 16, 32, 64) if v <= vector_lanes(target, f32) and w % v == 0)
         rb, rc = te.reduce_axis((_i64(0), b), "rb"), te.reduce_axis((_i64(0), _i64(c)), "rc")
-        rh, rw = te.reduce_axis((_i64(0), _i64(h)), "rh"), te.reduce_axis((_i64(0), _i64(w)), "rw")
-        rng = te.compute((_i64(1),), lambda _: te.max(tirx.abs(x[rb, rc, rh, rw]), axis=[rb, rc, rh, rw]),
-                         name="range")
+        rh, rw = te.reduce_axis((_i64(0), _i64(h)), "rh"), te.reduce_axis((_i64(0), _i64(w // lw)), "rw")
+        part = te.compute((_i64(lw),), lambda v: te.max(tirx.abs(x[rb, rc, rh, rw * _i64(lw) + v]),
+                                                         axis=[rb, rc, rh, rw]), name="range_part")
+        rv = te.reduce_axis((_i64(0), _i64(lw)), "rv")
+        rng = te.compute((_i64(1),), lambda _: te.max(part[rv], axis=rv), name="range")
     safe = te.compute((_i64(1),), lambda _: tirx.max(rng[0], tirx.const(1e-12, f32)), name="safe_range")
     qm = tirx.const(float(qmax), f32)
     inv = te.compute((_i64(1),), lambda _: qm / safe[0], name="inv_scale")
@@ -68,12 +74,21 @@ def quantize_pad_nhwc(c: int, h: int, w: int, pads: tuple, qmax: int, static: bo
     sch.compute_inline(sch.get_sblock("safe_range"))
     if static:
         sch.compute_inline(sch.get_sblock("range"))
+    else:
+        part = sch.get_sblock("range_part")
+        v, rb_, rc_, rh_, rw_ = sch.get_loops(part)
+        sch.reorder(rb_, rc_, rh_, rw_, v)
+        if sch.get(v).extent.value > 1:
+            sch.vectorize(v)
+        init = sch.decompose_reduction(part, rb_)
+        if sch.get(sch.get_loops(init)[-1]).extent.value > 1:
+            sch.vectorize(sch.get_loops(init)[-1])
     return _finish(sch, "ember_conv_quantize")
 
 
 def int8_conv2d(c: int, h: int, w: int, n: int, kernel: tuple, strides: tuple, dilation: tuple, pads: tuple,
                 lanes: int, has_bias: bool, target):
-    """codes [B, Hp, Wp, Cp] (from :func:`quantize_pad_nhwc`) ⊛ packed s8 weights → fp32 [B*OH*OW, N].
+    """codes [B, Hp, Wp, Cp] (from :func:`quantize_pad_nhwc`) ⊛ packed s8 weights → fp32 [B, N, OH*OW].
 
     Arguments: codes, wpacked [N/L, KH*KW*Cp/4, L, 4], wsum [N/L*L] int32, xscale [1], wscale [N], [bias [N]].
     """
@@ -89,9 +104,8 @@ def int8_conv2d(c: int, h: int, w: int, n: int, kernel: tuple, strides: tuple, d
     nb = -(-n // lanes)
     rt = int8_row_tile(lanes)
     b = tirx.Var("b", "int64")
-    pix = _i64(oh * ow)
-    m = b * pix
-    mb = (m + _i64(rt - 1)) // _i64(rt)
+    pix = oh * ow
+    tiles = -(-pix // rt)  # row tiles per image: a tile never spans two images, so its outputs are one NCHW box
     xq = te.placeholder((b, _i64(hp), _i64(wp), _i64(cp)), "uint8", name="codes")
     wpk = te.placeholder((_i64(nb), _i64(kh * kw * c4), _i64(lanes), _i64(4)), "int8", name="wpacked")
     wsum = te.placeholder((_i64(nb * lanes),), "int32", name="wsum")
@@ -102,40 +116,40 @@ def int8_conv2d(c: int, h: int, w: int, n: int, kernel: tuple, strides: tuple, d
     rc = te.reduce_axis((_i64(0), _i64(c4)), name="kc")
     ri = te.reduce_axis((_i64(0), _i64(4)), name="ki")
 
-    def acc_f(ib, ii, jo, ji):
-        # The last tile's extra rows recompute the last pixel (never stored): no bounds check in the K loop.
-        row = tirx.min(ib * _i64(rt) + ii, m - _i64(1))
-        img, p = row // pix, row % pix
+    def acc_f(img, tb, ii, jo, ji):
+        # The last tile's extra rows recompute the image's last pixel (never stored): no bounds check in the K loop.
+        p = tirx.min(tb * _i64(rt) + ii, _i64(pix - 1))
         oy, ox = p // _i64(ow), p % _i64(ow)
         a = xq[img, oy * _i64(sy) + ry * _i64(dy), ox * _i64(sx) + rx * _i64(dx), rc * _i64(4) + ri]
         wv = wpk[jo, (ry * _i64(kw) + rx) * _i64(c4) + rc, ji, ri]
         return te.sum(a.astype("int32") * wv.astype("int32"), axis=[ry, rx, rc, ri])
 
-    acc = te.compute((mb, _i64(rt), _i64(nb), _i64(lanes)), acc_f, name="acc")
+    acc = te.compute((b, _i64(tiles), _i64(rt), _i64(nb), _i64(lanes)), acc_f, name="acc")
     args = [xq, wpk, wsum, xs, ws]
     bias = None
     if has_bias:
         bias = te.placeholder((_i64(n),), "float32", name="bias")
         args.append(bias)
 
-    def epilogue(i, j):
-        v = (acc[i // _i64(rt), i % _i64(rt), j // _i64(lanes), j % _i64(lanes)] - 128 * wsum[j]).astype("float32")
-        v = v * (xs[0] * ws[j])
+    def epilogue(img, j, p):
+        v = acc[img, p // _i64(rt), p % _i64(rt), j // _i64(lanes), j % _i64(lanes)] - 128 * wsum[j]
+        v = v.astype("float32") * (xs[0] * ws[j])
         return v + bias[j] if bias is not None else v
 
-    out = te.compute((m, _i64(n)), epilogue, name="dequant_epilogue")
+    # NCHW output ([B, N, OH*OW]; the graph views it as [B, N, OH, OW]): no transpose kernel after the conv.
+    out = te.compute((b, _i64(n), _i64(pix)), epilogue, name="dequant_epilogue")
     sch = s_tir.Schedule(te.create_prim_func(args + [out]))
     blk = sch.get_sblock("acc")
-    ib, ii, jo, ji, ky, kx, kc, ki = sch.get_loops(blk)
+    img, tb, ii, jo, ji, ky, kx, kc, ki = sch.get_loops(blk)
     nv = int8_col_vecs(nb, lanes)
     jo_o, jo_i = sch.split(jo, factors=[None, nv])
-    sch.reorder(jo_o, ib, ky, kx, kc, ii, jo_i, ji, ki)
+    sch.reorder(jo_o, img, tb, ky, kx, kc, ii, jo_i, ji, ki)
     sch.set_scope(blk, 0, "local")
     epi = sch.get_sblock("dequant_epilogue")
-    sch.reverse_compute_at(epi, ib, preserve_unit_loops=True)
-    # Parallel over (column tile, row tile) together: convs with few output channels (16, 32) have one or two
-    # column tiles, and the row tiles of one thread's share stay on the same weight panel.
-    sch.parallel(sch.fuse(jo_o, ib))
+    sch.reverse_compute_at(epi, tb, preserve_unit_loops=True)
+    # Parallel over (column tile, image, row tile) together: convs with few output channels (16, 32) have one or
+    # two column tiles, and the row tiles of one thread's share stay on the same weight panel.
+    sch.parallel(sch.fuse(jo_o, img, tb))
     sch.unroll(ii)
     sch.unroll(jo_i)
     use_vnni = vnni_lanes(target) == lanes
@@ -147,5 +161,6 @@ def int8_conv2d(c: int, h: int, w: int, n: int, kernel: tuple, strides: tuple, d
     sch.vectorize(sch.get_loops(init)[-1])
     if use_vnni:
         sch.tensorize(ji, vnni_intrinsic(lanes))
-    _vectorize_inner(sch, sch.get_loops(epi)[-1], vector_lanes(target, "float32"))
+    if pix % rt == 0:  # whole tiles: the epilogue's pixel loop has no bounds predicate and vectorizes
+        _vectorize_inner(sch, sch.get_loops(epi)[-1], vector_lanes(target, "float32"))
     return _finish(sch, "ember_int8_conv2d")

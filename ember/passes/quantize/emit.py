@@ -155,7 +155,7 @@ class Emitter:
 
     def _conv(self, bb, site, x, plan):
         """INT8 conv2d (see :mod:`.conv`): quantize x once into padded NHWC codes (shared by every conv reading
-        x with the same padding and scale), implicit-im2col int8 GEMM, NHWC rows back to NCHW."""
+        x with the same padding and scale), implicit-im2col int8 GEMM writing NCHW."""
         from . import conv as cv
         from . import conv_kernels as ck
 
@@ -194,9 +194,8 @@ class Emitter:
                                                          spec.dilation, spec.pads, lanes, bias is not None,
                                                          self.target))
         oh, ow = spec.out_hw
-        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([batch * oh * ow, spec.o], "float32")))
-        y = bb.emit(relax.op.reshape(y, [batch, oh, ow, spec.o]))
-        return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+        y = bb.emit(relax.call_tir(gv, args, relax.TensorType([batch, spec.o, oh * ow], "float32")))
+        return bb.emit(relax.op.reshape(y, [batch, spec.o, oh, ow]))
 
     def _embedding(self, bb, site, ids, plan):
         bits, group, sym = plan["bits"], plan["group"], plan["symmetric"]
