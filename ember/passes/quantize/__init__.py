@@ -138,6 +138,12 @@ def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False
                        convs=isinstance(cfg, (Int8Dynamic, Int8Static)) and not is_gpu_target(target))
     _validate(cfg, sites)
     report = {"scheme": _report.describe(cfg), "layers": [], "end_to_end": None}
+    if isinstance(cfg, (Int8Dynamic, Int8Static)) and not is_gpu_target(target):
+        from .conv import skipped_convs
+
+        skipped = skipped_convs(func, sites, imported.param_names)
+        if skipped:
+            report["fp32_convs"] = skipped
     if not sites:
         report["note"] = "no float32 linear/matmul/conv2d weights or embedding tables found; nothing was quantized"
         return imported, report
@@ -172,12 +178,6 @@ def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False
     params = [imported.params[i] for i in kept] + emitter.new_arrays
     names = [imported.param_names[i] for i in kept] + [v.name for v in emitter.new_params]
     report["layers"] = _report.layer_errors(sites, plans, emitter, ref, taps_per_batch, imported)
-    if isinstance(cfg, (Int8Dynamic, Int8Static)) and not is_gpu_target(target):
-        from .conv import skipped_convs
-
-        skipped = skipped_convs(func, sites, imported.param_names)
-        if skipped:
-            report["fp32_convs"] = skipped
     report.update(extra)
     report["param_bytes"] = {"fp32": fp32_bytes, "quantized": int(sum(p.nbytes for p in params))}
     report["param_bytes"]["ratio"] = round(report["param_bytes"]["quantized"] / max(fp32_bytes, 1), 4)
