@@ -111,6 +111,17 @@ KERNEL_CASES = [
          mask_dtype="float32"),
     dict(batch=1, heads=12, q_len=128, kv_len=128, head_dim=32, layout="bshd", mask=(1, 1, 1, 128),
          mask_dtype="float32"),
+    # MiniLM at batch 32 (issue 7): the [B, 1, S, S] mask and the narrowed [B, 1, 1, S] one; fp16 row mask with odd
+    # lengths (no shared-memory mask copy), dh 64 / 128 and exact P on the resident kernel
+    dict(batch=32, heads=12, q_len=128, kv_len=128, head_dim=32, layout="bshd", mask=(32, 1, 128, 128),
+         mask_dtype="float32"),
+    dict(batch=32, heads=12, q_len=128, kv_len=128, head_dim=32, layout="bshd", mask=(32, 1, 1, 128),
+         mask_dtype="float32"),
+    dict(batch=3, heads=2, q_len=45, kv_len=99, head_dim=64, layout="bshd", mask=(3, 1, 1, 99), mask_dtype="float16"),
+    dict(batch=2, heads=2, q_len=70, kv_len=64, head_dim=128, layout="bhsd", mask=(2, 2, 1, 64), mask_dtype="float16",
+         exact_p=True, out_dtype="float32"),
+    dict(batch=None, run_batch=5, heads=3, q_len=128, kv_len=120, head_dim=32, layout="bshd", mask=(None, 1, 1, 120),
+         mask_dtype="float32"),
 ]
 
 
@@ -219,15 +230,120 @@ def prepare_kernels(out):
     from ember.compiler.targets import resolve
     from ember.passes.attention_kernels import cuda_attention_tc
 
+    from ember.passes.attention_kernels import cuda_attention_tc_resident, resident_eligible
+
     name, tgt = resolve(a_target())
     cases = []
     for i, case in enumerate(KERNEL_CASES):
-        lib = f"{KERNELS}.{i}.so"
-        with cuda_build_environment(tgt, name), tgt:
-            ex = tvm.compile(tvm.IRModule({"main": cuda_attention_tc(kernel_spec(case))}), tgt)
-        ex.export_library(os.path.join(out, lib))
-        cases.append({**case, "lib": lib})
+        spec = kernel_spec(case)
+        # the streaming kernel for every case; the resident one (K/V in shared memory) where it applies
+        for kernel, make in (("stream", cuda_attention_tc), ("resident", cuda_attention_tc_resident)):
+            if kernel == "resident" and not resident_eligible(spec):
+                continue
+            lib = f"{KERNELS}.{i}.{kernel}.so"
+            with cuda_build_environment(tgt, name), tgt:
+                ex = tvm.compile(tvm.IRModule({"main": make(spec)}), tgt)
+            ex.export_library(os.path.join(out, lib))
+            cases.append({**case, "kernel": kernel, "lib": lib})
     return {"cases": cases}
+
+
+SHORT = "attention_minilm_s128"  # MiniLM's attention alone: seq 128, 12 heads, dh 32, key padding, b32 and b1
+SHORT_BATCHES = (32, 1)
+
+
+def short_spec(batch, rows_mask):
+    from ember.passes.attention_kernels import AttentionSpec
+
+    return AttentionSpec(batch=batch, heads=12, q_len=MINILM_SEQ, kv_len=MINILM_SEQ, head_dim=32, dtype="float16",
+                         q_layout="bshd", k_layout="bshd", v_layout="bshd", out_layout="bshd",
+                         scale=float(np.float32(32 ** -0.5)),
+                         mask_shape=(batch, 1, 1 if rows_mask else MINILM_SEQ, MINILM_SEQ), mask_dtype="float32")
+
+
+def prepare_short(out):
+    """Both tensor-core kernels, each with the [B, 1, S, S] mask MiniLM's graph has and the [B, 1, 1, S] one
+    ember.passes.attention_mask narrows it to."""
+    import tvm
+
+    from ember.compiler.cuda_aot import cuda_build_environment
+    from ember.compiler.targets import resolve
+    from ember.passes.attention_kernels import cuda_attention_tc, cuda_attention_tc_resident
+
+    name, tgt = resolve(a_target())
+    variants = []
+    for batch in SHORT_BATCHES:
+        for kernel, make in (("stream", cuda_attention_tc), ("resident", cuda_attention_tc_resident)):
+            for rows in (False, True):
+                lib = f"{SHORT}.b{batch}.{kernel}.{'rowmask' if rows else 'fullmask'}.so"
+                with cuda_build_environment(tgt, name), tgt:
+                    ex = tvm.compile(tvm.IRModule({"main": make(short_spec(batch, rows))}), tgt)
+                ex.export_library(os.path.join(out, lib))
+                variants.append({"batch": batch, "kernel": kernel, "row_mask": rows, "lib": lib})
+    return {"variants": variants}
+
+
+def run_short(a, entry):
+    """Each variant against numpy (float64), GPU time per call (torch.profiler, kernel only), and torch's SDPA /
+    eager fp16 attention on the same tensors with the [B, 1, S, S] mask as peers."""
+    import torch
+
+    from ember.runtime.load import _load_device_runtime
+
+    import tvm  # noqa: E402
+
+    _load_device_runtime("cuda")
+    dev = tvm.cuda(0)
+    rows_out = []
+    for batch in SHORT_BATCHES:
+        rng = np.random.default_rng(batch)
+        s_, h, d = MINILM_SEQ, 12, 32
+        q, k, v = (rng.standard_normal((batch, s_, h, d)).astype("float16") for _ in range(3))
+        keep = np.ones((batch, s_), bool)
+        if batch > 1:
+            keep[:, s_ - 16:] = False  # MiniLM's padding at batch 32
+        row = np.where(keep, 0.0, np.finfo(np.float32).min).astype("float32")[:, None, None, :]
+        full = np.ascontiguousarray(np.broadcast_to(row, (batch, 1, s_, s_)))
+        scale = float(np.float32(d ** -0.5))
+        ref = _reference64(*(x.transpose(0, 2, 1, 3) for x in (q, k, v)), full, scale).transpose(0, 2, 1, 3)
+        res = {"batch": batch, "scale": float(np.abs(ref).max())}
+        tq, tk, tv = (torch.from_numpy(x).cuda() for x in (q, k, v))
+        tfull = torch.from_numpy(full).cuda()
+        args = {False: [tvm.runtime.from_dlpack(x) for x in (tq, tk, tv, tfull)],
+                True: [tvm.runtime.from_dlpack(x) for x in (tq, tk, tv, torch.from_numpy(row).cuda())]}
+        for var in entry["variants"]:
+            if var["batch"] != batch:
+                continue
+            key = f"{var['kernel']}_{'rowmask' if var['row_mask'] else 'fullmask'}"
+            try:
+                f = tvm.runtime.load_module(os.path.join(a.dir, var["lib"]))["main"]
+                out = torch.empty((batch, s_, h, d), dtype=torch.float16, device="cuda")
+                tout = tvm.runtime.from_dlpack(out)
+                f(*args[var["row_mask"]], tout)
+                torch.cuda.synchronize()
+                err = float(np.abs(out.float().cpu().numpy().astype(np.float64) - ref).max())
+                times = cuda_kernel_times(lambda f=f, m=var["row_mask"], tout=tout: f(*args[m], tout), calls=50,
+                                          warmup=5)
+                res[f"{key}_max_err"] = err
+                res[f"{key}_ok"] = bool(np.isfinite(err) and err <= 4e-3 * max(res["scale"], 1.0))
+                res[f"{key}_us"] = round(sum(t for _, _, t in times), 2)
+            except Exception as e:  # noqa: BLE001 - report each variant
+                import traceback
+
+                traceback.print_exc()
+                res[f"{key}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        qh, kh, vh = (x.transpose(1, 2) for x in (tq, tk, tv))
+        with torch.inference_mode():
+            for peer, mask in (("sdpa_fullmask", tfull.half()), ("sdpa_rowmask", torch.from_numpy(row).cuda().half())):
+                fn = (lambda m=mask: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=m))
+                o = fn().transpose(1, 2).float().cpu().numpy()
+                res[f"torch_{peer}_max_err"] = float(np.abs(o - ref).max())
+                res[f"torch_{peer}_us"] = round(sum(t for _, _, t in cuda_kernel_times(fn, calls=50, warmup=5)), 2)
+                res[f"torch_{peer}_kernels"] = [n for n, _, _ in cuda_kernel_times(fn, calls=2, warmup=1)][:4]
+        print(json.dumps(res), flush=True)
+        rows_out.append(res)
+    ok = all(v for r in rows_out for kk, v in r.items() if kk.endswith("_ok"))
+    return {"model": SHORT, "rows": rows_out, "ok": ok}
 
 
 def prepare_attention(out):
@@ -261,7 +377,7 @@ def prepare(a):
     path = os.path.join(a.out, "index.json")
     if a.only and os.path.exists(path):  # --only: rebuild those, keep the other entries
         index = json.load(open(path))
-    for key, fn in ((KERNELS, prepare_kernels), (ATTENTION, prepare_attention),
+    for key, fn in ((KERNELS, prepare_kernels), (SHORT, prepare_short), (ATTENTION, prepare_attention),
                     (ATTENTION_TORCH, prepare_torch_attention)):
         if not a.only or key in a.only.split(","):
             index[key] = fn(a.out)
@@ -439,6 +555,8 @@ def run(a):
     rows = []
     if KERNELS in index:
         rows.append(run_kernels(a, index[KERNELS]))
+    if SHORT in index:
+        rows.append(run_short(a, index[SHORT]))
     for name in (ATTENTION, ATTENTION_TORCH):
         if name in index:
             rows.append(run_attention(a, index[name], name))

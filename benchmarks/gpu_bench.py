@@ -105,7 +105,9 @@ def policy_tensor_core(policy):
 # rule (ember as before issue 7's elementwise work); "rownorm_off" = the fusions on, layer norms on dlight's rule;
 # "wgmma_off" = GEMMs on the WMMA rule instead of the Hopper wgmma one (ember.schedules.gpu.hopper_gemm);
 # "fp16_residual" = the residual stream stored in fp16 only (ember.passes.fusion.EXACT_RESIDUAL = False).
-VARIANTS = ("castfusion_off", "rownorm_off", "wgmma_off", "fp16_residual")
+# "attn_stream" = the streaming tensor-core attention kernel and the full [B, 1, S, S] mask (before issue 7's
+# resident kernel: ember.passes.attention_kernels.RESIDENT, ember.passes.fusion.NARROW_MASKS off).
+VARIANTS = ("castfusion_off", "rownorm_off", "wgmma_off", "fp16_residual", "attn_stream")
 
 
 def variant_context(variant):
@@ -117,16 +119,21 @@ def variant_context(variant):
     @contextlib.contextmanager
     def swapped():
         saved_passes, saved_rules, saved_exact = fusion.fusion_passes, schedules.gpu_rules, fusion.EXACT_RESIDUAL
+        from ember.passes import attention_kernels
+        saved_attn = attention_kernels.RESIDENT, fusion.NARROW_MASKS
+        if variant == "attn_stream":
+            attention_kernels.RESIDENT, fusion.NARROW_MASKS = False, frozenset()
         if variant == "castfusion_off":
             fusion.fusion_passes = lambda t: [fusion.FuseAttention(t), fusion.FuseEpilogues()]
         if variant == "fp16_residual":
             fusion.EXACT_RESIDUAL = False
-        dropped = {"wgmma_off": "HopperGemm", "fp16_residual": None}.get(variant, "RowNorm")
+        dropped = {"wgmma_off": "HopperGemm", "fp16_residual": None, "attn_stream": None}.get(variant, "RowNorm")
         schedules.gpu_rules = lambda: [r for r in saved_rules() if type(r).__name__ != dropped]
         try:
             yield
         finally:
             fusion.fusion_passes, schedules.gpu_rules, fusion.EXACT_RESIDUAL = saved_passes, saved_rules, saved_exact
+            attention_kernels.RESIDENT, fusion.NARROW_MASKS = saved_attn
 
     return swapped()
 

@@ -49,10 +49,16 @@ from tvm import relax
 from tvm.relax.dpl import GlobalVarPattern, is_op, wildcard
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from .attention_kernels import AttentionSpec, cpu_attention, cuda_attention, cuda_attention_tc, tensor_core_eligible
+from .attention_kernels import (AttentionSpec, cpu_attention, cuda_attention, cuda_attention_tensor_cores,
+                                tensor_core_eligible)
+from .attention_mask import narrow_rows
 from .relax_util import usage_counts
 
 _GPU_KINDS = {"cuda", "rocm", "metal", "vulkan", "opencl", "webgpu"}
+# Target kinds whose attention sites read a mask with equal rows as one row (ember.passes.attention_mask). GPUs:
+# MiniLM's [B, 1, S, S] padding mask cost 12 reads of 2 MiB per layer at batch 32. Empty: the mask as the graph
+# has it (the before/after switch of the benchmarks).
+NARROW_MASKS = frozenset(_GPU_KINDS)
 _CONST_TYPE = type(relax.const(0.0))
 _VIEWS = ("relax.reshape", "relax.broadcast_to")
 BSHD, BHSD = (0, 2, 1, 3), (0, 1, 2, 3)
@@ -194,6 +200,7 @@ class _AttentionRewriter(PyExprMutator):
         self.res = _Resolver(self._lookup)
         self.sites: list = []
         self._kernels: dict = {}
+        self._masks: dict = {}
 
     def _lookup(self, var):
         try:
@@ -295,6 +302,8 @@ class _AttentionRewriter(PyExprMutator):
         mask_shape, mask_dtype, mask_sym, mask4 = None, "float32", False, None
         if mask is not None:
             mask = self._unwiden(mask)  # the kernel widens the mask itself
+            if self.kind in NARROW_MASKS:  # a [B, 1, S, S] padding mask read as [B, 1, 1, S]
+                mask = self._narrow_mask(mask)
             ms = _shape(mask)
             if ms is None or len(ms) > 4 or "float" not in (_dtype(mask) or ""):
                 return self._skip(10)
@@ -341,6 +350,16 @@ class _AttentionRewriter(PyExprMutator):
             # the matmul's own dtype; the narrowing cast after it then cancels (_PermuteCanceller)
             res = relax.op.astype(self.builder_.emit(res), pv_dtype)
         return res
+
+    def _narrow_mask(self, mask):
+        """``mask`` with one query row when its rows are all equal (the same narrow mask for every layer)."""
+        if mask in self._masks:
+            return self._masks[mask]
+        narrow = narrow_rows(mask, self._lookup, self.builder_.emit)
+        narrow = mask if narrow is None else narrow
+        if isinstance(mask, relax.DataflowVar):  # its users are in its block, where the narrow mask is bound
+            self._masks[mask] = narrow
+        return narrow
 
     def _const_value(self, expr) -> float | None:
         """A scalar constant, also behind a cast (precision="fp16" binds ``astype(const, "float16")`` to a
@@ -464,7 +483,7 @@ class _AttentionRewriter(PyExprMutator):
         if self.kind == "llvm":
             func = cpu_attention(spec, self.lanes)
         elif self.tensor_cores and tensor_core_eligible(spec):
-            func = cuda_attention_tc(spec)
+            func = cuda_attention_tensor_cores(spec)
         else:
             func = cuda_attention(spec)
         func = func.with_attr("ember.fused_ops", spec.ops())
