@@ -167,3 +167,23 @@ def test_compile_int8_depthwise_stays_fp32():
     ref = m(x).detach().numpy()
     got = np.asarray(cm(x.numpy()))
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05
+
+
+@pytest.mark.slow
+def test_compile_int8_onnx_conv_bias_bn(tmp_path):
+    """The ONNX importer's convs (out_dtype unset, bias as reshape + add, BN with bound running-stat outputs)."""
+    torch.manual_seed(0)
+    m = randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                   nn.Linear(16 * 8 * 8, 10))).eval()
+    x = torch.randn(2, 3, 16, 16)
+    path = str(tmp_path / "m.onnx")
+    torch.onnx.export(m, (x,), path, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False,
+                      do_constant_folding=False)
+    cm = ember.compile(path, quantization=ember.Int8Dynamic())
+    rep = cm.manifest["compression"]["quantization"]
+    assert [(e["kind"], e.get("batch_norm_folded", False)) for e in rep["layers"]] == \
+        [("conv2d", True), ("conv2d", False), ("matmul", False)]
+    ref = m(x).detach().numpy()
+    got = np.asarray(cm(x.numpy()))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05

@@ -72,6 +72,11 @@ def _pads(padding) -> tuple:
     return tuple(p)
 
 
+def _fp32_out(attrs) -> bool:
+    """out_dtype float32 or unset (the ONNX importer leaves it None: the input's dtype)."""
+    return attrs.out_dtype is None or str(attrs.out_dtype) in ("", "float32", "void")
+
+
 def find_conv_sites(bindings: dict, uses: dict, weights: dict, param_names: list) -> list:
     """Conv sites of one Relax function (``bindings`` var → value, ``uses`` var → count, ``weights`` the weight
     parameters → index). Returns :class:`~.graph.Site` objects with ``kind="conv2d"``."""
@@ -109,7 +114,7 @@ def find_conv_sites(bindings: dict, uses: dict, weights: dict, param_names: list
             continue
         if str(a.data_layout) != "NCHW" or str(a.kernel_layout) != "OIHW" or str(a.out_layout) not in ("", "NCHW"):
             continue
-        if str(a.out_dtype) not in ("", "float32", "void"):
+        if not _fp32_out(a):
             continue
         wshape = static_shape(w)
         xs = getattr(sinfo(x), "shape", None)
@@ -275,6 +280,8 @@ def skipped_convs(func: relax.Function, sites: list, param_names: list) -> list:
                 why = f"layout {a.data_layout}/{a.kernel_layout}: only NCHW/OIHW is matched"
             elif w not in names or dtype_of(w) != "float32":
                 why = "weight is not a float32 parameter"
+            elif not _fp32_out(a) or dtype_of(v.args[0]) != "float32":
+                why = f"not a float32 conv (input {dtype_of(v.args[0])}, out_dtype {a.out_dtype})"
             else:
                 why = "input channels/height/width not static"
             out.append({"layer": layer, "reason": why})
