@@ -51,15 +51,23 @@ class Int8Dynamic:
     """Dynamic quantization: int8 weights (per output channel), activations quantized at run time.
 
     activation_bits: 8 (default) or 4. granularity: scales per "tensor" or per "token" (row).
+    convs: conv2d layers INT8 too — "auto" (on CPU targets with a VNNI dot product, where the int8 conv is faster
+        than fp32; elsewhere they stay fp32), "on" (every CPU target) or "off". Convs always use one activation
+        scale per tensor.
     """
 
     activation_bits: int = 8
     granularity: str = "token"
+    convs: str = "auto"
 
     def __post_init__(self):
         _check(self.activation_bits in (4, 8), type(self), "activation_bits", self.activation_bits, "use 8 or 4")
         _check(self.granularity in ("tensor", "token"), type(self), "granularity", self.granularity,
                "use 'tensor' or 'token'")
+        _check(self.convs in CONV_MODES, type(self), "convs", self.convs, "use 'auto', 'on' or 'off'")
+
+
+CONV_MODES = ("auto", "on", "off")
 
 
 CALIBRATION_METHODS = ("minmax", "percentile", "mse", "entropy")
@@ -74,7 +82,8 @@ class Int8Static:
         (``percentile`` of |x|), "mse" or "entropy". granularity: activation scales per "tensor" (one calibrated
         scale) or "token" (each row's own range, capped by the calibrated clip). smoothing: SmoothQuant strength
         alpha — per input channel, activations are divided and weights multiplied by
-        ``max|x|^alpha / max|w|^(1-alpha)`` so outlier channels stop dominating a per-tensor scale.
+        ``max|x|^alpha / max|w|^(1-alpha)`` so outlier channels stop dominating a per-tensor scale (linear layers;
+        convs are not smoothed). convs: as for :class:`Int8Dynamic` (conv scales are per tensor, calibrated).
     """
 
     calibration: Any = None
@@ -82,6 +91,7 @@ class Int8Static:
     percentile: float = 99.99
     granularity: str = "tensor"
     smoothing: float | None = None
+    convs: str = "auto"
 
     def __post_init__(self):
         if self.smoothing is not None:
@@ -95,6 +105,7 @@ class Int8Static:
                "use a value in (50, 100]")
         _check(self.granularity in ("tensor", "token"), type(self), "granularity", self.granularity,
                "use 'tensor' or 'token'")
+        _check(self.convs in CONV_MODES, type(self), "convs", self.convs, "use 'auto', 'on' or 'off'")
 
 
 @dataclass(frozen=True)

@@ -187,3 +187,30 @@ def test_compile_int8_onnx_conv_bias_bn(tmp_path):
     ref = m(x).detach().numpy()
     got = np.asarray(cm(x.numpy()))
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05
+
+
+def test_convs_knob_validated():
+    from ember.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Int8Dynamic.convs='yes'"):
+        ember.Int8Dynamic(convs="yes")
+
+
+@pytest.mark.slow
+def test_avx2_target_convs_auto_fp32_and_on():
+    """Without VNNI, convs="auto" leaves convs fp32 (reported); convs="on" quantizes them (int32 SIMD kernel),
+    which runs here (AVX2 code on this CPU) and matches torch."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                      nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x).detach().numpy()
+    auto = ember.compile(m, (x,), target="x86-avx2", quantization=ember.Int8Dynamic())
+    rep = auto.manifest["compression"]["quantization"]
+    assert [e["kind"] for e in rep["layers"]] == ["matmul"] and len(rep["fp32_convs"]) == 2
+    assert "VNNI" in rep["fp32_convs"][0]["reason"]
+    on = ember.compile(m, (x,), target="x86-avx2", quantization=ember.Int8Dynamic(convs="on"))
+    rep = on.manifest["compression"]["quantization"]
+    assert [e["kind"] for e in rep["layers"]] == ["conv2d", "conv2d", "matmul"]
+    got = np.asarray(on(x.numpy()))
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05

@@ -116,6 +116,26 @@ def _plans(cfg, sites, ref, data, taps_per_batch, outs_ref, verbose):
     return plans, extra
 
 
+def _quantize_convs(cfg, target) -> tuple:
+    """Whether conv2d layers get INT8 kernels here, and if not (for an INT8 scheme) why. Only CPU targets have
+    them; with ``convs="auto"`` only those whose int8 dot product is tensorized (VNNI): the plain int32 SIMD
+    fallback (AVX2, NEON) is several times slower than ember's fp32 convs."""
+    from .gpu import is_gpu_target
+    from .kernels import vnni_lanes
+
+    mode = getattr(cfg, "convs", "off")
+    if not isinstance(cfg, (Int8Dynamic, Int8Static)):
+        return False, None
+    if mode == "off":
+        return False, "convs='off'"
+    if is_gpu_target(target):
+        return False, "no INT8 conv kernel for GPU targets yet"
+    if mode == "auto" and vnni_lanes(target) is None:
+        return False, ("no VNNI on this target: the int32 fallback is slower than fp32 (pass convs='on' to "
+                       "quantize anyway)")
+    return True, None
+
+
 def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False):
     if not isinstance(cfg, (WeightOnly, Int8Dynamic, Int8Static, Mixed)):
         raise ConfigError(f"quantization={cfg!r}: use ember.WeightOnly, ember.Int8Dynamic, ember.Int8Static or "
@@ -133,15 +153,14 @@ def apply_quantization(imported, cfg, target, example_inputs=None, verbose=False
     # made MiniLM no faster on this machine (best of 120 runs 8.03 vs 8.07 ms) and slower under load (median 14.3
     # vs 12.0 ms): the erf polynomial costs the same in either place, and the longer parallel region suffers more
     # from preemption.
-    # INT8 convs (conv.py): CPU kernels only; weight-only schemes leave convs fp32.
-    sites = find_sites(func, imported.param_names, embeddings=isinstance(cfg, (WeightOnly, Mixed)),
-                       convs=isinstance(cfg, (Int8Dynamic, Int8Static)) and not is_gpu_target(target))
+    convs, conv_why = _quantize_convs(cfg, target)
+    sites = find_sites(func, imported.param_names, embeddings=isinstance(cfg, (WeightOnly, Mixed)), convs=convs)
     _validate(cfg, sites)
     report = {"scheme": _report.describe(cfg), "layers": [], "end_to_end": None}
-    if isinstance(cfg, (Int8Dynamic, Int8Static)) and not is_gpu_target(target):
+    if isinstance(cfg, (Int8Dynamic, Int8Static)):
         from .conv import skipped_convs
 
-        skipped = skipped_convs(func, sites, imported.param_names)
+        skipped = skipped_convs(func, sites, imported.param_names, conv_why)
         if skipped:
             report["fp32_convs"] = skipped
     if not sites:

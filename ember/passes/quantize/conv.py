@@ -256,9 +256,10 @@ def quantize_tensor(x: np.ndarray, qmax: int = 127, clip=None):
     return q, np.float32(amax / np.float32(qmax))
 
 
-def skipped_convs(func: relax.Function, sites: list, param_names: list) -> list:
+def skipped_convs(func: relax.Function, sites: list, param_names: list, all_why: str | None = None) -> list:
     """The convolutions left in fp32, each with why (for the report): grouped/depthwise, conv1d/3d, layouts other
-    than NCHW/OIHW, weights that are not float32 parameters, dynamic C/H/W."""
+    than NCHW/OIHW, weights that are not float32 parameters, dynamic C/H/W; ``all_why``: none was matched, for
+    that reason (the scheme's ``convs`` setting, the target)."""
     n_in = int(func.attrs["num_input"])
     names = {p: param_names[i] for i, p in enumerate(func.params[n_in:])}
     done = {v for s in sites if s.kind == "conv2d" for v in [s.out_var] + s.skip_vars}
@@ -272,7 +273,9 @@ def skipped_convs(func: relax.Function, sites: list, param_names: list) -> list:
             w = v.args[1]
             layer = names.get(w, w.name if isinstance(w, relax.Var) else "a computed weight")
             a = v.attrs
-            if v.op.name != "relax.nn.conv2d":
+            if all_why is not None:
+                why = all_why
+            elif v.op.name != "relax.nn.conv2d":
                 why = f"{v.op.name.split('.')[-1]}: only conv2d has an INT8 kernel"
             elif int(a.groups) != 1:
                 why = f"groups={int(a.groups)} (grouped/depthwise): no INT8 kernel, stays fp32"
