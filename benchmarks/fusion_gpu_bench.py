@@ -280,6 +280,16 @@ def prepare_short(out):
                     ex = tvm.compile(tvm.IRModule({"main": make(short_spec(batch, rows))}), tgt)
                 ex.export_library(os.path.join(out, lib))
                 variants.append({"batch": batch, "kernel": kernel, "row_mask": rows, "lib": lib})
+        # the resident kernel's block size and chunk, measured rather than guessed (row mask: what ember emits)
+        for kernel, kw in (("resident_w2", dict(warps=2)), ("resident_w4", dict(warps=4)),
+                           ("resident_w8", dict(warps=8)), ("resident_c64", dict(chunk=64)),
+                           ("resident_c16", dict(chunk=16))):
+            lib = f"{SHORT}.b{batch}.{kernel}.rowmask.so"
+            with cuda_build_environment(tgt, name), tgt:
+                ex = tvm.compile(tvm.IRModule({"main": cuda_attention_tc_resident(short_spec(batch, True), **kw)}),
+                                 tgt)
+            ex.export_library(os.path.join(out, lib))
+            variants.append({"batch": batch, "kernel": kernel, "row_mask": True, "lib": lib})
     return {"variants": variants}
 
 

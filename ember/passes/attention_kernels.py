@@ -546,18 +546,22 @@ def main({params}):
 # into shared memory, in serial phases (load Q, sync, load K/V, sync, compute, sync, ...); each V fragment was 4
 # 2-byte shared loads; the output went out as 2-byte stores. Here:
 #   * one block per (batch x head, group of W query tiles of 16 rows), W up to 8: all of the head's keys and values
-#     are copied ONCE per block into shared memory with 16-byte cp.async, one commit group per chunk of BC keys, so
+#     are copied ONCE per block into shared memory with 16-byte cp.async, one commit group per chunk of BC = 64 keys
+#     (measured on the H100 at batch 32: 7.5 us per layer with 64, 8.7 with 32, 9.5 with 16; 8 vs 4 warps per block
+#     the same, 2 warps 11.8), so
 #     the first chunk's scores start while the later chunks are still in flight (one __syncthreads per chunk, none
 #     after the last: nothing is overwritten);
 #   * Q's A fragments come straight from global memory into registers (no shared round trip, no sync);
 #   * K and V fragments by ldmatrix.x4 (V with .trans): one instruction per two mma operands;
-#   * a mask that does not depend on the query row (a key-padding mask [B, 1, 1, S]) is read once per lane and
-#     chunk as float2, not per score element;
+#   * a mask that does not depend on the query row (a key-padding mask [B, 1, 1, S]) is copied with the chunk's
+#     K/V into shared memory (cp.async, when its row is a multiple of 16 bytes; else read once per lane and chunk
+#     into registers), not read per score element from global memory (MiniLM's [B, 1, S, S] mask: 13.7 us vs
+#     8.7 us per layer with it narrowed, ember.passes.attention_mask);
 #   * output stores as half2 (2 adjacent columns of the accumulator fragment).
 # Shared memory: 2 x SKP x (D + 8) halves (rows padded by 16 bytes: the 8 row addresses of an ldmatrix phase hit
 # distinct banks); the kernel is used when that fits in RESIDENT_SMEM_BYTES (static shared memory stays < 48 KiB).
 RESIDENT_SMEM_BYTES = 40 * 1024
-RESIDENT_CHUNK = 32  # keys per cp.async group (and per online-softmax step); 64 took 98 registers (2 blocks/SM)
+RESIDENT_CHUNK = 64  # keys per cp.async group and online-softmax step: measured 7.5 us vs 8.7 (32) and 9.5 (16) at b32
 RESIDENT_WARPS_PER_SM = 24
 _SMS = 132  # H100 SXM; only used to pick the block size (small grids: fewer warps per block, more blocks)
 
@@ -634,7 +638,8 @@ def _resident_warps(spec: AttentionSpec) -> int:
     return w
 
 
-def cuda_attention_tc_resident(spec: AttentionSpec, warps: int | None = None) -> tvm.tirx.PrimFunc:
+def cuda_attention_tc_resident(spec: AttentionSpec, warps: int | None = None,
+                               chunk: int = RESIDENT_CHUNK) -> tvm.tirx.PrimFunc:
     """fp16 attention on tensor cores with the head's K and V resident in shared memory (see the comment above);
     same math, fragment layouts and online softmax as :func:`cuda_attention_tc`."""
     if not resident_eligible(spec):
@@ -647,7 +652,9 @@ def cuda_attention_tc_resident(spec: AttentionSpec, warps: int | None = None) ->
     D, Sq, Sk, H = spec.head_dim, spec.q_len, spec.kv_len, spec.heads
     W = warps or _resident_warps(spec)
     NT = 32 * W
-    BC, NKB, _ = _resident_layout(spec)
+    BC, NKB, smem = _resident_layout(spec, chunk)
+    if smem > RESIDENT_SMEM_BYTES or BC % 16 or NKB > 8:
+        raise ValueError(f"cuda_attention_tc_resident: chunk {chunk} does not fit {spec}")
     SKP, LD = NKB * BC, D + 8
     NQB = (Sq + 16 * W - 1) // (16 * W)
     # 24 warps per SM: ptxas keeps the kernel within 80 registers (it took 98-99 unbounded, so only 2 blocks of 8
@@ -839,9 +846,19 @@ def main({params}):
 RESIDENT = True
 
 
+def _fills_gpu(spec: AttentionSpec) -> bool:
+    """At least one 8-warp block of work per SM (a symbolic batch counts as large)."""
+    return spec.batch is None or spec.batch * spec.heads * -(-spec.q_len // 128) >= _SMS
+
+
 def cuda_attention_tensor_cores(spec: AttentionSpec) -> tvm.tirx.PrimFunc:
     """The tensor-core kernel for ``spec``: K/V resident in shared memory when they fit (short sequences,
-    :func:`resident_eligible`), else the streaming :func:`cuda_attention_tc`."""
-    if RESIDENT and resident_eligible(spec):
+    :func:`resident_eligible`) and the grid fills the GPU, else the streaming :func:`cuda_attention_tc`.
+
+    Why not at batch 1 (H100, MiniLM fp16, BENCHMARKS.md "Attention at batch 32"): there the resident kernel is
+    faster alone (3.0 vs 4.6 us per layer) but the model was slower with it in both runs (0.243 / 0.248 ms vs
+    0.232 / 0.229 ms with the streaming kernel; the GEMMs after it took 6 us more in the profile). Not understood;
+    measured, so batch-1-sized grids keep the streaming kernel."""
+    if RESIDENT and resident_eligible(spec) and _fills_gpu(spec):
         return cuda_attention_tc_resident(spec)
     return cuda_attention_tc(spec)
