@@ -35,6 +35,7 @@ PROBLEMS = {
     "linear_ffn_up_b32_4096x1536x384": (4096, 1536, 384, "nn", "bias"),
     "linear_ffn_down_b32_4096x384x1536": (4096, 384, 1536, "nn", "bias"),
     "linear_gelu_4096x1536x384": (4096, 1536, 384, "nn", "gelu"),
+    "ffn_up_erf_gelu_b32_4096x1536x384": (4096, 1536, 384, "nn", "gelu_erf"),  # the in-model kernel
     "odd_1000x200x136_nt": (1000, 200, 136, "nt", "bias"),
     "odd_1000x200x136_nn": (1000, 200, 136, "nn", "bias"),
 }
@@ -42,6 +43,7 @@ PROBLEMS = {
 
 def linear_func(m, n, k, layout, epilogue):
     """The kernel as ember's fused graph has it (see the module doc of PROBLEMS)."""
+    import tvm
     from tvm import te
 
     x = te.placeholder((m, k), "float16", name="x")
@@ -55,6 +57,18 @@ def linear_func(m, n, k, layout, epilogue):
     if epilogue == "none":
         return te.create_prim_func([x, w, h]).with_attr("global_symbol", "main")
     o = te.compute((m, n), lambda i, j: h[i, j] + b[j], name="bias")
+    if epilogue == "gelu_erf":  # MiniLM's FFN-up exactly as FuseTIR hands it over: reshape, then the fp16 erf-GELU
+        bt = m // 128 if m % 128 == 0 else 1
+        r3 = te.compute((bt, m // bt, n), lambda a, s, j: o[a * (m // bt) + s, j], name="reshape")
+        half = lambda v: tvm.tirx.const(v, "float16")  # noqa: E731
+
+        def erf_gelu(a, s, j):
+            v = r3[a, s, j]
+            e = te.erf((v * half(0.70710678118654757)).astype("float32")).astype("float16")
+            return v * (half(0.5) + e * half(0.5))
+
+        o = te.compute((bt, m // bt, n), erf_gelu, name="gelu")
+        return te.create_prim_func([x, w, b, o]).with_attr("global_symbol", "main")
     if epilogue == "gelu":
         def gelu(i, j):
             v = o[i, j].astype("float32")
@@ -71,8 +85,13 @@ def configs():
     # c2n256s4 without setmaxnreg: each slower than the best below on every problem.
     base = {"c2n256s4": HopperConfig(consumers=2, bn=256, stages=4),
             "c2n192s4": HopperConfig(consumers=2, bn=192, stages=4),
-            "c2n128s6": HopperConfig(consumers=2, bn=128, stages=6)}
-    return {**base, **{f"{k}p": dataclasses.replace(c, persistent=True) for k, c in base.items()}}
+            "c2n128s6": HopperConfig(consumers=2, bn=128, stages=6),
+            "c1n192s4": HopperConfig(consumers=1, bn=192, stages=4),  # 64-row tiles: 128 blocks at N = 384
+            "c1n128s6": HopperConfig(consumers=1, bn=128, stages=6)}
+    out = {**base, **{f"{k}p": dataclasses.replace(c, persistent=True) for k, c in base.items()}}
+    # "s": the staged epilogue (the tile through shared memory, 16-byte row stores)
+    out.update({f"{k}s": dataclasses.replace(c, staged=True) for k, c in out.items() if c.bn < 256})
+    return out
 
 
 def prepare(a):
@@ -90,7 +109,9 @@ def prepare(a):
             continue
         entry = index["problems"].setdefault(name, dict(m=m, n=n, k=k, layout=layout, epilogue=epilogue,
                                                         variants={}))
-        for cname, cfg in [("auto", None)] + list(configs().items()):
+        # "legacy": the rule's own choice with EMBER_HOPPER_LEGACY=1 (before the vectorizable erf, the staged
+        # epilogue and 64-row tiles); "direct": its choice with EMBER_HOPPER_STAGED=0 (stores from the fragment)
+        for cname, cfg in [("auto", None), ("legacy", None), ("direct", None)] + list(configs().items()):
             if wanted and cname not in wanted:
                 continue
             if cfg is not None and n % cfg.bn and cfg.bn == 256 and n < 1024:
@@ -99,6 +120,8 @@ def prepare(a):
                 continue
             t0 = time.perf_counter()
             try:
+                os.environ["EMBER_HOPPER_LEGACY"] = "1" if cname == "legacy" else ""
+                os.environ["EMBER_HOPPER_STAGED"] = "0" if cname == "direct" else ""
                 func = _scheduled(linear_func(m, n, k, layout, epilogue), cfg, target)
                 with cuda_build_environment(target, str(target)), target:
                     lib = tvm.compile(tvm.IRModule({"main": func}), target)
@@ -162,6 +185,8 @@ def run(a):
         wt = w.t() if layout == "nt" else w
         if epilogue == "gelu":
             tfn = lambda: torch.nn.functional.gelu(torch.addmm(bias, x, wt), approximate="tanh")  # noqa: E731
+        elif epilogue == "gelu_erf":
+            tfn = lambda: torch.nn.functional.gelu(torch.addmm(bias, x, wt))  # noqa: E731
         elif linear:
             tfn = lambda: torch.addmm(bias, x, wt)  # noqa: E731
         else:
@@ -171,6 +196,8 @@ def run(a):
             ref = ref + bias.float()
         if epilogue == "gelu":
             ref = torch.nn.functional.gelu(ref, approximate="tanh")
+        elif epilogue == "gelu_erf":
+            ref = torch.nn.functional.gelu(ref)
         row = {"problem": name, "m": m, "n": n, "k": k, "layout": layout, "epilogue": epilogue}
         row["torch_us"] = cuda_events_us(tfn)
         row["torch_max_err"] = float((tfn().float() - ref).abs().max())
@@ -193,10 +220,12 @@ def run(a):
             try:
                 f = tvm.runtime.load_module(os.path.join(a.dir, path))["main"]
                 y = torch.full((m, n), float("nan"), device="cuda", dtype=torch.float16)
+                if epilogue == "gelu_erf":  # the kernel writes [batch, seq, n] (the reshape inside it)
+                    y = y.view(m // 128 if m % 128 == 0 else 1, -1, n)
                 args = [tvm.runtime.from_dlpack(t) for t in ((x, w, bias, y) if linear else (x, w, y))]
                 f(*args)
                 torch.cuda.synchronize()
-                err = float((y.float() - ref).abs().nan_to_num(float("inf")).max())
+                err = float((y.reshape(m, n).float() - ref).abs().nan_to_num(float("inf")).max())
                 row[f"{cname}_max_err"] = err
                 row[f"{cname}_ok"] = bool(err <= max(4 * row["torch_max_err"], 1e-2 * row["scale"]))
                 if row[f"{cname}_ok"] or a.time_wrong:

@@ -81,11 +81,14 @@ def test_rule_replaces_a_linear_and_keeps_its_signature_and_epilogue():
         [(p.name, [int(d) for d in p.shape], str(p.dtype)) for p in func.params]
     text = kernel.script()
     assert "T.ptx.wgmma(acc[0]" in text and "tirx.is_scheduled" in text
-    # rows of the 3-D activation come from the flat row index; the bias is added at the store
+    # rows of the 3-D activation come from the flat row index; the bias is added where the fragment is written to
+    # the staging tile (K = 384: staged epilogue), the output takes 16-byte row chunks of that tile
     store = [ln for ln in text.splitlines() if ln.strip().startswith("bias[")]
-    assert len(store) == 1 and ") // 128 % 32, " in store[0] and "+ b[" in store[0]
+    assert len(store) == 1 and ") // 128 % 32, " in store[0] and "= stage[" in store[0]
+    staged = [ln for ln in text.splitlines() if ln.strip().startswith("stage[")]
+    assert len(staged) == 1 and "+ b[" in staged[0]
     src = device_source(compile_cuda(sch))
-    assert "wgmma.mma_async" in src and "m64n128k16" in src  # N = 384: 128-wide tiles (choose_config)
+    assert "wgmma.mma_async" in src and "m64n192k16" in src  # N = 384: 64x192 tiles (choose_config)
 
 
 def test_gelu_epilogue_is_computed_at_the_store():
@@ -128,15 +131,23 @@ def test_rule_declines_symbolic_rows():
     assert HopperGemm().apply(func, H100, False) is None
 
 
-def test_tile_choice_follows_the_h100_runs():
-    # 4096^3: 128x256 (632 TFLOP/s vs 534 for 128x128); 4096x1536: 128x192; N = 384: 128x128 (96 blocks)
-    assert choose_config(4096, 4096, 4096).bn == 256 and not choose_config(4096, 4096, 4096).persistent
-    assert choose_config(4096, 1536, 384).bn == 192 and choose_config(4096, 1536, 384).persistent  # 2 waves, short K
-    assert choose_config(4096, 384, 384).bn == 128 and not choose_config(4096, 384, 384).persistent  # one wave
-    assert choose_config(128, 384, 384) is None and choose_config(128, 1536, 384) is None
+def test_tile_choice_follows_the_h100_runs(monkeypatch):
+    # 4096^3: 128x256 (632 TFLOP/s vs 534 for 128x128); 4096x1536: 128x192; N = 384: 64x192 (128 blocks on 132 SMs,
+    # where 128x128 made 96)
+    # short K (<= 1024): the staged epilogue; long K keeps the stores from the fragment
+    assert choose_config(4096, 4096, 4096) == HopperConfig(2, 256, 4)
+    assert choose_config(4096, 1536, 384) == HopperConfig(2, 192, 4, persistent=True, staged=True)  # 2 waves
+    assert choose_config(4096, 384, 384) == HopperConfig(1, 192, 4, staged=True)  # one wave
+    assert choose_config(4096, 384, 1536) == HopperConfig(1, 192, 4)
+    monkeypatch.setenv("EMBER_HOPPER_STAGED", "0")
+    assert choose_config(4096, 1536, 384) == HopperConfig(2, 192, 4, persistent=True)
+    monkeypatch.delenv("EMBER_HOPPER_STAGED")
+    assert choose_config(128, 384, 384) is None and choose_config(128, 1536, 384) is None  # batch 1: WMMA rule
     for cfg in CANDIDATES:
-        assert cfg.smem_bytes() + 1024 <= 227 * 1024 and cfg.threads == 384
+        assert cfg.fits() and cfg.threads == 128 * (cfg.consumers + 1)
     assert MIN_BLOCKS <= 132
+    monkeypatch.setenv("EMBER_HOPPER_LEGACY", "1")  # the "before" of benchmarks: 128-row tiles only
+    assert choose_config(4096, 384, 384) == HopperConfig(2, 128, 6)
 
 
 def test_gpu_rules_try_it_before_the_wmma_rule():

@@ -40,6 +40,7 @@ store (:func:`plan_kernel`). H100, 2026-11-26 (BENCHMARKS.md, "Hopper fp16 GEMM 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ class HopperConfig:
     stages: int = 4
     raise_regs: bool = True  # setmaxnreg: producer down to 40, consumers up to 232 (H100: 632 vs 603 TFLOP/s)
     persistent: bool = False  # one block per SM walking tiles: the next tile's loads overlap this one's epilogue
+    staged: bool = False  # epilogue through shared memory, then 16-byte row-contiguous stores (fp16 outputs)
 
     @property
     def bm(self) -> int:
@@ -65,8 +67,18 @@ class HopperConfig:
     def threads(self) -> int:
         return 128 * (self.consumers + 1)
 
+    @property
+    def stage_pitch(self) -> int:
+        """Row pitch (halves) of the staged epilogue's tile: 8 halves of padding put the 8 rows that one warp's
+        half2 store writes in 8 different 4-bank groups (row stride = 4 words mod 32): conflict-free."""
+        return self.bn + 8
+
     def smem_bytes(self) -> int:
-        return self.stages * (self.bm + self.bn) * BK * 2
+        ring = self.stages * (self.bm + self.bn) * BK * 2
+        return ring + (self.bm * self.stage_pitch * 2 if self.staged else 0)
+
+    def fits(self) -> bool:
+        return self.smem_bytes() + 1024 <= SMEM_LIMIT  # + the barriers' static block, rounded up to 1 KiB
 
 
 SMEM_LIMIT = 227 * 1024  # H100 opt-in dynamic shared memory per block
@@ -93,7 +105,7 @@ def wgmma_gemm(m: int, n: int, k: int, layout: str, out_dtype: str = "float16",
 
 
 def _source(m: int, n: int, k: int, layout: str, cfg: HopperConfig, *, signature: str, a_name: str, b_name: str,
-            reads: str, writes: str, store: str, acc_cast: str | None = None) -> str:
+            reads: str, writes: str, store: str, acc_cast: str | None = None, fast_erf: bool = True) -> str:
     """TVMScript of the kernel. ``store``: one statement that writes output element (EPR, EPC) from the fp32
     accumulator value EPV (the epilogue; names replaced here); ``acc_cast``: dtype the accumulator is rounded to
     before the epilogue sees it (a kernel whose own reduction is fp16)."""
@@ -102,7 +114,7 @@ def _source(m: int, n: int, k: int, layout: str, cfg: HopperConfig, *, signature
     bm, bn, S, W = cfg.bm, cfg.bn, cfg.stages, cfg.consumers
     if bn % 64 or not 64 <= bn <= 256:
         raise ValueError(f"bn={bn}: a multiple of 64 up to 256")
-    if cfg.smem_bytes() + 1024 > SMEM_LIMIT:  # + the barriers' static block, which ptxas rounds up to 1 KiB
+    if not cfg.fits():
         raise ValueError(f"{cfg}: {cfg.smem_bytes()} bytes of stages exceed the {SMEM_LIMIT} a block may use")
     kt = -(-k // BK)
     tm, tn = -(-m // bm), -(-n // bn)
@@ -133,23 +145,17 @@ def _source(m: int, n: int, k: int, layout: str, cfg: HopperConfig, *, signature
     acc_n = bn // 2
     accs = ", ".join(f"acc[{i}]" for i in range(acc_n))
     mma = f"wgmma.mma_async.sync.aligned.m64n{bn}k16.f32.f16.f16"
-    # Accumulator fragment of m64nNk16 (PTX ISA): thread t of the warpgroup holds rows 16 * (t // 32) + t % 32 // 4
-    # (+ 8) and, for each 8-column group i, columns 8 i + 2 (t % 4) (+ 1): acc[4 i + 2 h + e].
-    row = f"(m0 + wg * 64 + tx % 128 // 32 * 16 + tx % 32 // 4 + h * 8)"
-    col = f"(n0 + i * 8 + tx % 4 * 2)"
-    guard = [f"{row} < {m}"] if m % bm else []
-    guard += [f"{col} < {n}"] if n % bn else []
-    val = "acc[i * 4 + h * 2 + e]"
-    if acc_cast:
-        val = f"T.Cast(\"{acc_cast}\", {val})"
-    st = store.replace("EPR", row).replace("EPC", f"({col} + e)").replace("EPV", val)
-    if guard:
-        stores = (f"if {' and '.join(guard)}:\n"
-                  f"                                        for e in T.vectorized(2):\n"
-                  f"                                            {st}")
-    else:
-        stores = (f"for e in T.vectorized(2):\n"
-                  f"                                        {st}")
+    epilogue = _indent(_epilogue(store, cfg, m, n, acc_cast, fast_erf=fast_erf), 28)
+    ring = S * (a_elems + b_elems)
+    smem_elems = ring + (bm * cfg.stage_pitch if cfg.staged else 0)
+    # The staging tile is reached through a generic pointer: TVM's ThreadSync pass would otherwise plan a
+    # block-wide barrier between its writes and reads inside the consumer branch (and refuse); the ordering is
+    # the named warpgroup barrier of the epilogue instead.
+    stage_decl = (f"stage_ptr: T.let[T.handle(\"float16\", \"global\")] = "
+                  f"T.reinterpret(T.handle(\"float16\", \"global\").ty, "
+                  f"T.address_of(smem[{ring} + wg * {64 * cfg.stage_pitch}]))\n"
+                  f"                    stage = T.decl_buffer(({64 * cfg.stage_pitch},), \"float16\", data=stage_ptr)"
+                  if cfg.staged else "T.evaluate(0)")
     setreg_p = "T.ptx[\"setmaxnreg.dec.sync.aligned.u32\"](40)" if cfg.raise_regs else "T.evaluate(0)"
     setreg_c = "T.ptx[\"setmaxnreg.inc.sync.aligned.u32\"](232)" if cfg.raise_regs else "T.evaluate(0)"
     # Drain this k-tile's wgmma group, then hand its stage back to the producer. (Keeping one group in flight and
@@ -172,7 +178,7 @@ def main({signature}):
             with T.sblock("wgmma_gemm"):
                 T.reads({reads})
                 T.writes({writes})
-                smem = T.alloc_buffer(({S * (a_elems + b_elems)},), "float16", scope="shared.dyn", align=1024)
+                smem = T.alloc_buffer(({smem_elems},), "float16", scope="shared.dyn", align=1024)
                 bars = T.alloc_buffer(({2 * S},), "uint64", scope="shared", align=8)
                 acc = T.alloc_buffer(({acc_n},), "float32", scope="local")
                 desc_a = T.alloc_buffer((1,), "uint64", scope="local")
@@ -200,6 +206,7 @@ def main({signature}):
                 else:
                     {setreg_c}
                     wg = T.meta_var(tx // 128 - 1)
+                    {stage_decl}
                     for t in range({per_block}):
                         if {live}:
                             m0 = T.meta_var((bid + t * {grid}) % {tm} * {bm})
@@ -216,11 +223,139 @@ def main({signature}):
                                     T.ptx["{mma}"]({accs}, desc_a[0], desc_b[0], T.bool(True), 1, 1, 0, {trans_b})
                                 T.ptx.wgmma.commit_group.sync.aligned()
                                 {release}
-                            for i in T.unroll({bn // 8}):
-                                for h in T.unroll(2):
-                                    {stores}
+                            {epilogue}
 """
     return src
+
+
+def _epilogue(store: str, cfg: HopperConfig, m: int, n: int, acc_cast: str | None, fast_erf: bool = True) -> str:
+    """TVMScript of a consumer warpgroup's epilogue for one tile (indent 0; ``store`` as in :func:`_source`).
+
+    Accumulator fragment of m64nNk16 (PTX ISA): thread t of the warpgroup holds rows 16 * (t // 32) + t % 32 // 4
+    (+ 8) and, for each 8-column group i, columns 8 i + 2 (t % 4) (+ 1): acc[4 i + 2 h + e].
+
+    Direct: each element pair is computed and stored straight from the fragment (``T.vectorized(2)``: one 4-byte
+    store for fp16; a warp's store touches 8 rows, 16 bytes each). Staged (``cfg.staged``, fp16 outputs): the pairs
+    go to the warpgroup's padded tile in shared memory (``stage``); after a named warpgroup barrier each thread
+    copies 16 contiguous bytes of a row to the output (a warp writes 512 bytes of whole rows), and a second barrier
+    frees the tile for the next one. An fp32 erf in the statement becomes :func:`_erf_lets` (``fast_erf``): CUDA's
+    ``erff`` call made TVM scalarize the pair loop (two 2-byte stores, MiniLM's FFN-up GELU)."""
+    bm, bn = cfg.bm, cfg.bn
+    frag_row = "(tx % 128 // 32 * 16 + tx % 32 // 4 + h * 8)"
+    row = f"(m0 + wg * 64 + {frag_row})"
+    col = f"(n0 + i * 8 + tx % 4 * 2)"
+    guard = [f"{row} < {m}"] if m % bm else []
+    guard += [f"{col} < {n}"] if n % bn else []
+    val = "acc[i * 4 + h * 2 + e]"
+    if acc_cast:
+        val = f"T.Cast(\"{acc_cast}\", {val})"
+    lhs, rhs = _split_store(store)
+    lets, rhs = _erf_lets(rhs) if fast_erf else ([], rhs)
+
+    def at(text, r, c, v=val):
+        return text.replace("EPR", r).replace("EPC", c).replace("EPV", v)
+
+    body = [at(ln, row, f"({col} + e)") for ln in lets]
+    pitch = cfg.stage_pitch
+    if cfg.staged:
+        body.append(f"stage[{frag_row} * {pitch} + i * 8 + tx % 4 * 2 + e] = {at(rhs, row, f'({col} + e)')}")
+    else:
+        body.append(f"{at(lhs, row, f'({col} + e)')} = {at(rhs, row, f'({col} + e)')}")
+    inner = ["for e in T.vectorized(2):"] + ["    " + ln for ln in body]
+    if guard:
+        inner = [f"if {' and '.join(guard)}:"] + ["    " + ln for ln in inner]
+    lines = [f"for i in T.unroll({bn // 8}):", "    for h in T.unroll(2):"] + ["        " + ln for ln in inner]
+    if not cfg.staged:
+        return "\n".join(lines)
+    chunks = bn // 8  # 16-byte chunks per tile row
+    lin = "(j * 128 + tx % 128)"
+    orow, ocol = f"(m0 + wg * 64 + {lin} // {chunks})", f"(n0 + {lin} % {chunks} * 8)"
+    oguard = [f"{orow} < {m}"] if m % bm else []
+    oguard += [f"{ocol} < {n}"] if n % bn else []
+    copy = ["for e in T.vectorized(8):",
+            f"    {at(lhs, orow, f'({ocol} + e)')} = stage[{lin} // {chunks} * {pitch} + {lin} % {chunks} * 8 + e]"]
+    if oguard:
+        copy = [f"if {' and '.join(oguard)}:"] + ["    " + ln for ln in copy]
+    # Named barrier 1 + wg over the warpgroup's 128 threads, as PTX with a "memory" clobber (TVM's
+    # T.cuda.warpgroup_sync has none: nvcc could move the staging tile's plain loads and stores across it).
+    sync = "T.ptx[\"bar.sync\"](T.uint32(1) + T.Cast(\"uint32\", wg), T.uint32(128))"
+    return "\n".join(lines + [sync, f"for j in T.unroll({64 * chunks // 128}):"]
+                     + ["    " + ln for ln in copy] + [sync])
+
+
+def _split_store(store: str) -> tuple[str, str]:
+    """``OUT[idx] = value`` -> (``OUT[idx]``, ``value``): the first ``=`` outside brackets and parentheses."""
+    depth = 0
+    for i, ch in enumerate(store):
+        depth += {"[": 1, "(": 1, "]": -1, ")": -1}.get(ch, 0)
+        if depth == 0 and store.startswith(" = ", i):
+            return store[:i], store[i + 3:]
+    raise ValueError(f"not a store statement: {store[:80]}")
+
+
+# erf(x) in fp32, branch-free, from two polynomials fitted here (weighted least squares with Lawson iterations in
+# float64, coefficients rounded to fp32; the fit and the check are tests/schedules/test_hopper_gemm_epilogue.py):
+#   |x| <  ERF_SPLIT:  erf = a + a * P(a^2)                 (a = |x|)
+#   |x| >= ERF_SPLIT:  erf = 1 - 2^(c * Q(c) - c)            (c = min(a, ERF_CLAMP): erf rounds to 1 beyond)
+# then the sign of x. Max error vs the exact erf over [-6, 6]: 1.04 ulp with an exact exp2 (CUDA's exp2f adds
+# < 0.5 ulp of erf near the split); NaN stays NaN (the small branch takes it), +-inf give +-1.
+ERF_SPLIT, ERF_CLAMP = 0.921875, 3.9375
+ERF_SMALL = (0.12837916612625122, -0.37612634897232056, 0.11283701658248901, -0.02685970440506935,
+             0.005201720632612705, -0.0008149847271852195, 8.39794593048282e-05)
+ERF_BIG = (-0.6280269622802734, -0.9177154898643494, -0.15022511780261993, 0.030577121302485466,
+           -0.002525231335312128, -0.0007775452104397118, 0.00032441955409012735, -5.110219353809953e-05,
+           3.194251576132956e-06)
+
+
+def _horner(coeffs, var: str) -> str:
+    text = f"T.float32({coeffs[-1]!r})"
+    for c in reversed(coeffs[:-1]):
+        text = f"({text}) * {var} + T.float32({c!r})"
+    return text
+
+
+def erf_f32_lets(x: str, tag: str) -> tuple[list[str], str]:
+    """TVMScript let-bindings computing erf of the float32 expression ``x`` (see ERF_SMALL), and the name of the
+    result. Pure arithmetic plus one exp2, so a vectorized loop around it stays vectorized (CUDA's ``erff`` call
+    made TVM scalarize the GELU epilogue: 2-byte stores)."""
+    v = {k: f"ep_{k}{tag}" for k in "xascplr"}
+    lets = [f"{v['x']}: T.let[T.float32] = {x}",
+            f"{v['a']}: T.let[T.float32] = T.fabs({v['x']})",
+            f"{v['s']}: T.let[T.float32] = {v['a']} * {v['a']}",
+            f"{v['c']}: T.let[T.float32] = T.min({v['a']}, T.float32({ERF_CLAMP!r}))",
+            f"{v['l']}: T.let[T.float32] = ({_horner(ERF_BIG, v['c'])}) * {v['c']} - {v['c']}",
+            f"{v['p']}: T.let[T.float32] = T.Select({v['a']} >= T.float32({ERF_SPLIT!r}), "
+            f"T.float32(1) - T.exp2({v['l']}), ({_horner(ERF_SMALL, v['s'])}) * {v['a']} + {v['a']})",
+            # the sign by a select: T.copysign of a let variable breaks TVM's vectorizer (an undefined variable)
+            f"{v['r']}: T.let[T.float32] = T.Select({v['x']} < T.float32(0), T.float32(0) - {v['p']}, {v['p']})"]
+    return lets, v["r"]
+
+
+def _erf_lets(rhs: str) -> tuple[list[str], str]:
+    """Every ``T.erf(T.Cast("float32", ...))`` in the epilogue value replaced by :func:`erf_f32_lets` (one set of
+    lets per distinct argument). An erf of another argument type is left alone."""
+    lets, seen = [], {}
+    start = 0
+    while True:
+        i = rhs.find("T.erf(", start)
+        if i < 0:
+            return lets, rhs
+        depth, j = 0, i + len("T.erf")
+        while j < len(rhs):
+            depth += {"(": 1, ")": -1}.get(rhs[j], 0)
+            if depth == 0:
+                break
+            j += 1
+        arg = rhs[i + len("T.erf("):j]
+        if not arg.startswith("T.Cast(\"float32\"") or j >= len(rhs):
+            start = j
+            continue
+        if arg not in seen:
+            new, name = erf_f32_lets(arg, str(len(seen)))
+            lets += new
+            seen[arg] = name
+        rhs = rhs[:i] + seen[arg] + rhs[j + 1:]
+        start = i
 
 
 def _dst(offset: str, extent: int) -> str:
@@ -247,7 +382,7 @@ def _parse(src: str) -> tvm.tirx.PrimFunc:
 # The schedule rule: which fused kernels the wgmma kernel can replace, and its epilogue
 # ---------------------------------------------------------------------------------------------------------------
 _RESERVED = {"T", "smem", "bars", "acc", "desc_a", "desc_b", "bid", "tx", "kt", "kk", "s", "i", "h", "e", "wg",
-             "m0", "n0", "A_map", "B_map", "main", "EPR", "EPC", "EPV"}
+             "m0", "n0", "A_map", "B_map", "main", "EPR", "EPC", "EPV", "j", "stage", "stage_ptr"}
 
 
 @dataclass
@@ -290,7 +425,8 @@ def plan_kernel(func: tvm.tirx.PrimFunc) -> _Plan | None:
     if any(not hasattr(b, "shape") or any(not isinstance(d, tirx.IntImm) for d in b.shape) for b in params):
         return None
     names = [b.name for b in params]
-    if len(set(names)) != len(names) or any(not nm.isidentifier() or nm in _RESERVED for nm in names):
+    if len(set(names)) != len(names) or \
+            any(not nm.isidentifier() or nm in _RESERVED or nm.startswith("ep_") for nm in names):
         return None
     if not any(b.same_as(mm.act) for b in params) or not any(b.same_as(mm.weight) for b in params):
         return None  # a producer (transpose, dequantize...) would have to run inside the kernel
@@ -516,30 +652,55 @@ def _region(buf) -> str:
 
 # Tile configs the H100 runs chose between (benchmarks/results/hopper_gemm_h100_2026-11-26_run2.json):
 # 128x256 at 4096^3 (632 TFLOP/s nt, 595 nn; 128x128 534/487), 128x192 at 4096x1536x384, 128x128 at N = 384.
+# 64x192 (one consumer warpgroup) fills the machine at N = 384 (MiniLM b32's Q/K/V/O and FFN-down: 128 blocks on
+# 132 SMs, where 128x128 made 96).
 CANDIDATES = (HopperConfig(consumers=2, bn=256, stages=4), HopperConfig(consumers=2, bn=192, stages=4),
-              HopperConfig(consumers=2, bn=128, stages=6))
+              HopperConfig(consumers=2, bn=128, stages=6), HopperConfig(consumers=1, bn=192, stages=4))
+LEGACY_CANDIDATES = CANDIDATES[:3]
 PERSISTENT_MAX_K = 1024
+STAGED_MAX_K = 1024  # short K: the epilogue is a large share of a block's time (K = 384: 6 k-steps)
 MIN_BLOCKS = 66  # below half a wave the WMMA rule's small tiles and split-K do better (MiniLM batch 1)
 
 
+def legacy() -> bool:
+    """``EMBER_HOPPER_LEGACY=1``: the rule as before the vectorizable erf and the 64-row tiles (128-row
+    candidates only, CUDA's erff in the epilogue): the "before" of benchmarks, compiled from the same tree."""
+    return os.environ.get("EMBER_HOPPER_LEGACY", "") == "1"
+
+
 def waves_cost(m: int, n: int, cfg: HopperConfig) -> int:
-    """Time model: whole waves of blocks times the work of one block's column tile (the K loop is common)."""
+    """Time model: whole waves of blocks times the work of one block (its tile's area; the K loop is common)."""
     blocks = -(-m // cfg.bm) * -(-n // cfg.bn)
-    return -(-blocks // SMS) * cfg.bn
+    return -(-blocks // SMS) * cfg.bm * cfg.bn
 
 
-def choose_config(m: int, n: int, k: int) -> HopperConfig | None:
-    """The candidate with the fewest (waves x tile width); ties go to the wider tile. None: too few blocks.
-    Persistent where more than one wave of tiles each walk a short K: there a block's prologue and epilogue are
-    a large share of its time, and the next tile's loads then overlap them (H100, K = 384: 20.5 vs 22.7 us at
-    4096x1536, 20.3 vs 21.9 with GELU; at 4096^3 persistent was 1-4% slower; run3 JSON)."""
-    best = min(CANDIDATES, key=lambda c: (waves_cost(m, n, c), -c.bn))
+def choose_config(m: int, n: int, k: int, candidates=None) -> HopperConfig | None:
+    """The candidate with the fewest (waves x tile area); ties go to the larger, then the wider tile. None: too few
+    blocks. Persistent where more than one wave of tiles each walk a short K: there a block's prologue and epilogue
+    are a large share of its time, and the next tile's loads then overlap them (H100, K = 384: 20.5 vs 22.7 us at
+    4096x1536, 20.3 vs 21.9 with GELU; at 4096^3 persistent was 1-4% slower; run3 JSON). Staged epilogue
+    (:func:`_epilogue`) for short K unless ``EMBER_HOPPER_STAGED=0``, with fewer ring stages where the staging
+    tile would not fit beside them."""
+    if candidates is None:
+        candidates = LEGACY_CANDIDATES if legacy() else CANDIDATES
+    best = min(candidates, key=lambda c: (waves_cost(m, n, c), -c.bm * c.bn, -c.bn))
     blocks = -(-m // best.bm) * -(-n // best.bn)
     if blocks < MIN_BLOCKS:
         return None
     if blocks > SMS and k <= PERSISTENT_MAX_K:
-        return dataclasses.replace(best, persistent=True)
+        best = dataclasses.replace(best, persistent=True)
+    if k <= STAGED_MAX_K and not legacy() and os.environ.get("EMBER_HOPPER_STAGED", "") != "0":
+        best = with_staging(best)
     return best
+
+
+def with_staging(cfg: HopperConfig) -> HopperConfig:
+    """``cfg`` with the staged epilogue, dropping ring stages (not below 3) until the staging tile fits; ``cfg``
+    unchanged where it never does."""
+    staged = dataclasses.replace(cfg, staged=True)
+    while not staged.fits() and staged.stages > 3:
+        staged = dataclasses.replace(staged, stages=staged.stages - 1)
+    return staged if staged.fits() else cfg
 
 
 class HopperGemm:
@@ -572,16 +733,26 @@ class HopperGemm:
         cfg = self.config or choose_config(plan.m, plan.n, plan.k)
         if cfg is None:
             return None
+        if cfg.staged and (str(plan.writes[0].dtype) != "float16" or plan.n % 8):
+            cfg = dataclasses.replace(cfg, staged=False)  # the copy-out moves 16-byte row chunks of fp16
         sig = ", ".join(f"{b.name}: T.Buffer(({', '.join(str(int(d)) for d in b.shape)},), \"{b.dtype}\")"
                         for b in plan.params)
         reads = ", ".join(_region(b) for b in plan.params if not any(b.same_as(w) for w in plan.writes))
-        src = _source(plan.m, plan.n, plan.k, plan.layout, cfg, signature=sig, a_name=plan.act.name,
-                      b_name=plan.weight.name, reads=reads, writes=", ".join(_region(b) for b in plan.writes),
-                      store=plan.store, acc_cast=plan.acc_cast)
-        try:
-            kernel = _parse(src)
-        except Exception:  # pylint: disable=broad-except
-            return None  # an epilogue statement TVMScript does not take back: the WMMA rule schedules the kernel
+        kernel = None
+        # Staged with the vectorizable erf first; where TVMScript does not take that back, stores from the fragment
+        # with the statement as FuseTIR wrote it; where neither parses, the WMMA rule schedules the kernel.
+        tries = [(cfg, True), (dataclasses.replace(cfg, staged=False), False)] if not legacy() else [(cfg, False)]
+        for c, fast_erf in tries:
+            src = _source(plan.m, plan.n, plan.k, plan.layout, c, signature=sig, a_name=plan.act.name,
+                          b_name=plan.weight.name, reads=reads, writes=", ".join(_region(b) for b in plan.writes),
+                          store=plan.store, acc_cast=plan.acc_cast, fast_erf=fast_erf)
+            try:
+                kernel = _parse(src)
+                break
+            except Exception:  # pylint: disable=broad-except
+                continue
+        if kernel is None:
+            return None
         for key, val in (func.attrs or {}).items():
             if key != "tirx.is_scheduled":
                 kernel = kernel.with_attr(key, val)
