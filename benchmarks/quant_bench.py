@@ -384,6 +384,28 @@ def bench_resnet(tmp: str, n_eval: int = 8, n_calib: int = 8, rounds: int = 5) -
     return {"eval_images": n_eval, "calibration_images": n_calib, "rows": rows}
 
 
+def bench_conv_layer(runs: int = 20) -> dict:
+    """One ResNet 3x3 conv (64->64, 56x56, + ReLU), fp32 vs INT8 dynamic (convs="on"), compiled for the host and
+    for x86-avx2 (no VNNI: the int32 SIMD fallback), both run on this CPU; (median, best) ms of ``runs`` calls."""
+    import torch
+    from torch import nn
+
+    import ember
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 64, 56, 56)
+    runners = {}
+    for tgt in ("host", "x86-avx2"):
+        for name, q in (("fp32", None), ("INT8", ember.Int8Dynamic(convs="on"))):
+            cm = ember.compile(m, (x,), target=tgt, quantization=q)
+            runners[f"{tgt} {name}"] = (lambda c: (lambda: c(x.numpy())))(cm)
+    res = _interleaved(runners, 4, runs // 4)
+    out = {k: {"median_ms": med, "best_ms": best} for k, (med, best) in res.items()}
+    print("conv layer", out, flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--eval", type=int, default=32, help="evaluation sentences (default 32)")
@@ -392,6 +414,8 @@ def main():
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-digits", action="store_true")
     ap.add_argument("--resnet", action="store_true", help="also ResNet-18 fp32 vs INT8 (ember, ONNX Runtime)")
+    ap.add_argument("--conv-layer", action="store_true",
+                    help="also one 3x3 conv fp32 vs INT8 for the host and x86-avx2 (no VNNI)")
     ap.add_argument("--only", help="comma-separated MiniLM rows: " + ",".join(ROWS))
     ap.add_argument("--rounds", type=int, default=6, help="interleaved latency rounds (10 runs each)")
     ap.add_argument("--tag", default="", help="suffix of the result file name")
@@ -420,6 +444,8 @@ def main():
             out["digits"] = bench_digits(tmp)
         if args.resnet:
             out["resnet18"] = bench_resnet(tmp, rounds=args.rounds)
+        if args.conv_layer:
+            out["conv_layer"] = bench_conv_layer()
     out["load_after"] = os.getloadavg()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"quant_{out['date']}{args.tag}.json")

@@ -136,7 +136,7 @@ class _Mixed(nn.Module):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["dynamic", "static"])
-def test_compile_int8_cnn(scheme):
+def test_compile_int8_cnn(scheme, tmp_path):
     torch.manual_seed(0)
     m = randomize_bn(CNN()).eval()
     calib = [(torch.randn(4, 3, 16, 16).numpy(),) for _ in range(3)]
@@ -152,6 +152,10 @@ def test_compile_int8_cnn(scheme):
         got = np.asarray(cm(x.numpy()))
         assert got.shape == ref.shape
         assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05
+    # the artifact (int8 conv kernels + packed weights) loads with the runtime alone and gives the same outputs
+    x = torch.randn(3, 3, 16, 16).numpy()
+    np.testing.assert_allclose(np.asarray(ember.load(cm.export(str(tmp_path / "q")))(x)), np.asarray(cm(x)),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
