@@ -7,6 +7,9 @@ Schemes (``ember.config``):
 * ``Int8Dynamic()`` — int8 per-channel weights, activations quantized per token (or tensor) at run time,
   u8 x s8 → s32 GEMM (VNNI where the target has it) with the dequantize epilogue.
 * ``Int8Static(calibration, method)`` — the same kernels with activation ranges calibrated on user data.
+  Both INT8 schemes also quantize NCHW conv2d layers (groups=1, bias and inference BatchNorm folded in) on CPU
+  targets with VNNI (``convs="auto"``): per-tensor activation codes, implicit-im2col VNNI GEMM (:mod:`.conv`,
+  :mod:`.conv_kernels`); convs left fp32 are listed with the reason in the report's ``fp32_convs``.
 * ``Mixed(budget, calibration)`` — 4 or 8-bit weight-only per layer, chosen by measured sensitivity so the
   end-to-end cosine drop on the calibration data stays within ``budget``.
 

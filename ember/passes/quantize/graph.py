@@ -7,6 +7,8 @@ What is matched (weights are parameters of ``main`` after ``num_input``, float32
     out = R.add(bias, y)                         # optional, fused when y has no other use and bias is [N]
     emb = R.take(table, ids, axis=0)             # embedding tables (weight-only schemes)
 
+INT8 schemes on CPU targets also match ``R.nn.conv2d`` (+ bias, + BatchNorm): see :mod:`.conv`.
+
 Anything else — a weight that is not float32, already packed by another pass (N:M sparsity), 1-D, or used in
 some other op — is left as it is. The rewrite (see :class:`Rewriter`) turns a site into
 
