@@ -21,6 +21,7 @@ from models import CNN, randomize_bn  # noqa: E402
 
 HOST = resolve("host")[1]
 AVX2 = resolve("x86-avx2")[1]  # no VNNI: plain int32 vector code
+AVX_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "alderlake", "num-cores": 2})  # 256-bit vpdpbusd, 8 lanes
 
 
 def _module(func):
@@ -89,7 +90,8 @@ def test_int8_conv_kernel_static_clip_and_avx2():
     spec = cv.ConvSpec(6, 9, 9, 20, (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
     x = rng.standard_normal((2, 6, 9, 9)).astype(np.float32)
     w = rng.standard_normal((20, 6, 3, 3)).astype(np.float32)
-    for target in (HOST, AVX2):
+    assert kernels.vnni_lanes(AVX_VNNI) == 8
+    for target in (HOST, AVX2, AVX_VNNI):
         got, xs, packed = _run_conv(x, w, None, spec, target, clip=1.5)
         q, xs_ref = cv.quantize_tensor(x, clip=1.5)
         assert np.abs(q).max() == 127 and xs == pytest.approx(1.5 / 127, rel=1e-6)
@@ -218,3 +220,11 @@ def test_avx2_target_convs_auto_fp32_and_on():
     assert [e["kind"] for e in rep["layers"]] == ["conv2d", "conv2d", "matmul"]
     got = np.asarray(on(x.numpy()))
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05
+
+
+@pytest.mark.parametrize("target", [HOST, AVX_VNNI, AVX2], ids=["host", "avx-vnni", "avx2"])
+def test_int8_conv_tensorized_to_vpdpbusd_where_vnni(target):
+    lanes = kernels.int8_lanes(target)
+    f = ck.int8_conv2d(16, 8, 8, 32, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1), lanes, True, target)
+    asm = tvm.compile(_module(f), target=target).mod.inspect_source("asm")
+    assert ("vpdpbusd" in asm) == (kernels.vnni_lanes(target) is not None)
