@@ -3,8 +3,11 @@
 Step 1, on the build machine (no GPU needed; CUDA compiled ahead of time for sm_90a):
     python benchmarks/fusion_gpu_bench.py prepare --out gpu_artifacts/fusion [--target cuda-sm90] [--only NAMES]
 compiles, each with ember's fusion on and off (``compile_model(..., fusion=False)``: TVM's default FuseOps only),
-  * attention_kernel_cases: the tensor-core attention kernel alone for odd shapes, masks and dtypes (checked
-    against numpy on the GPU);
+  * attention_kernel_cases: the tensor-core attention kernels (streaming, and resident where K/V fit) alone for odd
+    shapes, masks and dtypes (checked against numpy on the GPU);
+  * attention_minilm_s128: MiniLM's attention alone (seq 128, 12 heads, dh 32, key padding) at batch 32 and 1:
+    streaming vs resident kernel, the [B, 1, S, S] mask vs the narrowed [B, 1, 1, S] one, block-size and chunk
+    variants, GPU time per call (torch.profiler) next to torch's SDPA;
   * attention_s2048_fp16: batch 1, 12 heads, head dim 64, seq 2048, q @ k^T * scale + key-padding mask, softmax,
     @ v, a Relax graph in fp16: fused (tensor cores), fused_cuda_core (the CUDA-core kernel) and unfused;
   * attention_torch_fp16_s2048: the same attention as a torch module in fp16, imported by ember (fp32 scores,
