@@ -28,13 +28,13 @@ def _module(func):
     return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
 
 
-def _run_conv(x, w, bias, spec, target, clip=None):
+def _run_conv(x, w, bias, spec, target, clip=None, activation=None):
     """quantize_pad_nhwc + int8_conv2d for ``target`` on this CPU; returns (NCHW output, scale, packed)."""
     lanes = kernels.int8_lanes(target)
     packed = cv.pack_weight(w, spec, lanes)
     qf = ck.quantize_pad_nhwc(spec.c, spec.h, spec.w, spec.pads, 127, clip is not None, target)
     cf = ck.int8_conv2d(spec.c, spec.h, spec.w, spec.o, spec.kernel, spec.strides, spec.dilation, spec.pads, lanes,
-                        bias is not None, target)
+                        bias is not None, target, activation=activation)
     dev = tvm.cpu()
     pt, pl, pb, pr = spec.pads
     b = x.shape[0]
@@ -82,6 +82,18 @@ def test_int8_conv_kernel_exact(case):
     # and within quantization error of the fp32 conv
     ref = cv.conv2d(x, w, spec, bias)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.03
+
+
+def test_int8_conv_kernel_relu_epilogue():
+    rng = np.random.default_rng(2)
+    spec = cv.ConvSpec(5, 9, 9, 24, (3, 3), (1, 1), (1, 1), (1, 1, 1, 1))
+    x = rng.standard_normal((2, 5, 9, 9)).astype(np.float32)
+    w = rng.standard_normal((24, 5, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    plain, _, _ = _run_conv(x, w, bias, spec, HOST)
+    relu, _, _ = _run_conv(x, w, bias, spec, HOST, activation="relu")
+    assert (plain < 0).any()
+    np.testing.assert_array_equal(relu, np.maximum(plain, 0))
 
 
 def test_int8_conv_kernel_static_clip_and_avx2():
@@ -147,6 +159,8 @@ def test_compile_int8_cnn(scheme, tmp_path):
     rep = cm.manifest["compression"]["quantization"]
     convs = [e for e in rep["layers"] if e["kind"] == "conv2d"]
     assert len(convs) == 8 and all(e["batch_norm_folded"] and e["output_error"] < 0.03 for e in convs)
+    # stem and each block's first conv: conv + BN + ReLU, the ReLU in the epilogue
+    assert sum(e.get("epilogue") == "relu" for e in convs) == 4
     assert "fp32_convs" not in rep and rep["end_to_end"]["mean"] > 0.999
     for b in (1, 5):  # symbolic batch
         x = torch.randn(b, 3, 16, 16)

@@ -6,6 +6,7 @@ and before the layout pass turns convs into NHWC)::
     y  = R.nn.conv2d(x, w, strides, padding, dilation, groups=1)   # NCHW / OIHW, w a float32 weight [O, C, KH, KW]
     y  = R.add(y, R.reshape(bias, [1, O, 1, 1]))                   # optional (torch bias=True, ONNX Conv B)
     z  = R.nn.batch_norm(y, gamma, beta, mean, var, axis=1)[0]     # optional, inference mode: folded in numpy
+    z  = R.nn.relu(z)                                               # optional: in the kernel's epilogue
 
 x must have static C, H, W (the batch may be symbolic). Skipped, left fp32: grouped / depthwise convs
 (groups > 1), other layouts, conv1d/conv3d, weights that are not float32 parameters. The rewrite
@@ -36,6 +37,7 @@ _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 _ADD = tvm.ir.Op.get("relax.add")
 _RESHAPE = tvm.ir.Op.get("relax.reshape")
 _BATCH_NORM = tvm.ir.Op.get("relax.nn.batch_norm")
+_RELU = tvm.ir.Op.get("relax.nn.relu")
 _CONST_TYPE = type(relax.const(0.0))
 
 
@@ -143,6 +145,7 @@ def find_conv_sites(bindings: dict, uses: dict, weights: dict, param_names: list
                     site.skip_vars.append(site.out_var)
                     site.out_var = nxt[0]
         _absorb_batch_norm(site, bindings, uses, consumers, value_of)
+        _absorb_relu(site, bindings, uses, consumers)
         sites.append(site)
     return sites
 
@@ -178,6 +181,19 @@ def _absorb_batch_norm(site, bindings, uses, consumers, value_of):
                "eps": float(bn.attrs.epsilon), "scale": bool(bn.attrs.scale), "center": bool(bn.attrs.center)}
     site.skip_vars += [y, bn_var] + [g for g, v in items if v.index != 0]
     site.out_var = main[0]
+
+
+def _absorb_relu(site, bindings, uses, consumers):
+    """z = relu(y) with y used only there: applied in the GEMM's epilogue (one pass over z fewer)."""
+    y = site.out_var
+    nxt = consumers.get(y, [])
+    if uses.get(y, 0) != 1 or len(nxt) != 1:
+        return
+    act = bindings[nxt[0]]
+    if isinstance(act, relax.Call) and act.op.same_as(_RELU) and len(act.args) == 1:
+        site.activation = "relu"
+        site.skip_vars.append(y)
+        site.out_var = nxt[0]
 
 
 def _value(params, v):

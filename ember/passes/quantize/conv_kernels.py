@@ -87,8 +87,9 @@ def quantize_pad_nhwc(c: int, h: int, w: int, pads: tuple, qmax: int, static: bo
 
 
 def int8_conv2d(c: int, h: int, w: int, n: int, kernel: tuple, strides: tuple, dilation: tuple, pads: tuple,
-                lanes: int, has_bias: bool, target):
+                lanes: int, has_bias: bool, target, activation: str | None = None):
     """codes [B, Hp, Wp, Cp] (from :func:`quantize_pad_nhwc`) ⊛ packed s8 weights → fp32 [B, N, OH*OW].
+    activation="relu": max(y, 0) in the epilogue.
 
     Arguments: codes, wpacked [N/L, KH*KW*Cp/4, L, 4], wsum [N/L*L] int32, xscale [1], wscale [N], [bias [N]].
     """
@@ -134,7 +135,8 @@ def int8_conv2d(c: int, h: int, w: int, n: int, kernel: tuple, strides: tuple, d
     def epilogue(img, j, p):
         v = acc[img, p // _i64(rt), p % _i64(rt), j // _i64(lanes), j % _i64(lanes)] - 128 * wsum[j]
         v = v.astype("float32") * (xs[0] * ws[j])
-        return v + bias[j] if bias is not None else v
+        v = v + bias[j] if bias is not None else v
+        return tirx.max(v, tirx.const(0.0, "float32")) if activation == "relu" else v
 
     # NCHW output ([B, N, OH*OW]; the graph views it as [B, N, OH, OW]): no transpose kernel after the conv.
     out = te.compute((b, _i64(n), _i64(pix)), epilogue, name="dequant_epilogue")

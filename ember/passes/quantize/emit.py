@@ -189,10 +189,10 @@ class Emitter:
         if bias is not None:
             args.append(self._param(f"{site.name}.bias", bias))
         key = ("ember_int8_conv2d", spec.c, spec.h, spec.w, spec.o) + spec.kernel + spec.strides + spec.dilation \
-            + spec.pads + (lanes, int(bias is not None))
+            + spec.pads + (lanes, int(bias is not None)) + ((site.activation,) if site.activation else ())
         gv = self._func(bb, key, lambda: ck.int8_conv2d(spec.c, spec.h, spec.w, spec.o, spec.kernel, spec.strides,
                                                          spec.dilation, spec.pads, lanes, bias is not None,
-                                                         self.target))
+                                                         self.target, activation=site.activation))
         oh, ow = spec.out_hw
         y = bb.emit(relax.call_tir(gv, args, relax.TensorType([batch, spec.o, oh * ow], "float32")))
         return bb.emit(relax.op.reshape(y, [batch, spec.o, oh, ow]))

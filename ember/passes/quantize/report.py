@@ -105,6 +105,8 @@ def _conv_errors(s, plan, emitter, ref, taps_per_batch, i) -> dict:
              "stride": list(spec.strides), "padding": list(spec.pads)}
     if s.bn is not None:
         entry["batch_norm_folded"] = True
+    if s.activation:
+        entry["epilogue"] = s.activation  # output_error is measured before it
     oh, ow = spec.out_hw
     imgs = max(1, _MAX_ROWS // (oh * ow))
     x = ref.site_tensor(taps_per_batch[0], i)[:imgs] if taps_per_batch else None
