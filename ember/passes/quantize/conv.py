@@ -74,6 +74,11 @@ def _pads(padding) -> tuple:
     return tuple(p)
 
 
+def _too_deep(wshape) -> bool:
+    """The uint8 x int8 products of one output summed in int32 could overflow beyond ~66k terms (255*127 each)."""
+    return -(-wshape[1] // 4) * 4 * wshape[2] * wshape[3] > (2**31 - 1) // (255 * 127)
+
+
 def _fp32_out(attrs) -> bool:
     """out_dtype float32 or unset (the ONNX importer leaves it None: the input's dtype)."""
     return attrs.out_dtype is None or str(attrs.out_dtype) in ("", "float32", "void")
@@ -126,7 +131,7 @@ def find_conv_sites(bindings: dict, uses: dict, weights: dict, param_names: list
             continue
         c, h, wd = (int(d.value) for d in xs.values[1:])
         o = wshape[0]
-        if wshape[1] != c:
+        if wshape[1] != c or _too_deep(wshape):
             continue
         spec = ConvSpec(c, h, wd, o, tuple(wshape[2:]), _ints(a.strides, 2), _ints(a.dilation, 2), _pads(a.padding))
         site = Site("conv2d", param_names[weights[w]], weights[w], False, c * wshape[2] * wshape[3], o, x=x,
@@ -301,6 +306,8 @@ def skipped_convs(func: relax.Function, sites: list, param_names: list, all_why:
                 why = "weight is not a float32 parameter"
             elif not _fp32_out(a) or dtype_of(v.args[0]) != "float32":
                 why = f"not a float32 conv (input {dtype_of(v.args[0])}, out_dtype {a.out_dtype})"
+            elif static_shape(w) is not None and len(static_shape(w)) == 4 and _too_deep(static_shape(w)):
+                why = "C*KH*KW too large for an int32 accumulator"
             else:
                 why = "input channels/height/width not static"
             out.append({"layer": layer, "reason": why})
