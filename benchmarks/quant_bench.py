@@ -17,6 +17,7 @@ same calibration images; quantize_dynamic). Random weights and inputs: the cosin
 
     flock /tmp/ember-bench.lock nice -n 5 .venv/bin/python benchmarks/quant_bench.py [--eval 32] [--out results/]
     flock /tmp/ember-bench.lock nice -n 5 .venv/bin/python benchmarks/quant_bench.py --skip-minilm --resnet
+    (--conv-layer: one 3x3 conv fp32 vs INT8 compiled for the host and for x86-avx2, why convs="auto" skips non-VNNI)
 """
 
 from __future__ import annotations
