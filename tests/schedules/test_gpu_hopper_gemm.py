@@ -134,11 +134,11 @@ def test_rule_declines_symbolic_rows():
 def test_tile_choice_follows_the_h100_runs(monkeypatch):
     # 4096^3: 128x256 (632 TFLOP/s vs 534 for 128x128); 4096x1536: 128x192; N = 384: 64x192 (128 blocks on 132 SMs,
     # where 128x128 made 96)
-    # short K (<= 1024): the staged epilogue; long K keeps the stores from the fragment
+    # K <= 2048: the staged epilogue; long K keeps the stores from the fragment
     assert choose_config(4096, 4096, 4096) == HopperConfig(2, 256, 4)
     assert choose_config(4096, 1536, 384) == HopperConfig(2, 192, 4, persistent=True, staged=True)  # 2 waves
     assert choose_config(4096, 384, 384) == HopperConfig(1, 192, 4, staged=True)  # one wave
-    assert choose_config(4096, 384, 1536) == HopperConfig(1, 192, 4)
+    assert choose_config(4096, 384, 1536) == HopperConfig(1, 192, 4, staged=True)
     monkeypatch.setenv("EMBER_HOPPER_STAGED", "0")
     assert choose_config(4096, 1536, 384) == HopperConfig(2, 192, 4, persistent=True)
     monkeypatch.delenv("EMBER_HOPPER_STAGED")

@@ -658,7 +658,11 @@ CANDIDATES = (HopperConfig(consumers=2, bn=256, stages=4), HopperConfig(consumer
               HopperConfig(consumers=2, bn=128, stages=6), HopperConfig(consumers=1, bn=192, stages=4))
 LEGACY_CANDIDATES = CANDIDATES[:3]
 PERSISTENT_MAX_K = 1024
-STAGED_MAX_K = 1024  # short K: the epilogue is a large share of a block's time (K = 384: 6 k-steps)
+# The staged epilogue where K is short enough for the epilogue to weigh. H100 run 1 (benchmarks/results/
+# hopper_gemm_h100_2026-11-26_taskF_run1.json, us, stores from the fragment -> staged): 4096x384x384 8.0 -> 5.6,
+# 4096x1536x384 20.2 -> 12.0, with the erf-GELU 21.1 -> 17.8, 4096x384x1536 13.8 -> 11.2. Not measured at 4096^3
+# (128x256 would lose a ring stage to the staging tile; there the epilogue is ~1% of the time).
+STAGED_MAX_K = 2048
 MIN_BLOCKS = 66  # below half a wave the WMMA rule's small tiles and split-K do better (MiniLM batch 1)
 
 
@@ -679,8 +683,8 @@ def choose_config(m: int, n: int, k: int, candidates=None) -> HopperConfig | Non
     blocks. Persistent where more than one wave of tiles each walk a short K: there a block's prologue and epilogue
     are a large share of its time, and the next tile's loads then overlap them (H100, K = 384: 20.5 vs 22.7 us at
     4096x1536, 20.3 vs 21.9 with GELU; at 4096^3 persistent was 1-4% slower; run3 JSON). Staged epilogue
-    (:func:`_epilogue`) for short K unless ``EMBER_HOPPER_STAGED=0``, with fewer ring stages where the staging
-    tile would not fit beside them."""
+    (:func:`_epilogue`) for K <= STAGED_MAX_K unless ``EMBER_HOPPER_STAGED=0``, with fewer ring stages where the
+    staging tile would not fit beside them."""
     if candidates is None:
         candidates = LEGACY_CANDIDATES if legacy() else CANDIDATES
     best = min(candidates, key=lambda c: (waves_cost(m, n, c), -c.bm * c.bn, -c.bn))
