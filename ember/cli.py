@@ -3,7 +3,7 @@
     ember compile MODEL -o OUT [--target T] [--dynamic-batch] [--sparsity N:M] [--force]
     ember run OUT --input NAME=FILE.npy ... [-o outputs.npz]
     ember bench OUT [--input NAME=FILE.npy ...] [--dim batch=8]
-    ember tune MODEL --trials N | --minutes M [--db DIR] [--rpc-tracker HOST:PORT --device-key KEY]
+    ember tune MODEL --trials N | --minutes M [--db DIR] [--target T] [--rpc-tracker HOST:PORT --device-key KEY]
     ember inspect OUT
     ember targets
     ember demo
@@ -124,9 +124,13 @@ def cmd_tune(a):
 
     from .schedules.tune import tune
 
-    tuning = ember.Tuning(trials=a.trials, minutes=a.minutes, database=a.db, rpc_tracker=a.rpc_tracker,
-                          device_key=a.device_key, trials_per_iter=a.trials_per_iter, workers=a.workers,
-                          seed=a.seed)
+    extra = {k: v for k, v in (("only_tasks", a.only_kernels), ("skip_tasks", a.skip_kernels)) if v}
+    if a.recheck:  # re-time rule vs best records side by side, no search (the budget is not used)
+        extra["recheck_only"] = True
+    tuning = None if a.save_fused else ember.Tuning(
+        trials=a.trials if a.trials or a.minutes else (1 if a.recheck else None), minutes=a.minutes,
+        database=a.db, rpc_tracker=a.rpc_tracker, device_key=a.device_key, trials_per_iter=a.trials_per_iter,
+        workers=a.workers, seed=a.seed, extra=extra)
     if a.model in BUNDLED:
         import torch
 
@@ -136,14 +140,27 @@ def cmd_tune(a):
         model, example = minilm.load_encoder(), (ids, torch.ones_like(ids))
     else:
         model, example = a.model, None
-    report = tune(model, a.target, tuning, example_inputs=example, dynamic_batch=a.dynamic_batch)
+    if a.save_fused:  # the kernels alone, to tune on a machine without the model (benchmarks/gpu_tune.py)
+        from .compiler.targets import resolve
+        from .schedules.tune import fused_module, save_fused_module
+
+        tgt = resolve(a.target)[1]
+        fused = fused_module(model, tgt, example_inputs=example, dynamic_batch=a.dynamic_batch,
+                             precision=a.precision)
+        print(f"wrote {save_fused_module(fused, a.save_fused, tgt)}")
+        return
+    report = tune(model, a.target, tuning, example_inputs=example, dynamic_batch=a.dynamic_batch,
+                  precision=a.precision)
     r = report.to_json()
     print(f"tuned {len(r['tasks'])} kernels in {r['seconds']:.0f} s: {r['measured']} measured "
           f"({r['valid']} valid), {r['reused']} reused from the database; records {r['records_before']} -> "
           f"{r['records_after']} in {r['database']}")
     for t in r["tasks"]:
         best = f"{t['best_ms']:.4f} ms" if t["best_ms"] is not None else "-"
-        print(f"  {t['name'][:60]:60s} x{t['weight']:<3g} {t['trials']:5d} trials  best {best}")
+        side = ("" if t.get("applied") is None else
+                f"  side by side: rule {t['side_rule_ms']:.4f} ms, tuned {t['side_tuned_ms']:.4f} ms -> "
+                f"{'tuned' if t['applied'] else 'rule'}")
+        print(f"  {t['name'][:60]:60s} x{t['weight']:<3g} {t['trials']:5d} trials  best {best}{side}")
     if a.json:
         print(json.dumps(r))
 
@@ -265,8 +282,20 @@ def build_parser():
                         description="Tune MODEL's kernels (as `ember compile` builds them) with MetaSchedule and "
                         "the XGBoost cost model; records are appended to DIR (one sub-directory per target), "
                         "survive a kill and resume. Then: ember compile MODEL --tuning-db DIR.")
-    tu.add_argument("model", help="path to .onnx or .pt2, or 'minilm' for the bundled all-MiniLM-L6-v2")
-    tu.add_argument("--target", default="host", help="named target (CPU targets); default: host")
+    tu.add_argument("model", help="path to .onnx or .pt2, 'minilm' for the bundled all-MiniLM-L6-v2, or a "
+                    "*.fused.json written by --save-fused")
+    tu.add_argument("--target", default="host", help="named target; default: host. GPU targets (cuda-sm90) "
+                    "measure on this machine's GPU (or through --rpc-tracker)")
+    tu.add_argument("--precision", choices=["fp32", "fp16"], default=None, help="as for `ember compile` (the "
+                    "kernels tuned must be the ones compile builds)")
+    tu.add_argument("--save-fused", metavar="FILE.fused.json", help="only write the model's fused kernels to "
+                    "FILE (no tuning): tune them with `ember tune FILE` on a machine without the model")
+    tu.add_argument("--only-kernels", nargs="+", metavar="NAME", help="tune only kernels whose name contains "
+                    "one of these")
+    tu.add_argument("--skip-kernels", nargs="+", metavar="NAME", help="leave kernels whose name contains one "
+                    "of these to ember's rules")
+    tu.add_argument("--recheck", action="store_true", help="no search: re-time ember's rule and the best "
+                    "records of each kernel side by side and store the verdicts compile goes by")
     tu.add_argument("--trials", type=int, help="budget: candidates to measure, over all kernels")
     tu.add_argument("--minutes", type=float, help="budget: wall-clock minutes (with --trials, whichever first)")
     tu.add_argument("--db", default=None, help="database root directory (default ~/.cache/ember/tuning)")

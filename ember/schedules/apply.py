@@ -3,8 +3,9 @@
 ``apply_database_pass(db, target)`` runs MetaSchedule's ``MetaScheduleApplyDatabase`` with ``db`` as the current
 database, right after fusion and before ember's rule pass. ``MetaScheduleApplyDatabase`` replays the best record
 of every PrimFunc the database has (matched by structural equality) and marks it ``tirx.is_scheduled``; the rule
-pass then skips those. Replaying a trace with tensorize steps (VNNI etc.) needs the intrinsics registered, so
-this registers the target's intrinsics first (the CPU ones only; see ember.schedules.builder).
+pass then skips those. Replaying a trace with tensorize steps (VNNI, tensor cores) needs the intrinsics
+registered, so this registers the target's intrinsics first when the database has such a trace (see
+ember.schedules.builder).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def apply_database_pass(db, target: tvm.target.Target, stats: dict | None = None
 
     @tvm.transform.module_pass(opt_level=0, name="ember.apply_tuning_database")
     def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        register_intrinsics(target)
+        # Only a trace that tensorizes looks intrinsics up by name; registering CUDA's costs ~35 s (builder.py).
+        if getattr(db, "uses_tensor_intrinsics", lambda: True)():
+            register_intrinsics(target)
         before = _scheduled_names(mod)
         with target, db:
             out = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)

@@ -101,7 +101,10 @@ def build_and_export(mod: tvm.IRModule, target: tvm.target.Target, fmt: str = "s
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock  # pylint: disable=import-outside-toplevel
 
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    rt_mod = tvm.driver.build(mod, target=target)
+    # Inside ``with target``: TVM's CUDA compile callback reads the arch (sm_90a) from the current target; without
+    # one it asks the GPU of the build machine, or fails where there is none.
+    with target:
+        rt_mod = tvm.driver.build(mod, target=target)
     path = os.path.join(tempfile.mkdtemp(prefix="ember-ms-"), f"kernel.{fmt}")
     if fmt == "tar":
         from tvm.support.tar import tar  # pylint: disable=import-outside-toplevel

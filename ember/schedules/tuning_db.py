@@ -7,6 +7,8 @@ Layout of a database root (``Tuning(database=ROOT)``, default ``~/.cache/ember/t
         {"workload": 0, "shash": "...", "mod": [...]}                    a kernel, before any of its records
         {"record": 0, "cand": "<hash>", "tr": [...]}                     a measurement of workload 0
         {"baseline": 0, "run_secs": [...]}                               ember's rule schedule of workload 0, timed
+        {"verdict": 0, "cand": "<hash>", "wins": true, "checked": [...], "rule_secs": [...], "tuned_secs": [...]}
+                                                                         the side-by-side re-timing (see below)
     ROOT/<target-slug>-<hash8>/writer.lock    flock held by the one process that appends
 
 Why not MetaSchedule's ``JSONDatabase``: it appends each line with a plain ``std::ofstream`` (no fsync, so a power
@@ -22,10 +24,18 @@ whole database unreadable. Here:
   recognize candidates it measured before and reuse the stored times instead of measuring them again
   (MetaSchedule's evolutionary search only remembers what it measured in the current process).
 
-Tuned kernels win only where they were measured faster than ember's rule-based schedule of the same kernel
-(timed by the same runner at the start of tuning, the "baseline" lines): for a kernel whose best record is
-slower, the queries below answer "no record", so ``MetaScheduleApplyDatabase`` leaves it to ember's rules. A
-short tuning run therefore never makes a compiled model slower than the untuned one.
+Which record compile applies (the queries below; "no record" leaves the kernel to ember's rules):
+
+* a workload with a "verdict" line: the record of the verdict's candidate, if ``wins``, else none. At the end of
+  a tuning run (ember.schedules.tune), the best records of each kernel and ember's rule schedule of it are built
+  and timed side by side, interleaved (rule, tuned, rule, tuned, ...) in one runner call, so both see the same
+  machine state; the candidate wins when it was faster by the margin in most rounds (ember.schedules.tune.
+  verdict_wins: the 75th percentile of the paired ratios tuned/rule below 0.98). The last verdict line of a
+  workload counts. Why: the one rule timing taken at the *start* of a run ("baseline"
+  lines) is a single sample; on a busy machine it came out slow and let records 1.4-2.0x slower than the rule in
+  (issue #3; BENCHMARKS.md, "Winograd").
+* a workload without a verdict (databases written before verdicts existed): the old rule, best record vs the
+  start-of-run baseline. ``ember tune --recheck`` adds verdicts to such a database without tuning more.
 
 The records live in a MetaSchedule ``MemoryDatabase`` in memory; this class is a ``PyDatabase`` that delegates
 queries to it and appends every commit to the file, so it plugs into ``ms.tune_tasks`` and into
@@ -37,6 +47,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -119,7 +130,11 @@ class TuningDatabase(ms.database.PyDatabase):
         self._wl_index: dict[int, list[int]] = {}          # structural hash -> indices (collisions resolved by equality)
         self.measured: dict[str, list[float]] = {}  # candidate hash -> run_secs (valid measurements)
         self.baselines: dict[int, list[float]] = {}  # workload index -> run_secs of ember's rule schedule
+        self.verdicts: dict[int, dict] = {}  # workload index -> the last side-by-side verdict line
+        self.by_cand: dict[str, object] = {}  # candidate hash -> its TuningRecord (what a verdict names)
+        self._cands_of: dict[int, list[str]] = {}  # workload index -> its candidates' hashes
         self.torn_lines = 0
+        self._tensorize: bool | None = None
         self._fh = None
         self._lock = None
         self._unsynced = 0
@@ -171,6 +186,8 @@ class TuningDatabase(ms.database.PyDatabase):
                     self._remember_workload(int(obj["workload"]), wl)
                 elif "baseline" in obj:
                     self.baselines[int(obj["baseline"])] = [float(v) for v in obj["run_secs"]]
+                elif "verdict" in obj:
+                    self.verdicts[int(obj["verdict"])] = obj
                 elif "record" in obj:
                     idx = int(obj["record"])
                     if idx >= len(self.workloads) or self.workloads[idx] is None:
@@ -181,6 +198,8 @@ class TuningDatabase(ms.database.PyDatabase):
                     self.mem.commit_tuning_record(rec)
                     if obj.get("cand") and rec.run_secs is not None:
                         self.measured[obj["cand"]] = [float(s) for s in rec.run_secs]
+                        self.by_cand[obj["cand"]] = rec
+                        self._cands_of.setdefault(idx, []).append(obj["cand"])
             except Exception:  # a line from an incompatible TVM version: skip it, keep the rest usable
                 self.torn_lines += 1
 
@@ -237,6 +256,8 @@ class TuningDatabase(ms.database.PyDatabase):
         self.mem.commit_tuning_record(record)
         if cand is not None and record.run_secs is not None:
             self.measured[cand] = [float(s) for s in record.run_secs]
+            self.by_cand[cand] = record
+            self._cands_of.setdefault(idx, []).append(cand)
         self._append({"record": idx, "cand": cand, "tr": record.as_json()})
 
     def add_baseline(self, mod: tvm.IRModule, run_secs) -> None:
@@ -260,10 +281,61 @@ class TuningDatabase(ms.database.PyDatabase):
         secs = [float(v) for v in top[0].run_secs]
         return 1e3 * sum(secs) / len(secs)
 
+    def add_verdict(self, mod: tvm.IRModule, cand: str, wins: bool, rule_secs=None, tuned_secs=None,
+                    checked=None, note: str | None = None) -> None:
+        """Record the side-by-side verdict on candidate ``cand`` of workload ``mod`` (see the module doc);
+        ``checked``: every candidate that was re-timed against the rule (the verdict names the best of them)."""
+        idx = self.workload_index(mod)
+        obj = {"verdict": idx, "cand": cand, "wins": bool(wins), "checked": list(checked or [cand]),
+               "rule_secs": None if rule_secs is None else [float(v) for v in rule_secs],
+               "tuned_secs": None if tuned_secs is None else [float(v) for v in tuned_secs]}
+        if note:
+            obj["note"] = note
+        self.verdicts[idx] = obj
+        self._append(obj)
+
+    def verdict(self, mod: tvm.IRModule) -> dict | None:
+        idx = self._index_of(mod)
+        return self.verdicts.get(idx) if idx is not None else None
+
+    def top_records(self, mod: tvm.IRModule, k: int) -> list:
+        """(candidate hash, TuningRecord) of the ``k`` fastest valid records of ``mod``, fastest first."""
+        idx = self._index_of(mod)
+        if idx is None:
+            return []
+        out = []
+        for cand in self._cands_of.get(idx, []):
+            rec = self.by_cand[cand]
+            secs = [float(v) for v in rec.run_secs]
+            if secs and all(math.isfinite(v) and v < 1e9 for v in secs):
+                out.append((sum(secs) / len(secs), cand, rec))
+        out.sort(key=lambda r: r[0])
+        return [(cand, rec) for _, cand, rec in out[:k]]
+
+    def applied_record(self, mod: tvm.IRModule):
+        """The TuningRecord compile applies to ``mod``, or None where ember's rules stay (module doc)."""
+        idx = self._index_of(mod)
+        if idx is None:
+            return None
+        v = self.verdicts.get(idx)
+        if v is not None:
+            return self.by_cand.get(v.get("cand")) if v.get("wins") else None
+        base, best = self.baseline_ms(mod), self.best_ms(mod)  # legacy: no side-by-side verdict for this kernel
+        if base is not None and best is not None and best >= base:
+            return None
+        top = self.mem.get_top_k(self.workloads[idx], 1)
+        return top[0] if top else None
+
+    def uses_tensor_intrinsics(self) -> bool:
+        """Whether a record's trace tensorizes (replaying it needs the target's intrinsics registered)."""
+        if self._tensorize is None:
+            texts = (json.dumps(r.trace.as_json(), default=str) for r in self.mem.get_all_tuning_records())
+            self._tensorize = any('"Tensorize"' in t or "auto_tensorize" in t for t in texts)
+        return self._tensorize
+
     def tuned_wins(self, mod: tvm.IRModule) -> bool:
-        """False when ember's rule schedule of ``mod`` measured faster than its best tuned record."""
-        base, best = self.baseline_ms(mod), self.best_ms(mod)
-        return base is None or best is None or best < base
+        """Whether compile applies a tuned record to ``mod`` (False also where the database has none)."""
+        return self.applied_record(mod) is not None
 
     # -- ms.database.PyDatabase interface ------------------------------------------------------------------------
     def has_workload(self, mod: tvm.IRModule) -> bool:
@@ -288,13 +360,20 @@ class TuningDatabase(ms.database.PyDatabase):
 
     # The queries compile uses: "no record" where ember's rules are faster (see the module docstring).
     def query_tuning_record(self, mod, target, workload_name):
-        return self.mem.query_tuning_record(mod, target, workload_name) if self.tuned_wins(mod) else None
+        return self.applied_record(mod)
 
     def query_schedule(self, mod, target, workload_name):
-        return self.mem.query_schedule(mod, target, workload_name) if self.tuned_wins(mod) else None
+        rec = self.applied_record(mod)
+        if rec is None:
+            return None
+        # What MetaSchedule's own Database::QuerySchedule does with the record it picks.
+        sch = tvm.s_tir.Schedule(rec.workload.mod, seed=-1, debug_mask=0, error_render_level="detail")
+        rec.trace.apply_to_schedule(sch, remove_postproc=False)
+        return sch
 
     def query_ir_module(self, mod, target, workload_name):
-        return self.mem.query_ir_module(mod, target, workload_name) if self.tuned_wins(mod) else None
+        sch = self.query_schedule(mod, target, workload_name)
+        return None if sch is None else sch.mod
 
     def __len__(self) -> int:
         return len(self.mem)
@@ -304,7 +383,8 @@ class TuningDatabase(ms.database.PyDatabase):
         recs = self.get_all_tuning_records()
         valid = [r for r in recs if r.run_secs is not None and all(float(s) < 1e9 for s in r.run_secs)]
         return {"path": str(self.path), "workloads": sum(w is not None for w in self.workloads),
-                "baselines": len(self.baselines),
+                "baselines": len(self.baselines), "verdicts": len(self.verdicts),
+                "verdicts_won": sum(bool(v.get("wins")) for v in self.verdicts.values()),
                 "records": len(recs), "valid_records": len(valid), "torn_lines_ignored": self.torn_lines}
 
 
@@ -321,6 +401,9 @@ def compact(src: str | os.PathLike, dst: str | os.PathLike, top_k: int = 8) -> d
             if secs:
                 records.setdefault(int(o["record"]), []).append((sum(secs) / len(secs), o))
     keep = {id(o) for recs in records.values() for _, o in sorted(recs, key=lambda r: r[0])[:top_k]}
+    # The record each verdict names stays too, whatever its rank (compile applies exactly that one).
+    named = {(int(o["verdict"]), o.get("cand")) for o in objs if "verdict" in o}
+    keep |= {id(o) for o in objs if "record" in o and (int(o["record"]), o.get("cand")) in named}
     dst.mkdir(parents=True, exist_ok=True)
     tmp = dst / (RECORDS + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
