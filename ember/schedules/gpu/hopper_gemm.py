@@ -13,8 +13,9 @@ The kernel (one thread block per ``BM x BN`` tile of C, ``BM = 64 * consumers``)
       wait empty[s] (stage free again)                  wait full[s]
       TMA A[m0:m0+BM, kt*64:+64]   -> smem A[s]         4 x wgmma m64n{BN}k16 (A, B from smem descriptors)
       TMA B tile (see layouts)     -> smem B[s]         commit; wait for the group; arrive empty[s]
-      (both complete on full[s]: expect-tx bytes)     epilogue: acc -> (cast, fused ops) -> C, straight from
-                                                        the accumulator fragment (row g / g+8, 2 columns)
+      (both complete on full[s]: expect-tx bytes)     epilogue: acc -> (cast, fused ops) -> C, from the
+                                                        accumulator fragment (row g / g+8, 2 columns), or staged
+                                                        through shared memory for 16-byte row stores
 
 Shared tiles use the 128-byte swizzle that TMA writes and the wgmma descriptors read (rows of 64 halves). Layouts:
 
@@ -29,12 +30,15 @@ tensor maps need 16-byte row strides (K and, for "nn", N multiples of 8).
 Registers: a consumer holds ``BN / 2`` fp32 accumulators; the producer gives registers back (``setmaxnreg``).
 Persistent variant (``HopperConfig.persistent``): a grid of one block per SM, each walking tiles ``b, b + grid,
 ...``; the k-step counter runs on across tiles, so the producer fills the next tile's stages during this tile's
-epilogue.
+epilogue. Staged epilogue (``HopperConfig.staged``, fp16 outputs, chosen for K <= 2048): see :func:`_epilogue`.
 
 The rule (:class:`HopperGemm`) replaces a whole fused kernel: the matmul block plus whatever elementwise chain
 FuseTIR left after it (cast, bias add, GELU, a reshape of the rows) becomes one TVMScript statement evaluated at the
-store (:func:`plan_kernel`). H100, 2026-11-26 (BENCHMARKS.md, "Hopper fp16 GEMM on wgmma + TMA"): fp16 GEMM
-4096^3 at 653-658 TFLOP/s, 87-88% of cuBLAS (W [K, N]: 77-79%); the WMMA rule made 276.
+store (:func:`plan_kernel`); an fp32 erf in it is replaced by a vectorizable polynomial (:func:`erf_f32_lets`).
+H100, 2026-11-26 (BENCHMARKS.md, "Hopper fp16 GEMM on wgmma + TMA"): fp16 GEMM 4096^3 at 653-658 TFLOP/s, 87-88% of
+cuBLAS (W [K, N]: 77-79%); the WMMA rule made 276. MiniLM b32's GEMMs ("FFN-up + GELU and the small GEMMs"): FFN-up
++ erf-GELU 35 -> 18 us, Q/K/V/O 8.6 -> 5.6-7.4 us, FFN-down 14.2 -> 11.2-11.8 us with the staged epilogue, the
+vectorized erf and 64x192 tiles (``EMBER_HOPPER_LEGACY=1`` compiles the rule as before them).
 """
 
 from __future__ import annotations
