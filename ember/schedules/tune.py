@@ -7,15 +7,18 @@
 
 What happens:
 
-1. The model goes through the same front half as ``ember.compile`` (import, compression, ``prepare``, the weight
-   transforms, then ember's legalize + fusion passes), so the kernels tuned here are structurally the kernels that
-   ``compile`` later looks up in the database (``MetaScheduleApplyDatabase`` matches by structural equality).
+1. The model goes through the same front half as ``ember.compile`` (import, compression, precision, ``prepare``,
+   the weight transforms, then ember's legalize + fusion passes), so the kernels tuned here are structurally the
+   kernels that ``compile`` later looks up in the database (``MetaScheduleApplyDatabase`` matches by structural
+   equality). Or it is read from a ``*.fused.json`` (:func:`save_fused_module`): how a GPU machine without the
+   model's weights tunes it (benchmarks/gpu_tune.py).
 2. ``ms.relax_integration.extract_tasks`` turns each distinct fused PrimFunc into a task, weighted by how often
-   the model calls it. Kernels with < 1% of the model's FLOPs (reshapes, casts, small reductions) and kernels
-   MetaSchedule cannot analyse are left to ember's rules (listed in ``report.notes``). The gradient task scheduler
+   the model calls it. Left to ember's rules (listed in ``report.notes``): hand-scheduled kernels
+   (``tirx.is_scheduled``: attention), pure reshapes (they become views, no kernel runs), gathers (random inputs
+   would index out of bounds), kernels MetaSchedule cannot analyse, and on CPUs kernels with < 1% of the model's
+   FLOPs (on GPUs every launch costs microseconds, so none is dropped by FLOPs). The gradient task scheduler
    spends the budget where the estimated end-to-end gain is.
-3. Each task's rule-based schedule is built and timed first, by the same runner: the yardstick a tuned kernel
-   must beat to be used at compile time (see ember.schedules.tuning_db).
+3. Each task's rule-based schedule is built and timed first, by the same runner (the progress bar's yardstick).
 4. Candidates are built by :class:`ember.schedules.builder.PersistentBuilder` (workers created once; see that
    module for why) and measured by MetaSchedule's ``LocalRunner``, or its ``RPCRunner`` on devices registered with
    an RPC tracker. The XGBoost cost model picks what to measure.
@@ -26,6 +29,11 @@ What happens:
    reused (``reused`` in the report) and the search goes on from the database's best records.
 6. A progress bar shows trials, the ETA, and the best latency so far of the current kernel (next to its rule-based
    time) and of the model (Σ weight × the better of tuned and rule-based, over the tuned kernels).
+7. At the end, :func:`side_by_side_verdicts` re-times each kernel's two best records against its rule schedule,
+   interleaved in one runner call, and stores a verdict; compile applies only records that won (issue #3).
+
+GPU targets (``cuda-sm90``): measured on this machine's GPU (or an RPC device), built by one worker per CPU core;
+the search sees the target with the per-block limits MetaSchedule's GPU rules need (:func:`_search_target`).
 
 The budget: ``trials`` (over all kernels) and/or ``minutes`` (wall clock; checked before each batch, so the run
 ends at most one batch after the deadline).

@@ -191,3 +191,17 @@ def test_verdict_rule_on_h100_rounds():
     assert not verdict_wins([t / r for t, r in zip(noisy_tuned, noisy_rule)])
     assert verdict_wins([t / r for t, r in zip(clear_tuned, clear_rule)])
     assert verdict_wins([0.5], margin=0.02) and not verdict_wins([0.99]) and not verdict_wins([])
+
+
+def test_recheck_only_retimes_without_searching(tmp_path, fakes):
+    """`ember tune --recheck`: no candidates measured, every kernel with records re-timed side by side (forced)."""
+    model, x, _, db, wl = _tune(tmp_path, fakes)
+    assert db.verdict(wl)["wins"] is False
+    fakes.side["rule"] = 8e-3
+    n_calls = len(fakes.calls)
+    report = tune_mod.tune(model, "host", ember.Tuning(trials=1, database=str(tmp_path), extra={"recheck_only": True}),
+                           example_inputs=(x,), progress=False)
+    assert report.trials == 0 and report.measured == 0
+    assert len(fakes.calls) == n_calls + 1  # the one side-by-side call, no start-of-run baseline, no search
+    after = TuningDatabase(database_dir(str(tmp_path), _host()))
+    assert after.verdict(wl)["wins"] is True and after.applied_record(wl) is not None
