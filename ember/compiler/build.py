@@ -45,7 +45,7 @@ def import_model(model, example_inputs=None, *, dynamic_batch=False, input_names
                         output_names=output_names)
 
 
-def _tuning_database(tuning, model, example_inputs, tgt, *, dynamic_batch, quantization, sparsity):
+def _tuning_database(tuning, model, example_inputs, tgt, *, dynamic_batch, quantization, sparsity, precision=None):
     """Tune first when ``tuning`` has a budget, then open its database for ``lower``; (None, None) without tuning."""
     if tuning is None:
         return None, None
@@ -61,7 +61,7 @@ def _tuning_database(tuning, model, example_inputs, tgt, *, dynamic_batch, quant
         from ..schedules.tune import tune
 
         report = tune(model, tgt, tuning, example_inputs=example_inputs, dynamic_batch=dynamic_batch,
-                      quantization=quantization, sparsity=sparsity)
+                      quantization=quantization, sparsity=sparsity, precision=precision)
         info["tuned_now"] = {k: v for k, v in report.to_json().items() if k != "tasks"}
     db = open_for_compile(tuning, tgt)
     info["database"] = str(db.path)
@@ -112,7 +112,7 @@ def compile_model(model, example_inputs=None, *, target="host", dynamic_batch=Fa
 
     name, tgt = resolve(target)
     tuning_db, tuning_info = _tuning_database(tuning, model, example_inputs, tgt, dynamic_batch=dynamic_batch,
-                                              quantization=quantization, sparsity=sparsity)
+                                              quantization=quantization, sparsity=sparsity, precision=precision)
     tuning_stats = {}
     t0 = time.perf_counter()
     imported = import_model(model, example_inputs, dynamic_batch=dynamic_batch, input_names=input_names,
