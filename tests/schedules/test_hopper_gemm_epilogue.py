@@ -145,8 +145,20 @@ def test_staging_falls_back_where_it_cannot_apply():
     from ember.schedules.gpu.hopper_gemm import HopperConfig, with_staging
 
     assert with_staging(HopperConfig(2, 256, 4)).stages == 3  # 128x256: one stage fewer makes room
-    assert with_staging(HopperConfig(2, 128, 6)).staged
+    assert with_staging(HopperConfig(2, 128, 6)) == HopperConfig(2, 128, 5, staged=True)  # not to the last byte
     # fp32 output: no 16-byte fp16 rows, the rule stores from the fragment
     sch = HopperGemm(HopperConfig(1, 192, 4, staged=True)).apply(matmul(4096, 384, 384, "nn", out_dtype="float32"),
                                                                  H100, False)
     assert sch is not None and "stage_ptr" not in sch.mod["main"].script()
+
+
+def test_staged_epilogue_guards_partial_tiles():
+    # M = 4000, N = 392: neither divides the tile. Both the staging writes (their bias read would run past b) and
+    # the 16-byte copies are guarded; the H100 runs covered only whole tiles with the staged epilogue.
+    from test_gpu_hopper_gemm import linear
+
+    sch = HopperGemm().apply(linear((4000,), 392, 384), H100, False)
+    lines = [ln.strip() for ln in sch.mod["main"].script().splitlines()]
+    guards = [ln for ln in lines if ln.startswith("if ") and "< 4000" in ln and "< 392" in ln]
+    assert len(guards) == 2
+    assert "uint4" in device_source(compile_cuda(sch))

@@ -703,12 +703,16 @@ def choose_config(m: int, n: int, k: int, candidates=None) -> HopperConfig | Non
 
 
 def with_staging(cfg: HopperConfig) -> HopperConfig:
-    """``cfg`` with the staged epilogue, dropping ring stages (not below 3) until the staging tile fits; ``cfg``
-    unchanged where it never does."""
+    """``cfg`` with the staged epilogue, dropping ring stages (not below 3) until the staging tile fits with 1 KiB
+    to spare (128x128 x 6 stages would fill the 227 KiB to the byte: never run that way); ``cfg`` unchanged where
+    it never does."""
+    def roomy(c):
+        return c.smem_bytes() + 2048 <= SMEM_LIMIT
+
     staged = dataclasses.replace(cfg, staged=True)
-    while not staged.fits() and staged.stages > 3:
+    while not roomy(staged) and staged.stages > 3:
         staged = dataclasses.replace(staged, stages=staged.stages - 1)
-    return staged if staged.fits() else cfg
+    return staged if roomy(staged) else cfg
 
 
 class HopperGemm:
