@@ -2,7 +2,9 @@
 
 Step 1, on the build machine (no GPU needed):
     python benchmarks/hopper_gemm_bench.py prepare --out gpu_artifacts/hopper [--only NAME,...]
-compiles every (problem, kernel config) pair of VARIANTS for sm_90a.
+compiles every (problem, kernel config) pair for sm_90a: "auto" (the rule's own choice), "legacy" (its choice with
+EMBER_HOPPER_LEGACY=1: the rule before the staged epilogue / vectorized erf / 64-row tiles), "direct" (its choice
+with EMBER_HOPPER_STAGED=0) and the fixed configs of configs() (--configs picks some).
 Step 2, on the GPU machine with TVM's runtime only (shared/gpu/README.md):
     python benchmarks/hopper_gemm_bench.py run gpu_artifacts/hopper --out $OUT
 checks each kernel against torch on random fp16 inputs (fp32 reference) and times it with CUDA events (min of 3
@@ -24,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchtools
 from benchtools import cuda_events_us, prepare_run_parser  # noqa: E402
 
 # problem name -> (m, n, k, layout, epilogue): "none" (C = A W in fp16), "bias" (MiniLM's fp16 linear: fp32
-# accumulation, cast, bias add) or "gelu" (bias, then tanh-GELU); odd sizes check the padded tiles (TMA zero fill,
-# guarded stores).
+# accumulation, cast, bias add), "gelu" (bias, then tanh-GELU in fp32) or "gelu_erf" (MiniLM's FFN-up exactly as
+# FuseTIR hands it over: bias, reshape to [batch, seq, n], TVM's fp16 erf-GELU); odd sizes check the padded tiles
+# (TMA zero fill, guarded stores).
 PROBLEMS = {
     "gemm_256^3_nt": (256, 256, 256, "nt", "none"),  # small: quick to rerun under compute-sanitizer
     "gemm_256^3_nn": (256, 256, 256, "nn", "none"),
