@@ -5,9 +5,14 @@ Step 1, here (no GPU): fuse all-MiniLM-L6-v2 (real weights; precision fp16, seq 
 not the weights: the GPU machine has neither the weights' package nor this torch version):
     python benchmarks/gpu_tune.py prepare --out gpu_artifacts/G [--batches 32 1]
 
-Step 2, on the GPU machine with TVM's compiler (../shared/gpu/README.md, two calls):
-    source .gpu/runtime/setup.sh && export PYTHONPATH=$PWD:$PYTHONPATH &&
-    python3 benchmarks/gpu_tune.py run gpu_artifacts/G --out $OUT --minutes 1.6
+Step 2, on the GPU machine with TVM's compiler. ../shared/gpu/README.md carries it in two calls; ONE call fits
+when the runtime and compiler are packed tighter (`pack`: TVM's Python package + tvm_ffi without headers and
+sources, and libtvm_compiler.so xz'd with the x86 filter and a 256 MiB dictionary: 3.8 + 57.8 MB):
+    python benchmarks/gpu_tune.py pack --out gpu_artifacts/G      # here, ~15 min of xz (gzips the modules too)
+    device run, carry ["gpu_artifacts/G"], command:
+      S=/tmp/g_site; mkdir -p $S && tar -C $S -xJf gpu_artifacts/G/rt.tar.xz &&
+      xz -dc gpu_artifacts/G/compiler.xz > $S/tvm/lib/libtvm_compiler.so && gunzip -f gpu_artifacts/G/*.gz &&
+      export PYTHONPATH=$S:$PWD && python3 benchmarks/gpu_tune.py run gpu_artifacts/G --out $OUT --minutes 1.7
 tunes each batch size's kernels (`ember.schedules.tune.tune` on the saved module: rule baselines, MetaSchedule +
 XGBoost, then the side-by-side re-timing of rule vs best records) into $OUT/tuning/<target dir>/, and writes
 $OUT/gpu_tune.json (per kernel: trials, rule and tuned time side by side, applied or not).
@@ -93,6 +98,42 @@ def run(src: str, out: str, minutes: float, target: str, trials_per_iter: int, s
             json.dump(result, fh, indent=1)
 
 
+def pack(out: str, venv: str) -> None:
+    """rt.tar.xz + compiler.xz for a one-call tuning run (see the module doc); gzips the fused modules in ``out``."""
+    import glob
+    import shutil
+    import subprocess
+    import tempfile
+    import zipfile
+
+    site = glob.glob(os.path.join(venv, "lib", "python3*", "site-packages"))[0]
+    ffi = glob.glob(os.path.join(ROOT, ".gpu", "runtime", "wheels", "apache_tvm_ffi-*cp312*.whl"))
+    if not ffi:
+        raise SystemExit("no cp312 apache_tvm_ffi wheel under .gpu/runtime/wheels: run ../shared/gpu/bundle.sh first")
+    with tempfile.TemporaryDirectory() as stage:
+        subprocess.run(["tar", "-C", stage, "-xJf", os.path.join(ROOT, ".gpu", "runtime", "tvm_py.tar.xz")],
+                       check=True)
+        with zipfile.ZipFile(ffi[0]) as z:
+            z.extractall(stage)
+        # Not needed to tune: C++ headers and sources (only C-source modules compile against them), and the
+        # model importers (the fused module is already imported).
+        for junk in ("tvm_ffi/3rdparty", "tvm_ffi/include", "tvm_ffi/src", "tvm_ffi/cython",
+                     "tvm/relax/frontend/onnx", "tvm/relax/frontend/torch", "tvm/relax/frontend/tflite",
+                     "tvm/relax/frontend/stablehlo"):
+            shutil.rmtree(os.path.join(stage, junk), ignore_errors=True)
+        with open(os.path.join(out, "rt.tar.xz"), "wb") as fh:
+            tar = subprocess.Popen(["tar", "-cf", "-", "-C", stage, "."], stdout=subprocess.PIPE)
+            subprocess.run(["xz", "-9e", "-T1"], stdin=tar.stdout, stdout=fh, check=True)
+            tar.wait()
+    with open(os.path.join(out, "compiler.xz"), "wb") as fh:
+        subprocess.run(["xz", "-c", "-T1", "--x86", "--lzma2=preset=9e,dict=256MiB",
+                        os.path.join(site, "tvm", "lib", "libtvm_compiler.so")], stdout=fh, check=True)
+    for f in glob.glob(os.path.join(out, "*.fused.json")):
+        subprocess.run(["gzip", "-9", "-f", f], check=True)
+    for f in sorted(os.listdir(out)):
+        print(f, os.path.getsize(os.path.join(out, f)))
+
+
 def ship(files_at: str, db: str, top_k: int, rejudge: bool) -> None:
     """Compact the returned database into the repo; ``rejudge``: apply today's acceptance rule
     (ember.schedules.tune.verdict_wins) to the per-round times each verdict stored, appending a verdict line
@@ -132,6 +173,9 @@ def main() -> None:
     r.add_argument("--minutes", type=float, default=1.6, help="search budget per model (wall clock)")
     r.add_argument("--trials-per-iter", type=int, default=32)
     r.add_argument("--skip", nargs="*", default=SKIP, help="kernel-name substrings not to tune")
+    k = sub.add_parser("pack")
+    k.add_argument("--out", required=True)
+    k.add_argument("--venv", default=os.path.join(ROOT, ".venv"))
     s = sub.add_parser("ship")
     s.add_argument("files_at")
     s.add_argument("--db", default=os.path.join(ROOT, "tuning"))
@@ -140,6 +184,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare(a.out, a.batches, a.target)
+    elif a.cmd == "pack":
+        pack(a.out, a.venv)
     elif a.cmd == "run":
         run(a.dir, a.out, a.minutes, a.target, a.trials_per_iter, a.skip)
     else:
