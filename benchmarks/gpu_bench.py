@@ -107,7 +107,11 @@ def policy_tensor_core(policy):
 # "fp16_residual" = the residual stream stored in fp16 only (ember.passes.fusion.EXACT_RESIDUAL = False).
 # "attn_stream" = the streaming tensor-core attention kernel and the full [B, 1, S, S] mask (before issue 7's
 # resident kernel: ember.passes.attention_kernels.RESIDENT, ember.passes.fusion.NARROW_MASKS off).
-VARIANTS = ("castfusion_off", "rownorm_off", "wgmma_off", "fp16_residual", "attn_stream")
+# "tuned" = the default build with the shipped CUDA tuning records applied (tuning/cuda-sm_90a-*, ember.schedules.tune).
+VARIANTS = ("castfusion_off", "rownorm_off", "wgmma_off", "fp16_residual", "attn_stream", "tuned")
+
+
+TUNING_DB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tuning")
 
 
 def variant_context(variant):
@@ -127,7 +131,8 @@ def variant_context(variant):
             fusion.fusion_passes = lambda t: [fusion.FuseAttention(t), fusion.FuseEpilogues()]
         if variant == "fp16_residual":
             fusion.EXACT_RESIDUAL = False
-        dropped = {"wgmma_off": "HopperGemm", "fp16_residual": None, "attn_stream": None}.get(variant, "RowNorm")
+        dropped = {"wgmma_off": "HopperGemm", "fp16_residual": None, "attn_stream": None, "tuned": None}.get(variant,
+                                                                                                   "RowNorm")
         schedules.gpu_rules = lambda: [r for r in saved_rules() if type(r).__name__ != dropped]
         try:
             yield
@@ -327,8 +332,9 @@ def prepare(a):
                 index["models"][base_name] = {"batch": batch, "seq": SEQ, "cuda_graph": graph, "dir": base_name,
                                               "params": None, "baseline": a.baseline_rev}
             for variant in (a.variants.split(",") if a.variants and graph else []):
+                tuned = {"tuning": ember.Tuning(database=TUNING_DB, apply_only=True)} if variant == "tuned" else {}
                 with variant_context(variant):
-                    var = ember.compile(model, args, target=a.target, precision="fp16", cuda_graph=graph)
+                    var = ember.compile(model, args, target=a.target, precision="fp16", cuda_graph=graph, **tuned)
                 var_name = f"{name}_{variant}"
                 var.export(os.path.join(a.out, var_name), overwrite=True)
                 os.remove(os.path.join(a.out, var_name, "params.bin"))
