@@ -40,6 +40,9 @@ from dataclasses import dataclass
 
 import tvm
 
+from ..schedules.gpu.cuda_async import (cp_async16_source, cp_async_commit_source, cp_async_wait_source,
+                                        ldmatrix_x4_source)
+
 # Lowest finite float32: the initial running max. Using it instead of -inf keeps exp(m_old - m_new) finite
 # when a whole key block is masked with -inf (exp(-inf - (-inf)) would be NaN).
 _LOWEST = -3.4028234663852886e38
@@ -569,28 +572,9 @@ RESIDENT_CHUNK = 64  # keys per cp.async group and online-softmax step: measured
 RESIDENT_WARPS_PER_SM = 24
 _SMS = 132  # H100 SXM; only used to pick the block size (small grids: fewer warps per block, more blocks)
 
-_LDSM_CUDA = r"""
-__forceinline__ __device__ void ember_attn_ldsm_x4(void* dst, const void* smem_last, const void* smem) {
-  unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
-  unsigned int* d = (unsigned int*)dst;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(s) : "memory");
-}
-"""
-_LDSM_T_CUDA = r"""
-__forceinline__ __device__ void ember_attn_ldsm_x4_t(void* dst, const void* smem_last, const void* smem) {
-  unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
-  unsigned int* d = (unsigned int*)dst;
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-               : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "r"(s) : "memory");
-}
-"""
-_CP16_CUDA = r"""
-__forceinline__ __device__ void ember_attn_cp16(void* smem, const void* smem_last, const void* gmem) {
-  unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
-}
-"""
+_LDSM_CUDA = ldmatrix_x4_source("ember_attn_ldsm_x4")
+_LDSM_T_CUDA = ldmatrix_x4_source("ember_attn_ldsm_x4_t", transpose=True)
+_CP16_CUDA = cp_async16_source("ember_attn_cp16")
 # 4 bytes (2 halves of an A fragment) from global memory into a local array declared as halves: a vectorized TIR
 # store would declare the array half2, and the mma's offsets (in halves) would then index it in half2 units
 _LD32_CUDA = r"""
@@ -598,24 +582,9 @@ __forceinline__ __device__ void ember_attn_ld32(void* dst, const void* dst_last,
   *(unsigned int*)dst = __ldg((const unsigned int*)gmem);
 }
 """
-_COMMIT_CUDA = r"""
-__forceinline__ __device__ void ember_attn_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-"""
+_COMMIT_CUDA = cp_async_commit_source("ember_attn_cp_commit")
 # wait_group takes an immediate: the switch folds once the (unrolled) call has a constant argument
-_WAIT_CUDA = r"""
-__forceinline__ __device__ void ember_attn_cp_wait(int n) {
-  switch (n) {
-    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
-    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
-    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
-    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
-    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
-  }
-}
-"""
+_WAIT_CUDA = cp_async_wait_source("ember_attn_cp_wait", 7)
 
 
 def _resident_layout(spec: AttentionSpec, chunk: int = RESIDENT_CHUNK) -> tuple[int, int, int]:

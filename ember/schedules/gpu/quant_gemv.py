@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .cuda_async import cp_async16_source, cp_async_commit_source, cp_async_wait_source
+
 # TVM is imported inside the kernel builders: the packing functions below are numpy only, so the GPU benchmark
 # can use them on a machine with TVM's runtime alone.
 
@@ -1003,18 +1005,8 @@ def weight_only_gemv_tiled(k: int, n: int, bits: int, group: int, symmetric: boo
 # own 16 bytes: no bank conflicts). Runs 9-11 (helper C2): ``depth`` (only that many steps in flight per warp) alone
 # gains little (depth 2: 12.7 us), but with PDL it is what reaches issue 4's target for back-to-back fp16 GEMVs:
 # depth 2, 2 warps per block, pdl "wait": 9.0 / 9.1 us (:data:`STAGED_FP16_PDL`).
-_CP_ASYNC_CUDA = r"""
-__forceinline__ __device__ void ember_cp_async16(void* smem, const void* smem_last, const void* gmem) {
-  unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
-}
-"""
-_CP_ASYNC_L2_CUDA = r"""
-__forceinline__ __device__ void ember_cp_async16_l2(void* smem, const void* smem_last, const void* gmem) {
-  unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
-}
-"""
+_CP_ASYNC_CUDA = cp_async16_source("ember_cp_async16")
+_CP_ASYNC_L2_CUDA = cp_async16_source("ember_cp_async16_l2", l2_prefetch=True)
 _CP_WAIT_CUDA = r"""
 __forceinline__ __device__ void ember_cp_async_wait_all() {
   asm volatile("cp.async.commit_group;\n\tcp.async.wait_group 0;" ::: "memory");
@@ -1033,32 +1025,8 @@ __forceinline__ __device__ void ember_i4_dot8s_gx(unsigned int w, const void* xg
 """
 # The pipelined variant: one cp.async group per 16-byte step; step c is decoded once groups 0..c have landed
 # (wait_group takes an immediate: the switch folds once the call is inlined with a constant).
-_CP_COMMIT_CUDA = r"""
-__forceinline__ __device__ void ember_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-"""
-_CP_WAIT_N_CUDA = r"""
-__forceinline__ __device__ void ember_cp_async_wait_n(int n) {
-  switch (n) {
-    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
-    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
-    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
-    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
-    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
-    case 7: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
-    case 8: asm volatile("cp.async.wait_group 8;" ::: "memory"); break;
-    case 9: asm volatile("cp.async.wait_group 9;" ::: "memory"); break;
-    case 10: asm volatile("cp.async.wait_group 10;" ::: "memory"); break;
-    case 11: asm volatile("cp.async.wait_group 11;" ::: "memory"); break;
-    case 12: asm volatile("cp.async.wait_group 12;" ::: "memory"); break;
-    case 13: asm volatile("cp.async.wait_group 13;" ::: "memory"); break;
-    case 14: asm volatile("cp.async.wait_group 14;" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 15;" ::: "memory"); break;
-  }
-  __syncwarp();
-}
-"""
+_CP_COMMIT_CUDA = cp_async_commit_source("ember_cp_async_commit")
+_CP_WAIT_N_CUDA = cp_async_wait_source("ember_cp_async_wait_n", 15, sync_warp=True)
 # Off: measured slower than the tiled kernel where the weights come from DRAM (H100, 4096 x 11008 g128, CUDA graph,
 # BENCHMARKS.md run 7-8: 13.2 us vs 10.2; after another kernel 13.2-13.5 vs 10.4) though faster from L2 (8.6 vs 10.2)
 # and, with pdl between back-to-back GEMVs, 11.1 us. ember.compile emits it only when this is switched on.
