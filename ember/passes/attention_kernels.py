@@ -370,6 +370,42 @@ TC_MAX_HEAD_DIM = 128  # registers per thread grow with D (the output accumulato
 _LOG2E = 1.4426950408889634
 
 
+def _mma_text(a: str, a_off: str, b_: str, b_off: str, c: str, c_off: str) -> str:
+    """TVMScript of one ``mma.sync.m16n8k16`` (fp16 x fp16 -> fp32) on local fragment arrays at element offsets."""
+    return (f"T.evaluate(T.ptx_legacy.mma(\"m16n8k16\", \"row\", \"col\", \"fp16\", \"fp16\", \"fp32\", "
+            f"{a}.data, {a_off}, {b_}.data, {b_off}, {c}.data, {c_off}, False, dtype=\"float32\"))")
+
+
+def _shfl_text(x: str, lane_mask: int) -> str:
+    return f"T.tvm_warp_shuffle_xor(T.uint32(4294967295), {x}, {lane_mask}, 32, 32)"
+
+
+def _online_softmax_text(nc: int, nd: int, score: str) -> str:
+    """TVMScript (at the tensor-core kernels' score-loop indentation) of one online-softmax step over a block of
+    scores in mma accumulator layout: each thread holds rows ``tx // 4`` and ``+ 8`` (``r``), the row max and sum
+    are reduced over the 4 lanes of a quad, the running max ``m`` moves, the sum ``lsum`` and the output ``o``
+    are rescaled by ``exp2(m_old - m_new)``, and ``s`` becomes the unnormalized probabilities."""
+    return f"""                            for r in T.unroll(2):
+                                al[r] = m[r]
+                                for j in T.unroll({nc}):
+                                    for e in T.unroll(2):
+                                        s[j * 4 + r * 2 + e] = {score}
+                                        al[r] = T.max(al[r], s[j * 4 + r * 2 + e])
+                                al[r] = T.max(al[r], {_shfl_text("al[r]", 1)})
+                                al[r] = T.max(al[r], {_shfl_text("al[r]", 2)})
+                                mo[r] = m[r]  # the old max; al[r]: the new one
+                                m[r] = al[r]
+                                al[r] = T.exp2(mo[r] - m[r])  # this row's rescale factor
+                                lsum[r] = lsum[r] * al[r]
+                                for j in T.unroll({nc}):
+                                    for e in T.unroll(2):
+                                        s[j * 4 + r * 2 + e] = T.exp2(s[j * 4 + r * 2 + e] - m[r])
+                                        lsum[r] = lsum[r] + s[j * 4 + r * 2 + e]
+                                for n in T.unroll({nd}):
+                                    for e in T.unroll(2):
+                                        o[n * 4 + r * 2 + e] = o[n * 4 + r * 2 + e] * al[r]"""
+
+
 def tensor_core_eligible(spec: AttentionSpec) -> bool:
     """fp16 Q/K/V with a head dim the 16-wide mma tiles cover (a multiple of 16, at most 128)."""
     return (spec.dtype == "float16" and spec.head_dim % 16 == 0 and spec.head_dim <= TC_MAX_HEAD_DIM
@@ -440,12 +476,6 @@ def cuda_attention_tc(spec: AttentionSpec, warps: int | None = None, keys: int =
     def indent(text: str, n: int) -> str:
         return ("\n" + " " * n).join(text.split("\n"))
 
-    def mma(a: str, a_off: str, b_: str, b_off: str, c: str, c_off: str) -> str:
-        return (f"T.evaluate(T.ptx_legacy.mma(\"m16n8k16\", \"row\", \"col\", \"fp16\", \"fp16\", \"fp32\", "
-                f"{a}.data, {a_off}, {b_}.data, {b_off}, {c}.data, {c_off}, False, dtype=\"float32\"))")
-
-    def shfl(x: str, lane_mask: int) -> str:
-        return f"T.tvm_warp_shuffle_xor(T.uint32(4294967295), {x}, {lane_mask}, 32, 32)"
 
     out_idx = _index("O", spec.out_layout, "b", "h", qrow, "n * 8 + tx % 4 * 2 + e")
     # exact_p: P = hi + lo, both fp16 (lo = the rounding error of hi), two products: P's error ~2^-22 instead of
@@ -454,7 +484,7 @@ def cuda_attention_tc(spec: AttentionSpec, warps: int | None = None, keys: int =
     if spec.exact_p:
         p_lo = ("\n" + " " * 36 + "pl[i] = T.Cast(\"float16\", s[(kk * 2 + i // 4) * 4 + i % 4] - "
                 "T.Cast(\"float32\", pa[i]))")
-        pv_lo = "\n" + " " * 36 + mma("pl", "0", "kb", "0", "o", "n * 4")
+        pv_lo = "\n" + " " * 36 + _mma_text("pl", "0", "kb", "0", "o", "n * 4")
     pad = 24
     src = f"""
 @T.prim_func(s_tir=True)
@@ -503,37 +533,19 @@ def main({params}):
                                     for i in T.unroll(2):
                                         for e in T.vectorized(2):
                                             kb[i * 2 + e] = Ks[(j * 8 + tx // 4) * {LD} + kk * 16 + tx % 4 * 2 + i * 8 + e]
-                                    {mma("qa", "kk * 8", "kb", "0", "s", "j * 4")}
-                            for r in T.unroll(2):
-                                al[r] = m[r]
-                                for j in T.unroll({NC}):
-                                    for e in T.unroll(2):
-                                        s[j * 4 + r * 2 + e] = {score}
-                                        al[r] = T.max(al[r], s[j * 4 + r * 2 + e])
-                                al[r] = T.max(al[r], {shfl("al[r]", 1)})
-                                al[r] = T.max(al[r], {shfl("al[r]", 2)})
-                                mo[r] = m[r]  # the old max; al[r]: the new one
-                                m[r] = al[r]
-                                al[r] = T.exp2(mo[r] - m[r])  # this row's rescale factor
-                                lsum[r] = lsum[r] * al[r]
-                                for j in T.unroll({NC}):
-                                    for e in T.unroll(2):
-                                        s[j * 4 + r * 2 + e] = T.exp2(s[j * 4 + r * 2 + e] - m[r])
-                                        lsum[r] = lsum[r] + s[j * 4 + r * 2 + e]
-                                for n in T.unroll({ND}):
-                                    for e in T.unroll(2):
-                                        o[n * 4 + r * 2 + e] = o[n * 4 + r * 2 + e] * al[r]
+                                    {_mma_text("qa", "kk * 8", "kb", "0", "s", "j * 4")}
+{_online_softmax_text(NC, ND, score)}
                             for kk in T.unroll({FC}):
                                 for i in T.unroll(8):
                                     pa[i] = T.Cast("float16", s[(kk * 2 + i // 4) * 4 + i % 4]){p_lo}
                                 for n in T.unroll({ND}):
                                     for i in T.unroll(4):
                                         kb[i] = Vs[(kk * 16 + tx % 4 * 2 + i % 2 + i // 2 * 8) * {LD} + n * 8 + tx // 4]
-                                    {mma("pa", "0", "kb", "0", "o", "n * 4")}{pv_lo}
+                                    {_mma_text("pa", "0", "kb", "0", "o", "n * 4")}{pv_lo}
                             T.tvm_storage_sync("shared")
                         for r in T.unroll(2):
-                            lsum[r] = lsum[r] + {shfl("lsum[r]", 1)}
-                            lsum[r] = lsum[r] + {shfl("lsum[r]", 2)}
+                            lsum[r] = lsum[r] + {_shfl_text("lsum[r]", 1)}
+                            lsum[r] = lsum[r] + {_shfl_text("lsum[r]", 2)}
                             if {qrow} < {Sq}:
                                 for n in T.unroll({ND}):
                                     for e in T.unroll(2):
@@ -692,12 +704,6 @@ def cuda_attention_tc_resident(spec: AttentionSpec, warps: int | None = None,
                 f"        T.evaluate(cp16(T.address_of({dst}[{off}]), T.address_of({dst}[{off} + 7]), "
                 f"T.address_of({_index(src, layout, 'b', 'h', f'T.min({row}, {Sk - 1})', col)})))")
 
-    def mma(a: str, a_off: str, b_: str, b_off: str, c: str, c_off: str) -> str:
-        return (f"T.evaluate(T.ptx_legacy.mma(\"m16n8k16\", \"row\", \"col\", \"fp16\", \"fp16\", \"fp32\", "
-                f"{a}.data, {a_off}, {b_}.data, {b_off}, {c}.data, {c_off}, False, dtype=\"float32\"))")
-
-    def shfl(x: str, lane_mask: int) -> str:
-        return f"T.tvm_warp_shuffle_xor(T.uint32(4294967295), {x}, {lane_mask}, 32, 32)"
 
     # ldmatrix.x4 row addresses, lane l -> matrix l // 8, row l % 8.
     # K (scores, B operand "col": lane (g, t) needs K[key g][dims 2t, 2t+1 (+8)]): matrices (tile j, dims +0),
@@ -711,8 +717,8 @@ def cuda_attention_tc_resident(spec: AttentionSpec, warps: int | None = None,
     if spec.exact_p:
         p_lo = ("\n" + " " * 36 + "pl[i] = T.Cast(\"float16\", s[(kk * 2 + i // 4) * 4 + i % 4] - "
                 "T.Cast(\"float32\", pa[i]))")
-        pv_lo = ("\n" + " " * 36 + mma("pl", "0", "vb", "0", "o", "n2 * 8") + "\n" + " " * 36
-                 + mma("pl", "0", "vb", "4", "o", "n2 * 8 + 4"))
+        pv_lo = ("\n" + " " * 36 + _mma_text("pl", "0", "vb", "0", "o", "n2 * 8") + "\n" + " " * 36
+                 + _mma_text("pl", "0", "vb", "4", "o", "n2 * 8 + 4"))
     pad = 24
     src = f"""
 @T.prim_func(s_tir=True)
@@ -764,37 +770,19 @@ def main({params}):
                             for j2 in T.unroll({NC // 2}):
                                 for kk in T.unroll({FD}):
                                     T.evaluate(ldsm(T.address_of(kb[0]), T.address_of(Ks[{SKP * LD - 1}]), T.address_of(Ks[{k_addr}])))
-                                    {mma("qa", "kk * 8", "kb", "0", "s", "j2 * 8")}
-                                    {mma("qa", "kk * 8", "kb", "4", "s", "j2 * 8 + 4")}
-                            for r in T.unroll(2):
-                                al[r] = m[r]
-                                for j in T.unroll({NC}):
-                                    for e in T.unroll(2):
-                                        s[j * 4 + r * 2 + e] = {score}
-                                        al[r] = T.max(al[r], s[j * 4 + r * 2 + e])
-                                al[r] = T.max(al[r], {shfl("al[r]", 1)})
-                                al[r] = T.max(al[r], {shfl("al[r]", 2)})
-                                mo[r] = m[r]
-                                m[r] = al[r]
-                                al[r] = T.exp2(mo[r] - m[r])
-                                lsum[r] = lsum[r] * al[r]
-                                for j in T.unroll({NC}):
-                                    for e in T.unroll(2):
-                                        s[j * 4 + r * 2 + e] = T.exp2(s[j * 4 + r * 2 + e] - m[r])
-                                        lsum[r] = lsum[r] + s[j * 4 + r * 2 + e]
-                                for n in T.unroll({ND}):
-                                    for e in T.unroll(2):
-                                        o[n * 4 + r * 2 + e] = o[n * 4 + r * 2 + e] * al[r]
+                                    {_mma_text("qa", "kk * 8", "kb", "0", "s", "j2 * 8")}
+                                    {_mma_text("qa", "kk * 8", "kb", "4", "s", "j2 * 8 + 4")}
+{_online_softmax_text(NC, ND, score)}
                             for kk in T.unroll({FC}):
                                 for i in T.unroll(8):
                                     pa[i] = T.Cast("float16", s[(kk * 2 + i // 4) * 4 + i % 4]){p_lo}
                                 for n2 in T.unroll({ND // 2}):
                                     T.evaluate(ldsm_t(T.address_of(vb[0]), T.address_of(Vs[{SKP * LD - 1}]), T.address_of(Vs[{v_addr}])))
-                                    {mma("pa", "0", "vb", "0", "o", "n2 * 8")}
-                                    {mma("pa", "0", "vb", "4", "o", "n2 * 8 + 4")}{pv_lo}
+                                    {_mma_text("pa", "0", "vb", "0", "o", "n2 * 8")}
+                                    {_mma_text("pa", "0", "vb", "4", "o", "n2 * 8 + 4")}{pv_lo}
                         for r in T.unroll(2):
-                            lsum[r] = lsum[r] + {shfl("lsum[r]", 1)}
-                            lsum[r] = lsum[r] + {shfl("lsum[r]", 2)}
+                            lsum[r] = lsum[r] + {_shfl_text("lsum[r]", 1)}
+                            lsum[r] = lsum[r] + {_shfl_text("lsum[r]", 2)}
                             lsum[r] = T.float32(1) / lsum[r]
                             if {qrow} < {Sq}:
                                 for n in T.unroll({ND}):
