@@ -22,7 +22,7 @@ from __future__ import annotations
 from tvm import s_tir, te, tirx
 
 from ...schedules.cpu.common import vector_lanes
-from .kernels import _finish, _i64, _vectorize_inner, int8_col_vecs, int8_row_tile, vnni_intrinsic, vnni_lanes
+from .kernels import _finish, _i64, _vectorize_inner, int8_col_vecs, int8_dot_inner, int8_row_tile
 
 
 def padded_channels(c: int) -> int:
@@ -154,15 +154,7 @@ def int8_conv2d(c: int, h: int, w: int, n: int, kernel: tuple, strides: tuple, d
     sch.parallel(sch.fuse(jo_o, img, tb))
     sch.unroll(ii)
     sch.unroll(jo_i)
-    use_vnni = vnni_lanes(target) == lanes
-    if not use_vnni:  # int32 multiply-adds vectorized over the output channels
-        sch.reorder(ki, ji)
-        sch.unroll(ki)
-        sch.vectorize(ji)
-    init = sch.decompose_reduction(blk, ky)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if use_vnni:
-        sch.tensorize(ji, vnni_intrinsic(lanes))
+    int8_dot_inner(sch, blk, ki, ji, ky, lanes, target)
     if pix % rt == 0:  # whole tiles: the epilogue's pixel loop has no bounds predicate and vectorizes
         _vectorize_inner(sch, sch.get_loops(epi)[-1], vector_lanes(target, "float32"))
     return _finish(sch, "ember_int8_conv2d")

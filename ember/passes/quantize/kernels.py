@@ -395,6 +395,23 @@ def vnni_intrinsic(lanes: int) -> str:
     return name
 
 
+def int8_dot_inner(sch: s_tir.Schedule, blk, k_inner, j_inner, decompose_at, lanes: int, target) -> None:
+    """The innermost u8 x s8 -> i32 step of an int8 GEMM-like block whose loops end in (..., ``k_inner`` = the 4
+    bytes one dot product sums, ``j_inner`` = ``lanes`` output channels): ``vpdpbusd`` where the target has VNNI
+    for that width, else int32 multiply-adds vectorized over the channels. The reduction init is split off at
+    ``decompose_at`` and vectorized. (The loop annotations go before the decomposition: afterwards TVM no longer
+    sees a complete reduction block.)"""
+    use_vnni = vnni_lanes(target) == lanes
+    if not use_vnni:
+        sch.reorder(k_inner, j_inner)
+        sch.unroll(k_inner)
+        sch.vectorize(j_inner)
+    init = sch.decompose_reduction(blk, decompose_at)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if use_vnni:
+        sch.tensorize(j_inner, vnni_intrinsic(lanes))
+
+
 def vnni_lanes(target) -> int | None:
     """32-bit lanes of the target's VNNI dot product: 16 (AVX512-VNNI), 8 (AVX-VNNI), None (no VNNI)."""
     from tvm.target.codegen import target_has_features
@@ -505,14 +522,6 @@ def int8_matmul(k: int, n: int, lanes: int, has_bias: bool, target, activation: 
     sch.reverse_compute_at(epi, ib, preserve_unit_loops=True)
     sch.unroll(ii)
     sch.unroll(jo_i)
-    use_vnni = vnni_lanes(target) == lanes
-    if not use_vnni:  # int32 multiply-adds vectorized over the output channels (annotated before decomposing)
-        sch.reorder(kir, ji)
-        sch.unroll(kir)
-        sch.vectorize(ji)
-    init = sch.decompose_reduction(blk, kor)
-    sch.vectorize(sch.get_loops(init)[-1])
-    if use_vnni:
-        sch.tensorize(ji, vnni_intrinsic(lanes))
+    int8_dot_inner(sch, blk, kir, ji, kor, lanes, target)
     _vectorize_inner(sch, sch.get_loops(epi)[-1], vector_lanes(target, "float32"))
     return _finish(sch, "ember_int8_matmul")
