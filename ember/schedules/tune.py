@@ -44,6 +44,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -495,12 +496,6 @@ def _measure_rule_baselines(extracted, tgt, db: TuningDatabase, builder, runner,
     db.sync()
 
 
-def _median(vals):
-    vals = sorted(vals)
-    n = len(vals)
-    return vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2])
-
-
 def verdict_wins(ratios, margin: float = 0.02, quantile: float = 0.75) -> bool:
     """The acceptance rule on the paired ratios tuned/rule of the side-by-side rounds: the ``quantile`` of the
     ratios (nearest rank) is below ``1 - margin``; with 5 rounds, the candidate was >= 2% faster in 4 of them.
@@ -570,7 +565,7 @@ def side_by_side_verdicts(extracted, tgt, db: TuningDatabase, builder, runner, r
             if not paired:
                 continue
             ratios = [times[k][r] / rule[r] for r in paired]
-            key = (not verdict_wins(ratios, margin, quantile), _median(ratios))  # winners first, then faster
+            key = (not verdict_wins(ratios, margin, quantile), statistics.median(ratios))  # winners first, then faster
             if best is None or key < best[0]:
                 best = (key, k, paired)
         if best is None:
@@ -589,8 +584,8 @@ def side_by_side_verdicts(extracted, tgt, db: TuningDatabase, builder, runner, r
 def _fill_verdict(task, v: dict) -> None:
     rule, tuned = v.get("rule_secs"), v.get("tuned_secs")
     task.applied = bool(v.get("wins"))
-    task.side_rule_ms = None if not rule else 1e3 * _median(rule)
-    task.side_tuned_ms = None if not tuned else 1e3 * _median(tuned)
+    task.side_rule_ms = None if not rule else 1e3 * statistics.median(rule)
+    task.side_tuned_ms = None if not tuned else 1e3 * statistics.median(tuned)
 
 
 # -- the entry point --------------------------------------------------------------------------------------------
