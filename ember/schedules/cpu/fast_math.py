@@ -89,7 +89,15 @@ def _exp(x):
     y = (poly * _c(2.0)) * _pow2(n - _c(1.0))
     y = tirx.Select(x < _c(_EXP_LO), _c(0.0), y)
     y = tirx.Select(x > _c(_EXP_HI), _c(float("inf")), y)
-    return tirx.Select(tirx.isnan(x), x, y)  # NaN in, NaN out
+    return tirx.Select(_isnan(x), x, y)  # NaN in, NaN out
+
+
+def _isnan(x):
+    """``x`` is a NaN, from its bits (exponent all ones, mantissa not 0). Not ``tirx.isnan``: LLVM splits every
+    16-lane vector of an expression holding TVM's isnan into two 8-lane halves on AVX-512 (the whole exp ran at
+    half width); not ``x != x`` either, which TVM's simplifier folds to false."""
+    bits = tirx.bitwise_and(tirx.reinterpret("int32", x), tirx.const(0x7FFFFFFF, "int32"))
+    return bits > tirx.const(0x7F800000, "int32")
 
 
 def fast_erf(x):
