@@ -297,18 +297,8 @@ def _split_store(store: str) -> tuple[str, str]:
     raise ValueError(f"not a store statement: {store[:80]}")
 
 
-# erf(x) in fp32, branch-free, from two polynomials fitted here (weighted least squares with Lawson iterations in
-# float64, coefficients rounded to fp32; the fit and the check are tests/schedules/test_hopper_gemm_epilogue.py):
-#   |x| <  ERF_SPLIT:  erf = a + a * P(a^2)                 (a = |x|)
-#   |x| >= ERF_SPLIT:  erf = 1 - 2^(c * Q(c) - c)            (c = min(a, ERF_CLAMP): erf rounds to 1 beyond)
-# then the sign of x. Max error vs the exact erf over [-6, 6]: 1.04 ulp with an exact exp2 (CUDA's exp2f adds
-# < 0.5 ulp of erf near the split); NaN stays NaN (the small branch takes it), +-inf give +-1.
-ERF_SPLIT, ERF_CLAMP = 0.921875, 3.9375
-ERF_SMALL = (0.12837916612625122, -0.37612634897232056, 0.11283701658248901, -0.02685970440506935,
-             0.005201720632612705, -0.0008149847271852195, 8.39794593048282e-05)
-ERF_BIG = (-0.6280269622802734, -0.9177154898643494, -0.15022511780261993, 0.030577121302485466,
-           -0.002525231335312128, -0.0007775452104397118, 0.00032441955409012735, -5.110219353809953e-05,
-           3.194251576132956e-06)
+# erf(x) in fp32, branch-free, no division, one exp2 (the fit and its error: ember/schedules/erf_fit.py)
+from ..erf_fit import ERF_BIG, ERF_CLAMP, ERF_SMALL, ERF_SPLIT  # noqa: E402  # pylint: disable=wrong-import-position
 
 
 def _horner(coeffs, var: str) -> str:
