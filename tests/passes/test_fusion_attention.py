@@ -33,6 +33,8 @@ def _reference(q, k, v, mask, scale):
     (2, 3, 37, 53, 16, "bhsd", (2, 1, 1, 53)),  # odd lengths, key-padding mask, tails in both block loops
     (1, 2, 5, 70, 8, "bshd", None),  # no mask
     (2, 2, 33, 33, 24, "bshd", (1, 2, 33, 33)),  # per-head mask
+    (1, 2, 3, 9, 8, "bhsd", (1, 1, 3, 9)),  # fewer query rows than a row group, one key block < a vector
+    (3, 2, 130, 200, 48, "bshd", (3, 1, 1, 200)),  # several key blocks + a tail, row-group tail, dh 3 vectors
 ])
 def test_cpu_kernel_matches_reference(b, h, sq, sk, d, layout, mask_shape):
     spec = AttentionSpec(b, h, sq, sk, d, "float32", layout, layout, layout, layout, scale=0.3,
