@@ -55,6 +55,7 @@ from .common import (
     const_extent,
     has_if_then_else,
     is_cpu,
+    num_cores,
     num_vector_registers,
     vars_in,
     vector_lanes,
@@ -63,6 +64,11 @@ from .common import (
 # Budget for one B panel (K x NB floats) that should stay in the per-core L2 while the row tiles of A stream
 # past it. 256 KiB is half of a Zen 3 / Skylake-SP L2 (the other half holds A rows and C tiles).
 _L2_PANEL_BYTES = 256 * 1024
+# K-blocking (see _k_block): a chunk of one B panel of at most this many bytes is swept by every row of the task
+# while it sits in L1 (48 KiB on Ice Lake / Sapphire Rapids, 32 KiB on Zen 3: the A rows and C tile share it);
+# the per-panel accumulator it needs (all rows x NR) may take this many bytes.
+_L1_CHUNK_BYTES = 16 * 1024
+_KBLOCK_ACC_BYTES = 64 * 1024
 
 
 @dataclass
@@ -246,6 +252,45 @@ def _packed_panel(block: tirx.Stmt, n_var) -> int | None:
     return found[0] if len(set(found)) == 1 else None
 
 
+def _k_block(info: _Contraction, extent_of: dict, nr: int, elem_bytes: int, target: Target) -> int | None:
+    """The chunk of the innermost reduction axis to K-block by, or None to keep the plain schedule.
+
+    The plain schedule streams a whole K x NR panel of B through every register tile of rows. For a conv on a
+    small image (ResNet's 7x7x512 layers: M = 7 output columns per row, 7 output rows in ``outer_a``, K = 3 x 3
+    x 512) that panel (K x NR x 4 = 590 KB) is re-read from L2 for each of the 7 rows, and the weights come
+    from memory once per call: the layer is bound by the weight stream. K-blocked, each task owns one panel
+    and walks the reduction in chunks that fit L1 (``kc`` x NR x 4 <= 16 KiB); every row of the image is
+    swept over the chunk while it is in L1, accumulating into a per-panel tile of all rows (which must stay
+    small: <= 64 KiB). 7x7x512 -> 512 conv + bias + ReLU on the 2-core AVX-512 Xeon: 1.01 -> 0.87 ms with warm
+    caches, 1.50 -> 1.37 ms with the weights evicted before each call (benchmarks in BENCHMARKS.md).
+    Taken only where it pays and keeps the cores busy: A-only outer axes to reuse the panel (conv rows), a
+    panel larger than the L1 budget, at least 2 panels per core to spread, static extents, and a reduction
+    whose innermost axis divides into chunks of >= 16.
+    """
+    if not info.outer_a or info.m is None:
+        return None
+    extents = [extent_of[v] for v in info.outer_a] + [extent_of[info.m], extent_of[info.n]]
+    extents += [extent_of[r] for r in info.reductions]
+    if any(e is None for e in extents):
+        return None
+    rows = extent_of[info.m]
+    for v in info.outer_a:
+        rows *= extent_of[v]
+    k_total = 1
+    for r in info.reductions:
+        k_total *= extent_of[r]
+    n_ext = extent_of[info.n]
+    if n_ext % nr or n_ext // nr < 2 * num_cores(target):
+        return None
+    if k_total * nr * elem_bytes <= 2 * _L1_CHUNK_BYTES or rows * nr * elem_bytes > _KBLOCK_ACC_BYTES:
+        return None
+    inner = extent_of[info.reductions[-1]]
+    kc = min(inner, max(_L1_CHUNK_BYTES // (nr * elem_bytes), 1))
+    while kc > 1 and inner % kc:
+        kc -= 1
+    return kc if kc >= 16 else None  # (kc == inner: the chunks are the outer reduction steps, a conv's taps)
+
+
 class Matmul(ScheduleRule):
     """Register-tiled, cache-blocked, vectorized and parallel schedule for GEMM-like contractions and conv2d.
 
@@ -318,12 +363,15 @@ class Matmul(ScheduleRule):
         for r in info.reductions:
             k_total *= extent_of[r] if extent_of[r] is not None else 1024
         elem_bytes = max(tvm.DataType(info.dtype).bits // 8, 1)
+        kc = _k_block(info, extent_of, nr, elem_bytes, target) if nr != n_ext else None
 
         # ---- split the tile axes ------------------------------------------------------------------------
         n_loop = loop_of[info.n]
         n_blocked = None
         if nr == n_ext:
             n_o, n_i = None, n_loop
+        elif kc is not None:
+            n_o, n_i = sch.split(n_loop, factors=[None, nr])  # one panel per task: no L2 blocking of N
         else:
             n_o, n_i = sch.split(n_loop, factors=[None, nr])
             # L2 panel blocking of N: only worth it when several row tiles reuse the panel -- tiles of M, and
@@ -353,31 +401,46 @@ class Matmul(ScheduleRule):
         outer_a = [loop_of[v] for v in info.outer if any(v.same_as(a) for a in info.outer_a)]
 
         red_loops = [loop_of[v] for v in info.reductions]
-        order = list(outer_b)
-        if n_blocked is not None:
-            order.append(n_blocked)
-        order += outer_a
-        if m_o is not None:
-            order.append(m_o)
-        if n_o is not None:
-            order.append(n_o)
-        order += red_loops
-        if m_i is not None:
-            order.append(m_i)
-        order.append(n_i)
-        sch.reorder(*order)
+        if kc is not None:
+            # K-blocked (see _k_block): panel-parallel tasks; the reduction steps outside the rows, a chunk of kc
+            # inside them, next to the register tile.
+            outer_red, inner_red = red_loops[:-1], red_loops[-1:]
+            if kc < extent_of[info.reductions[-1]]:
+                r_lo, r_li = sch.split(red_loops[-1], factors=[None, kc])
+                outer_red, inner_red = outer_red + [r_lo], [r_li]
+            red_loops = outer_red + inner_red
+            order = list(outer_b) + [n_o] + outer_red + outer_a + ([m_o] if m_o is not None else []) + inner_red
+            order += ([m_i] if m_i is not None else []) + [n_i]
+            sch.reorder(*order)
+            par_fuse = list(outer_b) + [n_o]
+            tile_anchor = sch.fuse(*par_fuse) if len(par_fuse) > 1 else n_o
+            sch.parallel(tile_anchor)
+        else:
+            order = list(outer_b)
+            if n_blocked is not None:
+                order.append(n_blocked)
+            order += outer_a
+            if m_o is not None:
+                order.append(m_o)
+            if n_o is not None:
+                order.append(n_o)
+            order += red_loops
+            if m_i is not None:
+                order.append(m_i)
+            order.append(n_i)
+            sch.reorder(*order)
 
-        # ---- parallel over the outer tiles ----------------------------------------------------------------
-        par = [lp for lp in order[: len(order) - len(red_loops) - (2 if m_i is not None else 1)]]
-        # ``par`` = outer..., [n_blocked], [m_o], [n_o]; keep n_o serial when there is something else to spread,
-        # so that each thread walks along N reusing its A rows.
-        tile_anchor = par[-1] if par else None
-        par_fuse = par[:-1] if (len(par) > 1 and n_o is not None) else par
-        if par_fuse:
-            fused = sch.fuse(*par_fuse) if len(par_fuse) > 1 else par_fuse[0]
-            sch.parallel(fused)
-            if tile_anchor is not None and tile_anchor in par_fuse:
-                tile_anchor = fused
+            # ---- parallel over the outer tiles ------------------------------------------------------------
+            par = [lp for lp in order[: len(order) - len(red_loops) - (2 if m_i is not None else 1)]]
+            # ``par`` = outer..., [n_blocked], [m_o], [n_o]; keep n_o serial when there is something else to
+            # spread, so that each thread walks along N reusing its A rows.
+            tile_anchor = par[-1] if par else None
+            par_fuse = par[:-1] if (len(par) > 1 and n_o is not None) else par
+            if par_fuse:
+                fused = sch.fuse(*par_fuse) if len(par_fuse) > 1 else par_fuse[0]
+                sch.parallel(fused)
+                if tile_anchor is not None and tile_anchor in par_fuse:
+                    tile_anchor = fused
 
         # ---- accumulator in registers, epilogue per tile -------------------------------------------------------
         if epilogue:
@@ -418,8 +481,9 @@ class Matmul(ScheduleRule):
         init_loops = sch.get_loops(init)
         if sch.get(init_loops[-1]).kind != tirx.ForKind.VECTORIZED:
             sch.vectorize(init_loops[-1])
-        # Small reduction windows (a 3x3 conv's ry/rx) unroll into straight-line FMAs.
-        for lp in red_loops[1:]:
+        # Small reduction windows (a 3x3 conv's ry/rx) unroll into straight-line FMAs (not when K-blocked: they
+        # are outside the rows there, and unrolling would copy the whole row sweep).
+        for lp in (red_loops[1:] if kc is None else []):
             ext = const_extent(sch, lp)
             if ext is not None and ext <= 7:
                 sch.unroll(lp)
