@@ -92,11 +92,15 @@ def choose_tile(oh: int, ow: int, c: int, o: int) -> int | None:
     bias + ReLU, batch 1; load 1.0 / load 4.5): 56x56x64 F2 0.87 / F4 0.73 (0.87 / 0.67); 28x28x128 0.75 / 0.62
     (0.51 / 0.40); 14x14x256 0.69 / 0.74 (0.62 / 0.66); 7x7x512 0.41 / 0.45 (0.50 / 1.00). F(4x4) wins where the image is large enough for many tiles; on small images its transformed
     weight (4x the direct one) is read for too few tiles, so F(2x2) (1.8x) is the better trade there.
+    Below 8x8 the direct conv: the 7x7x512 layers are bound by their weight stream inside a whole model (ResNet-18's
+    weights do not stay in cache between inferences here: ~7.5 GB/s from memory), and F(2x2)'s transformed
+    weight is 16/9 of the direct one (16.8 vs 9.4 MB a layer); ResNet-18 b1 with those three convs direct:
+    13.70 ms vs 14.72 (median, same run; the 1.0 / 0.41 above were measured with the weights in cache).
     """
     if c < 8 or o < 8:
         return None  # too few channels for the GEMM to dominate the transforms
-    if min(oh, ow) < 4:
-        return None  # one or two tiles: nothing to batch
+    if min(oh, ow) < 8:
+        return None  # few tiles: the weight stream, not the multiplies, is the cost (see above)
     return 4 if min(oh, ow) >= 20 else 2
 
 

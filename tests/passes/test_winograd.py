@@ -74,7 +74,8 @@ def test_declines_activation_kernels_and_tiny_images():
     # a 3x3 output is one or two tiles: choose_tile keeps the direct conv; few channels likewise
     assert not _rewritten(_conv_graph(64, 64, (3, 3)))
     assert not _rewritten(_conv_graph(3, 64, (20, 20)))
-    assert winograd.choose_tile(56, 56, 64, 64) == 4 and winograd.choose_tile(7, 7, 512, 512) == 2
+    assert winograd.choose_tile(56, 56, 64, 64) == 4 and winograd.choose_tile(14, 14, 256, 256) == 2
+    assert winograd.choose_tile(7, 7, 512, 512) is None  # weight-stream bound: the direct conv
 
 
 def test_opt_out(monkeypatch):
