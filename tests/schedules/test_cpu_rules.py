@@ -247,6 +247,8 @@ def test_conv2d_plain():
 
 
 # ---------------------------------------------------------------------------------------------------- reductions
+# Row reductions are vectorized (terms summed in another order): these compare to fp32 rounding, not bit for bit;
+# tests/schedules/test_cpu_reduction_vector.py checks that path in detail.
 @pytest.mark.parametrize("shape,masked", [((12, 128, 128), True), ((3, 7, 13), False), ((1, 12, 16, 16), True)])
 def test_softmax(shape, masked):
     _check(RowReduction(), softmax_kernel(shape, masked), expect_parallel=False)
