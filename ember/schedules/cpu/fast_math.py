@@ -21,9 +21,10 @@ Accuracy (measured in tests/schedules/test_cpu_fast_math.py against numpy in flo
 * ``erf``: the branch-free fit of :mod:`ember.schedules.erf_fit`, shared with the Hopper GEMM's GELU epilogue:
   ``a + a P(a^2)`` below |x| < 0.92, ``1 - 2^(c Q(c) - c)`` above (c = min(|x|, 3.94)), the sign copied from x.
   Multiply-adds and one exp2, no division (A&S 7.1.26's ``1 / (1 + p|x|)`` was a ``vdivps`` per vector, and it
-  needed a Taylor branch near 0 too): 1.2 ulp max from the exact erf over [-6, 6], tiny and denormal x included
-  (the A&S form: 11.7 ulp, near its Taylor switch). 1.45x faster as a loop of its own on AVX-512, and it took
-  MiniLM's FFN-up GELU epilogue from ~2.5 to ~1.3 ms (b8, one thread).
+  needed a Taylor branch near 0 too): 1.0 ulp max from the exact erf over [-6, 6], tiny and denormal x included
+  (the A&S form: 11.7 ulp, near its Taylor switch). 1.45x faster as a loop of its own on AVX-512 (exp: 1.46x), but
+  only ~2% faster inside MiniLM's FFN-up + GELU kernel, whose per-tile epilogue is not bound by the erf's
+  instruction count (same-process A/B of MiniLM b8 on the 2-core Xeon, 2026-11-26).
 * ``tanh``: ``1 - 2 / (e^{2|x|} + 1)`` with the sign restored, and its Taylor series (to x^9) below |x| < 0.25
   where that subtraction would lose digits; absolute error ~1e-7, relative ~3e-7 near 0.
 
@@ -58,10 +59,6 @@ _EXP_POLY = (1.0, 1.0, 0.4999999403953552, 0.16666431725025177, 0.04166800156235
              0.0013843647902831435)
 _EXP2_POLY = (1.0, 0.6931471824645996, 0.24022647738456726, 0.055503323674201965, 0.009618437848985195,
               0.0013398875016719103, 0.00015353354683611542)
-# Degree 5 (1.1e-7): enough inside erf, whose 1 - 2^l scales 2^l <= 0.19 (1.2 instead of 1.04 ulp), one
-# multiply-add less.
-_EXP2_POLY5 = (1.0, 0.6931470036506653, 0.24022242426872253, 0.05550733953714371, 0.009671512991189957,
-               0.0013264714507386088)
 # Round to nearest with the float adder: for |v| < 2^21, t = v + _ROUND_MAGIC is an integer in [2^23, 2^24), so
 # t's low mantissa bits hold n + 126 (n = round(v)) and t << 23 is already the bit pattern of 2^(n-1) (exponent
 # field n + 126; the higher bits shift out), while t - _ROUND_MAGIC = n exactly. Two instructions instead of a
@@ -147,10 +144,10 @@ def fast_exp2(x):
     return _bind(x, clamped)
 
 
-def _exp2_in_range(x, coeffs=_EXP2_POLY):
+def _exp2_in_range(x):
     """2^x for x in [-126.5, 128] (the caller's clamp or bound): x = n + f, |f| <= 1/2, (2 p(f)) 2^(n-1)."""
     def body(v):
-        return _rounded(v + _c(_ROUND_MAGIC), lambda n, half_pow2: _horner(v - n, _doubled(coeffs)) * half_pow2)
+        return _rounded(v + _c(_ROUND_MAGIC), lambda n, half_pow2: _horner(v - n, _doubled(_EXP2_POLY)) * half_pow2)
 
     return _bind(x, body)
 
@@ -165,7 +162,9 @@ def _erf(x):
     c = tirx.Min(a, _c(ERF_CLAMP))
     # c Q(c) - c is in [-26, 0] for every c in [0, ERF_CLAMP] (erf_fit), so exp2 needs no clamp here. A NaN x
     # gives a NaN exponent, whose lanes the select below discards: it takes the small branch, which keeps the NaN.
-    big = _c(1.0) - _exp2_in_range(_horner(c, list(ERF_BIG)) * c - c, _EXP2_POLY5)
+    # (A degree-5 exp2 would do here, 1.2 instead of 1.04 ulp, one multiply-add less: it made MiniLM's FFN-up +
+    # GELU kernel slower, not faster, in a same-process A/B on AVX-512.)
+    big = _c(1.0) - _exp2_in_range(_horner(c, list(ERF_BIG)) * c - c)
     small = _horner(a * a, list(ERF_SMALL)) * a + a
     y = tirx.Select(a >= _c(ERF_SPLIT), big, small)
     # erf is odd: the sign bit of x onto y >= 0 (also makes erf(-0) = -0); |y| <= 1 everywhere, so +-inf give +-1
