@@ -81,7 +81,7 @@ def rms_norm(shape):
     pytest.param(lambda: layer_norm((1024, 384)), id="layer_norm-minilm-b8-rows"),
     pytest.param(lambda: layer_norm((2, 128, 384), residual=True), id="add-layer_norm-fused"),
     pytest.param(lambda: layer_norm((5, 33)), id="layer_norm-33-ragged"),
-    pytest.param(lambda: layer_norm((7, 200)), id="layer_norm-200-ragged-4-chains"),
+    pytest.param(lambda: layer_norm((7, 200)), id="layer_norm-200-ragged"),
     pytest.param(lambda: layer_norm((3, 131)), id="layer_norm-prime"),
     pytest.param(lambda: softmax((2, 4, 128, 128), masked=True), id="softmax-masked-128"),
     pytest.param(lambda: softmax((6, 77)), id="softmax-77"),
