@@ -113,6 +113,17 @@ def test_layer_norm_against_numpy_float64():
     assert_close(actual, ref, **TOL)
 
 
+@pytest.mark.parametrize("shape,env", [(("batch", 128, 384), {"batch": 3}), (("n", 77), {"n": 5})])
+def test_symbolic_rows(shape, env):
+    """A dynamic batch (ember.compile(dynamic_batch=True)): the rows are symbolic, the row length is not.
+    Ragged rows stay serial there (see _vectorize_row_reduction: TVM's LoopPartition fails on them)."""
+    func = layer_norm(shape)
+    sched = _apply(func)
+    assert _factored(sched) == (shape[-1] == 384)  # 77 is ragged for every vector width
+    assert tirx.ForKind.PARALLEL in loop_kinds(sched)
+    assert_same_result(func, sched, shape_vars=env, **TOL)
+
+
 def test_big_row_reduction_stays_parallel():
     sched = _apply(layer_norm((1024, 384)))
     assert tirx.ForKind.PARALLEL in loop_kinds(sched)

@@ -291,6 +291,10 @@ def _vectorize_row_reduction(sch: s_tir.Schedule, blk, row, lanes: int, inits: l
     # A ragged row gets one accumulator: its predicated last step is then one vector of scalar work, not
     # ``chains`` of them (1 chain ran 1.5-3x faster than 4 on 77- to 1000-wide softmax rows here).
     chains = exact[0] if exact else 1
+    if not exact and const_extent(sch, row) is None:
+        # Peeling the ragged step under a symbolic row loop (a dynamic batch) trips TVM 0.27's LoopPartition
+        # (int32/int64 index mismatch after NarrowDataType); without peeling every step would be scalarized.
+        return row
     n_out = len(stmt.writes[0].region)
 
     step, chain, lane = sch.split(loops[-1], factors=[None, chains, lanes])
