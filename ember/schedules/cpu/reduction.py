@@ -28,7 +28,9 @@ adds, latency-bound: a 384-wide layer norm took ~0.5 ms for [1024, 384] fp32 on 
 the data sat in L2; vectorized ~0.04 ms. The cost: sums now add their terms in another order, so a kernel's
 result is no longer bit-identical to the unscheduled one, only equal to fp32 rounding (max is still exact).
 Row lengths that are not a multiple of the vector width get one accumulator and a predicated last step that
-TVM's LoopPartition peels off.
+TVM's LoopPartition peels off (not under a symbolic row loop: those stay serial). A kernel that is one reduction
+over a strided axis (a sum over the sequence of [batch, seq, hidden]) is vectorized over its outputs instead, as
+below.
 
 Other reductions (a reduction over a middle axis, broadcasting reads between blocks, symbolic rows): each block
 stays at the root in its own loop nest; its leading spatial loops are fused and parallelized and its innermost
@@ -179,6 +181,11 @@ class RowReduction(ScheduleRule):
             remaining.pop()
 
         d = _row_depth(sch, remaining)
+        if d > 0 and len(remaining) == 1 and vector_outputs and _strided_reduction(sch.get(remaining[0])):
+            # One reduction over a strided axis (MiniLM's mean pooling: sum over the sequence of [b, s, h]):
+            # as rows it would be one strided scalar chain per output; vectorized over the outputs instead.
+            if _vectorize_over_outputs(sch, remaining[0], lanes):
+                return sch
         if d > 0 and len(remaining) >= 1:
             self._row_wise(sch, remaining, d, lanes, vector_reductions)
         else:
@@ -325,6 +332,13 @@ def _vectorize_row_reduction(sch: s_tir.Schedule, blk, row, lanes: int, inits: l
         sch.vectorize(lane)
         inits.append((fold, chain))
     return row
+
+
+def _strided_reduction(stmt) -> bool:
+    """A block whose innermost iter var is a reduction that no load reads contiguously (see below)."""
+    ivs = stmt.iter_vars
+    return bool(ivs) and ivs[-1].iter_type == tirx.IterVar.CommReduce and not _reads_contiguously(
+        stmt.body, ivs[-1].var)
 
 
 def _reads_contiguously(body, var) -> bool:
