@@ -22,11 +22,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def interleaved_times(fns: dict, rounds: int, per_round: int, warmup: int = 3) -> dict[str, list[float]]:
+def interleaved_times(fns: dict, rounds: int, per_round: int, warmup: int = 3,
+                      settle: int = 0) -> dict[str, list[float]]:
     """Milliseconds per call of each function, the functions taking turns round by round.
 
     On a shared machine the load changes from second to second; taking turns gives every engine the same mix of
     quiet and busy moments, so the ratios between engines stay meaningful even when the absolute times swing.
+    ``settle``: untimed calls at the start of each engine's turn. The first call after another engine ran finds
+    that engine's data in the caches, its own thread pool asleep and, after ONNX Runtime, ORT's worker threads
+    still spinning on both cores; a serving loop calls one engine back to back and never sees that.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -34,6 +38,8 @@ def interleaved_times(fns: dict, rounds: int, per_round: int, warmup: int = 3) -
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
+            for _ in range(settle):
+                fn()
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 fn()

@@ -14,7 +14,10 @@ engine uses all the machine's cores, or ``--threads N`` each (the JSON records t
 How it measures: the engines of one workload run *interleaved* -- ``--rounds`` rounds, each running every
 engine a few times in turn -- and the median over all rounds is reported. On a shared machine the load changes
 from second to second; interleaving gives every engine the same mix of quiet and busy moments, so the ratios
-stay meaningful even when absolute times move.
+stay meaningful even when absolute times move. Each engine's turn starts with one untimed call
+(``benchtools.interleaved_times``' ``settle``): without it the first timed call of a turn paid for the previous
+engine (cold caches, a sleeping thread pool, ONNX Runtime's threads still spinning), which inflated the median of
+whichever engine followed ORT -- ember untuned, 21.3 ms median for a 13.3 ms minimum on ResNet-18 (2026-11-26).
 
 Prints a table (latency and ratio to the fastest peer = the fastest of eager / torch.compile / ORT) plus each
 ember output's agreement with PyTorch (max abs error, min cosine), and writes ``cpu_bench.json`` and
@@ -162,9 +165,9 @@ def ort_engine(model, inputs, names, threads):
     return lambda: sess.run(None, feed)
 
 
-def interleaved(fns: dict, rounds: int, per_round: int, warmup: int = 3) -> dict:
+def interleaved(fns: dict, rounds: int, per_round: int, warmup: int = 3, settle: int = 1) -> dict:
     """Median ms per engine, the engines taking turns (see module docstring)."""
-    times = interleaved_times(fns, rounds, per_round, warmup)
+    times = interleaved_times(fns, rounds, per_round, warmup, settle)
     return {k: {"median_ms": statistics.median(v), "min_ms": min(v), "runs": len(v)} for k, v in times.items()}
 
 
@@ -329,7 +332,8 @@ def main():
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "versions": {"ember": ember.__version__, "torch": torch.__version__, "tvm": __import__("tvm").__version__,
                      "onnxruntime": _version("onnxruntime")},
-        "method": f"median over {a.rounds} interleaved rounds x {a.per_round} runs per engine",
+        "method": f"median over {a.rounds} interleaved rounds x {a.per_round} runs per engine (after 1 untimed "
+                  "call at the start of each engine's turn)",
         "results": results,
     }
     jpath, ppath = os.path.join(a.out, "cpu_bench.json"), os.path.join(a.out, "cpu_bench.png")
