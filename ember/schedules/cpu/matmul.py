@@ -33,6 +33,8 @@ and the vector lane, so LLVM promotes it to registers. The reduction axes sit be
 register loops; for large K x N panels the N axis is first blocked so one panel of B (``K x NB``) stays in
 L2 while every row tile of A streams past it; axes only A reads (a conv's output rows, a batch flattened
 into A) iterate inside those N blocks too, so a conv's weights are streamed once, not once per output row.
+A conv on a small image with a deep reduction (ResNet's 7x7x512 layers) is K-blocked instead (:func:`_k_block`):
+one weight panel per task, the reduction in L1-sized chunks, each chunk swept by every output row.
 The outer tiles are fused with the batch axes into a single parallel loop over the target's cores. The epilogue is computed per register tile right after the
 K loop, while the tile is still hot, so the fused ``matmul + bias + gelu`` writes each output once.
 
