@@ -74,7 +74,10 @@ def test_k_block_declines_where_it_does_not_pay():
         blk = sch.get(main)
         info = _analyze(blk)
         ext = {iv.var: int(iv.dom.extent) for iv in blk.iter_vars}
-        return _k_block(info, ext, nr, 4, TARGET)
+        k_total = 1
+        for r in info.reductions:
+            k_total *= ext[r]
+        return _k_block(info, ext, nr, k_total, 4, TARGET)
 
     cores = int(TARGET.attrs["num-cores"])
     assert decision(7, 512, 16 * 2 * cores, 16) is not None  # deep K, small image, enough panels

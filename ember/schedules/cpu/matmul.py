@@ -254,7 +254,8 @@ def _packed_panel(block: tirx.Stmt, n_var) -> int | None:
     return found[0] if len(set(found)) == 1 else None
 
 
-def _k_block(info: _Contraction, extent_of: dict, nr: int, elem_bytes: int, target: Target) -> int | None:
+def _k_block(info: _Contraction, extent_of: dict, nr: int, k_total: int, elem_bytes: int,
+             target: Target) -> int | None:
     """The chunk of the innermost reduction axis to K-block by, or None to keep the plain schedule.
 
     The plain schedule streams a whole K x NR panel of B through every register tile of rows. For a conv on a
@@ -263,8 +264,9 @@ def _k_block(info: _Contraction, extent_of: dict, nr: int, elem_bytes: int, targ
     from memory once per call: the layer is bound by the weight stream. K-blocked, each task owns one panel
     and walks the reduction in chunks that fit L1 (``kc`` x NR x 4 <= 16 KiB); every row of the image is
     swept over the chunk while it is in L1, accumulating into a per-panel tile of all rows (which must stay
-    small: <= 64 KiB). 7x7x512 -> 512 conv + bias + ReLU on the 2-core AVX-512 Xeon: 1.01 -> 0.87 ms with warm
-    caches, 1.50 -> 1.37 ms with the weights evicted before each call (benchmarks in BENCHMARKS.md).
+    small: <= 64 KiB). 7x7x512 -> 512 conv + bias + ReLU on the 2-core AVX-512 Xeon: 0.99-1.03 -> 0.91 ms with
+    warm caches, 1.46-1.51 -> 1.23-1.34 ms with the weights evicted before each call (BENCHMARKS.md).
+    ``k_total``: the product of the reduction extents (the caller's).
     Taken only where it pays and keeps the cores busy: A-only outer axes to reuse the panel (conv rows), a
     panel larger than the L1 budget, at least 2 panels per core to spread, static extents, and a reduction
     whose innermost axis divides into chunks of >= 16.
@@ -278,9 +280,6 @@ def _k_block(info: _Contraction, extent_of: dict, nr: int, elem_bytes: int, targ
     rows = extent_of[info.m]
     for v in info.outer_a:
         rows *= extent_of[v]
-    k_total = 1
-    for r in info.reductions:
-        k_total *= extent_of[r]
     n_ext = extent_of[info.n]
     if n_ext % nr or n_ext // nr < 2 * num_cores(target):
         return None
@@ -365,17 +364,16 @@ class Matmul(ScheduleRule):
         for r in info.reductions:
             k_total *= extent_of[r] if extent_of[r] is not None else 1024
         elem_bytes = max(tvm.DataType(info.dtype).bits // 8, 1)
-        kc = _k_block(info, extent_of, nr, elem_bytes, target) if nr != n_ext else None
+        kc = _k_block(info, extent_of, nr, k_total, elem_bytes, target) if nr != n_ext else None
 
         # ---- split the tile axes ------------------------------------------------------------------------
         n_loop = loop_of[info.n]
         n_blocked = None
         if nr == n_ext:
             n_o, n_i = None, n_loop
-        elif kc is not None:
-            n_o, n_i = sch.split(n_loop, factors=[None, nr])  # one panel per task: no L2 blocking of N
         else:
             n_o, n_i = sch.split(n_loop, factors=[None, nr])
+        if n_o is not None and kc is None:  # (K-blocked: one panel per task, no L2 blocking of N)
             # L2 panel blocking of N: only worth it when several row tiles reuse the panel -- tiles of M, and
             # every index of the axes only A reads (a conv's output rows: without the blocking, a 3x3x512x512
             # conv on a 7x7 image would stream all 9 MB of weights from memory once per output row).
